@@ -1,0 +1,82 @@
+# fabric-agent: one entry point for every check.
+#   make run     venv + install, then the agent in the foreground on this host
+#   make test    installs what the tests need (Debian packages too), then the whole suite
+#   make install the venv alone
+#   make lint / make bench / make run-sim
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STATE  := .state
+METRICS_LISTEN ?= 127.0.0.1:9478
+SCENARIO ?= tests/fakenvml/scenarios/hgx-h200-8gpu.json
+FAKENVML := tests/fakenvml/libnvidia-ml.so.1
+
+# Debian packages: what `make test` needs (Prometheus and promtool for the end-to-end
+# and exposition tests, iperf3 for real traffic, iproute2 for namespaces, a C compiler
+# for the simulated NVML driver) and what `make bench` adds (the node exporter anchor).
+TEST_DEBS  := prometheus iperf3 iproute2 gcc make libc6-dev
+BENCH_DEBS := prometheus-node-exporter
+
+.PHONY: install run run-sim test lint pytest bench fakenvml clean debs debs-test debs-bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory debs DEBS=python3-venv
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+run: install
+	@mkdir -p $(STATE)
+	@echo "fabric-agent: metrics on http://$(METRICS_LISTEN)/metrics, state in ./$(STATE); Ctrl-C stops"
+	@echo "  try: curl -s http://$(METRICS_LISTEN)/metrics | grep ^fabric_  or  $(VENV)/bin/fabric-agent sample --once"
+	$(VENV)/bin/fabric-agent run --config systemd/agent.yaml \
+		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE)
+
+# The agent against the simulated 8-GPU H200 node (no driver needed).
+run-sim: install fakenvml
+	@mkdir -p $(STATE)
+	FAKE_NVML_SCENARIO=$(SCENARIO) $(VENV)/bin/fabric-agent run --config systemd/agent.yaml \
+		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE) --nvml-library $(FAKENVML)
+
+fakenvml:
+	$(MAKE) --no-print-directory -C tests/fakenvml
+
+test: debs-test $(VENV)/.installed-test fakenvml lint pytest
+
+pytest: $(VENV)/.installed-test fakenvml
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff format --check agent tests bench
+	$(VENV)/bin/mypy
+
+bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
+	$(PY) bench/agent_overhead.py $(BENCH_ARGS)
+
+debs-test:
+	@$(MAKE) --no-print-directory debs DEBS="$(TEST_DEBS)"
+
+debs-bench:
+	@$(MAKE) --no-print-directory debs DEBS="$(BENCH_DEBS)"
+
+# Install the named Debian packages that are missing; nothing when all are present.
+debs:
+	@missing=""; for p in $(DEBS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+clean:
+	rm -rf $(VENV) $(STATE) .mypy_cache .ruff_cache .pytest_cache
+	$(MAKE) -C tests/fakenvml clean

@@ -1,0 +1,154 @@
+"""`fabric-agent`: run the daemon, or take one sample and print it.
+
+Exit codes: 0 ok, 1 runtime failure (a port in use), 2 bad input (config, flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.cli.render import render_text
+from agent.collectors.base import SharedResources
+from agent.config import AgentConfig, load_config
+from agent.errors import ConfigError, ListenError
+from agent.exporter import ExpositionCache
+from agent.runtime import Agent, build_collectors
+from agent.sampler import Sampler
+
+log = logging.getLogger("agent")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+# Flags that map one-to-one onto AgentConfig fields (dest == field name).
+_CONFIG_FLAGS: dict[str, str] = {
+    "--interval": "sampling interval, e.g. 500ms, 1s (100ms..60s; default 1s)",
+    "--metrics-listen": "HOST:PORT of the Prometheus endpoint (default 0.0.0.0:9478)",
+    "--node-name": "name this node reports under (default: host name)",
+    "--nvml-library": "path of libnvidia-ml.so.1 when it is not on the loader path",
+    "--sysfs-root": "root of sysfs (default /sys)",
+    "--interfaces": "comma-separated interface globs, '!' excludes "
+    "(default *,!lo,!veth*,!docker*,!cni*,!ifb*)",
+    "--state-dir": "directory for persistent state (default /var/lib/fabric-agent)",
+    "--collectors": "comma-separated collectors to run (default: all)",
+    "--log-level": "debug, info, warning or error (default info)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file; flags override its values")
+    for flag, help_text in _CONFIG_FLAGS.items():
+        parser.add_argument(flag, help=help_text, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fabric-agent", description="GPU cluster fabric telemetry and traffic control agent."
+    )
+    parser.add_argument("--version", action="version", version=f"fabric-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="run the agent in the foreground")
+    _add_config_flags(run)
+    sample = commands.add_parser("sample", help="take a sample and print it")
+    _add_config_flags(sample)
+    sample.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    sample.add_argument(
+        "--format", choices=["json", "text", "prometheus"], default="text", help="default text"
+    )
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for flag in _CONFIG_FLAGS:
+        key = flag.removeprefix("--").replace("-", "_")
+        value = getattr(args, key)
+        if value is not None and key == "collectors":
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        values[key] = value
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, _overrides(args))
+    except ConfigError as exc:
+        print(f"fabric-agent: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "run":
+            return _run(config)
+        return _sample(config, once=args.once, output=args.format)
+    except ConfigError as exc:
+        print(f"fabric-agent: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ListenError as exc:
+        print(f"fabric-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _run(config: AgentConfig) -> int:
+    agent = Agent(config)
+    try:
+        server = agent.start_metrics()
+        host, _ = config.metrics_address
+        log.info(
+            "fabric-agent %s on node %s: metrics at http://%s:%d/metrics, sampling every %gs, "
+            "collectors %s, state in %s",
+            __version__,
+            config.node_name,
+            host,
+            server.port,
+            config.interval,
+            ", ".join(c.name for c in agent.sampler.collectors),
+            config.state_dir.resolve(),
+        )
+        agent.install_signal_handlers()
+        agent.run()
+    finally:
+        agent.close()
+    return EXIT_OK
+
+
+def _sample(config: AgentConfig, *, once: bool, output: str) -> int:
+    shared = SharedResources()
+    collectors = build_collectors(config, shared)
+    sampler = Sampler(
+        collectors,
+        node_name=config.node_name,
+        interval_s=config.interval,
+        timeout_s=config.collector_timeout_s,
+    )
+    cache = ExpositionCache(collectors)
+    try:
+        while True:
+            started = time.monotonic()
+            snapshot = sampler.sample()
+            if output == "json":
+                print(json.dumps(snapshot.to_dict(), indent=2), flush=True)
+            elif output == "prometheus":
+                sys.stdout.write(cache.update(snapshot).body.decode())
+                sys.stdout.flush()
+            else:
+                print(render_text(snapshot), flush=True)
+            if once:
+                return EXIT_OK
+            time.sleep(max(0.0, config.interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        sampler.close()
+        shared.close()

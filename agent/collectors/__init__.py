@@ -1,0 +1,1 @@
+"""One module per telemetry source; each registers itself with `base.register`."""

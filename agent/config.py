@@ -1,0 +1,182 @@
+"""Agent configuration: one validated, frozen object with every default in one place.
+
+Sources, later ones winning: the defaults below, a YAML file (`--config`), command-line
+flags. YAML keys are the flag names with `_` for `-` (`metrics_listen` is
+`--metrics-listen`). Every error names its source (file or `command line`) and key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from agent.errors import ConfigError
+
+# Interfaces that carry no fabric traffic of their own on a GPU node: loopback, container
+# and pod veths, bridges created by container engines, and the agent's own IFB devices.
+DEFAULT_INTERFACE_PATTERNS: tuple[str, ...] = ("*", "!lo", "!veth*", "!docker*", "!cni*", "!ifb*")
+
+MIN_INTERVAL_S, MAX_INTERVAL_S = 0.1, 60.0
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """'250ms', '1s', '1.5m', or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_S[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 1s, 2m)")
+
+
+def parse_listen_address(value: object) -> tuple[str, int]:
+    """'HOST:PORT', '[v6]:PORT' or ':PORT' (all addresses) -> (host, port)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an address (use HOST:PORT)")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not an address (use HOST:PORT)")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost" and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+            raise ValueError(f"{host!r} is not an IP address or host name") from None
+    return host, port
+
+
+def _patterns(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [part for part in value.split(",")]
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a list of glob patterns or a comma-separated string")
+    patterns = tuple(str(p).strip() for p in value if str(p).strip())
+    if not patterns:
+        raise ValueError("must name at least one pattern")
+    return patterns
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class AgentConfig(BaseModel):
+    """Every option of `fabric-agent run`, validated on construction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Name this node reports under; the host name unless set.
+    node_name: str = Field(default_factory=socket.gethostname, min_length=1)
+    # Sampling period. 100 ms keeps NVML's driver lock free; 60 s is the staleness
+    # operators already get from dcgm-exporter's 30 s default and no worse.
+    interval: Duration = 1.0
+    # A collector that has not returned by this fraction of the interval is left out of
+    # the tick's snapshot (reported as timed out) so it cannot delay the others.
+    collector_timeout_ratio: float = Field(default=0.8, gt=0.0, le=1.0)
+    # Prometheus endpoint; 9478 is the agent's metrics port (9479 is its gRPC port).
+    metrics_listen: str = "0.0.0.0:9478"
+    # Where NVML lives when it is not on the loader path (also the test driver).
+    nvml_library: Path | None = None
+    # Roots of the kernel's pseudo file systems, injectable for fixture trees.
+    sysfs_root: Path = Path("/sys")
+    # Glob patterns over interface names; '!' excludes. With no include pattern, all
+    # interfaces are included before the excludes apply.
+    interfaces: Annotated[tuple[str, ...], BeforeValidator(_patterns)] = DEFAULT_INTERFACE_PATTERNS
+    # Persistent state (applied policies, later issues) lives here.
+    state_dir: Path = Path("/var/lib/fabric-agent")
+    # Collectors to run; empty means every collector that is enabled by default.
+    collectors: tuple[str, ...] = ()
+    log_level: str = "info"
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen_address(value)
+        return value
+
+    @field_validator("interval")
+    @classmethod
+    def _check_interval(cls, value: float) -> float:
+        if not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:
+            raise ValueError(f"must be between 100ms and 60s, got {value:g}s")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return value.lower()
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        return parse_listen_address(self.metrics_listen)
+
+    @property
+    def collector_timeout_s(self) -> float:
+        return self.interval * self.collector_timeout_ratio
+
+    def interface_selected(self, name: str) -> bool:
+        return interface_selected(self.interfaces, name)
+
+
+def interface_selected(patterns: Sequence[str], name: str) -> bool:
+    includes = [p for p in patterns if not p.startswith("!")] or ["*"]
+    excludes = [p[1:] for p in patterns if p.startswith("!")]
+    return any(fnmatch.fnmatchcase(name, p) for p in includes) and not any(
+        fnmatch.fnmatchcase(name, p) for p in excludes
+    )
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
+    """Build the config from an optional YAML file and flag overrides (None = unset)."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(source, "-", f"cannot read: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, "-", f"not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, "-", "must be a mapping of option: value")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    values.update(flags)
+    try:
+        return AgentConfig(**values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "-"
+            where = "command line" if key.split(".")[0] in flags else source
+            reason = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                reason = "unknown option"
+            problems.append(ConfigError(where, key, reason))
+        first = problems[0]
+        if len(problems) == 1:
+            raise first from None
+        raise ConfigError(
+            first.source, first.key, "; ".join([first.reason, *(str(p) for p in problems[1:])])
+        ) from None
