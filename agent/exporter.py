@@ -10,16 +10,15 @@ from __future__ import annotations
 import gzip
 import http.server
 import logging
+import math
 import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import cast
+from collections.abc import Iterable, Sequence
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector as PromCollector
-from prometheus_client.utils import floatToGoString
 
 from agent.collectors.base import Collector
 from agent.errors import ListenError
@@ -27,9 +26,6 @@ from agent.families import Family, GaugeFamily
 from agent.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
-
-# prometheus_client's Go-compatible float formatting (it is not annotated).
-_format_value = cast(Callable[[float], str], floatToGoString)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -101,8 +97,9 @@ def framework_families(snapshot: Snapshot) -> Iterable[Family]:
 
 
 class TextEncoder:
-    """The Prometheus text format (0.0.4), byte for byte what `generate_latest` writes
-    for the same gauge and counter families, at a fraction of its cost.
+    """The Prometheus text format (0.0.4) for gauge and counter families, at a fraction of
+    `generate_latest`'s cost; the same lines, but integers are written as integers
+    (`1024` rather than `1024.0`), which is exact for counters past 2**53 and cheaper.
 
     Most of the cost of rendering is escaping and joining label sets that are the same
     every tick; this keeps each series' `name{labels} ` prefix from the previous
@@ -111,12 +108,13 @@ class TextEncoder:
     """
 
     def __init__(self) -> None:
-        self._prefixes: dict[tuple[str, tuple[str, ...]], str] = {}
+        # series name -> label values -> rendered prefix
+        self._prefixes: dict[str, dict[tuple[str, ...], str]] = {}
         self._headers: dict[tuple[str, str, str], str] = {}
 
     def encode(self, families: Iterable[Family]) -> bytes:
         previous = self._prefixes
-        current: dict[tuple[str, tuple[str, ...]], str] = {}
+        current: dict[str, dict[tuple[str, ...], str]] = {}
         headers = self._headers
         out: list[str] = []
         append = out.append
@@ -127,15 +125,29 @@ class TextEncoder:
             if header is None:
                 header = headers[header_key] = _header(name, family.type, family.documentation)
             append(header)
+            known = previous.get(name, {})
+            kept = current.setdefault(name, {})
             for labels, value in family.rows:
-                key = (name, labels)
-                prefix = previous.get(key)
+                prefix = known.get(labels)
                 if prefix is None:
                     prefix = _series_prefix(name, family.label_names, labels)
-                current[key] = prefix
-                append(f"{prefix}{_format_value(value)}\n")
+                kept[labels] = prefix
+                append(f"{prefix}{format_value(value)}\n")
         self._prefixes = current
         return "".join(out).encode()
+
+
+_SPECIAL_VALUES = {math.inf: "+Inf", -math.inf: "-Inf"}
+
+
+def format_value(value: float) -> str:
+    """A sample value as the text format reads it: integers exactly, floats by repr."""
+    if type(value) is int:
+        return str(value)
+    value = float(value)
+    if value != value:
+        return "NaN"
+    return _SPECIAL_VALUES.get(value) or repr(value)
 
 
 def _header(name: str, kind: str, documentation: str) -> str:

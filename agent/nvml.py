@@ -6,7 +6,7 @@ device handles and static identity, fetches every field value of a GPU in one ba
 per tick for whichever collector asks first, pairs GPM samples across ticks, caches NVLink
 remote ends, and counts XID events from a background waiter thread.
 
-Without a usable driver every call to `gpus()` raises CollectorError("NVML not available:
+Without a usable driver every call to `gpus()` raises SourceUnavailableError("NVML not available:
 ..."); the reason is logged once when that state starts and once when it ends, and NVML
 initialisation is retried at most every `retry_interval_s`.
 """
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import pynvml
 
-from agent.errors import CollectorError, FabricError
+from agent.errors import CollectorError, FabricError, SourceUnavailableError
 
 if TYPE_CHECKING:
     from agent.collectors.base import CollectorContext, Tick
@@ -426,7 +426,7 @@ class NvmlSession:
             if self._gpus is None:
                 self._try_open()
             if self._gpus is None:
-                raise CollectorError(f"NVML not available: {self._unavailable}")
+                raise SourceUnavailableError(f"NVML not available: {self._unavailable}")
             return self._infos
 
     def _try_open(self) -> None:

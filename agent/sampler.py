@@ -17,9 +17,13 @@ from typing import Any
 
 from agent import __version__
 from agent.collectors.base import Collector, Tick
+from agent.errors import SourceUnavailableError
 from agent.snapshot import CollectorStatus, Snapshot
 
 log = logging.getLogger(__name__)
+
+# Head start each collector gets before the next one starts (see `Sampler.sample`).
+_STAGGER_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,8 @@ class _Result:
     samples: tuple[Any, ...]
     duration_s: float
     error: str | None
+    # The source is absent (no driver) and has said so itself: fail quietly.
+    unavailable: bool = False
 
 
 class _Worker:
@@ -40,6 +46,7 @@ class _Worker:
         self.pending: Future[_Result] | None = None
         self.pending_since_s = 0.0
         self.failing = False
+        self.quiet = False
 
     def submit(self, tick: Tick) -> Future[_Result]:
         self.pending = self.executor.submit(self._run, tick)
@@ -51,7 +58,12 @@ class _Worker:
         try:
             samples = tuple(self.collector.collect(tick))
         except Exception as exc:  # reported in the snapshot and logged on change
-            return _Result((), time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+            return _Result(
+                (),
+                time.perf_counter() - start,
+                f"{type(exc).__name__}: {exc}",
+                isinstance(exc, SourceUnavailableError),
+            )
         return _Result(samples, time.perf_counter() - start, None)
 
 
@@ -86,6 +98,8 @@ class Sampler:
         if tick is None:
             self._seq += 1
             tick = Tick(self._seq, time.monotonic(), time.time())
+        by_name = {worker.collector.name: worker for worker in self._workers}
+        deadline_s = time.monotonic() + self._timeout_s
         submitted: dict[str, Future[_Result]] = {}
         statuses: dict[str, CollectorStatus] = {}
         for worker in self._workers:
@@ -96,8 +110,12 @@ class Sampler:
                     name, False, busy_s, error=f"still running after {busy_s:.2f} s"
                 )
                 continue
-            submitted[name] = worker.submit(tick)
-        deadline_s = tick.monotonic_s + self._timeout_s
+            submitted[name] = future = worker.submit(tick)
+            # Collectors mostly wait on the driver or the kernel, releasing the GIL on
+            # every call: run side by side they hand it over thousands of times a tick.
+            # So each gets a head start of up to `_STAGGER_S` before the next begins; a
+            # slow one holds the others back by no more than that.
+            wait([future], timeout=min(_STAGGER_S, max(0.0, deadline_s - time.monotonic())))
         wait(submitted.values(), timeout=max(0.0, deadline_s - time.monotonic()))
 
         sections: dict[str, tuple[Any, ...]] = {}
@@ -109,6 +127,7 @@ class Sampler:
                 )
                 if result.error is None:
                     sections[name] = result.samples
+                by_name[name].quiet = result.unavailable
             else:
                 statuses[name] = CollectorStatus(
                     name, False, self._timeout_s, error=f"timed out after {self._timeout_s:.2f} s"
@@ -158,7 +177,8 @@ class Sampler:
         """Log when a collector starts failing and when it recovers, not every tick."""
         for worker, status in zip(self._workers, statuses, strict=True):
             if not status.success and not worker.failing:
-                log.warning("collector %s failing: %s", status.name, status.error)
+                level = logging.DEBUG if worker.quiet else logging.WARNING
+                log.log(level, "collector %s failing: %s", status.name, status.error)
             elif status.success and worker.failing:
                 log.info("collector %s recovered", status.name)
             worker.failing = not status.success

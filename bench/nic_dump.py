@@ -2,7 +2,7 @@
 
 Makes a throwaway network namespace with N veth links (N/2 pairs, plus lo), and times
 one dump of every link, converted to `agent.netlink.Link`, per call:
-  pyroute2 full       IPRoute.get_links(): every attribute decoded (the agent until now)
+  pyroute2 full       IPRoute.get_links(): every attribute decoded
   pyroute2 4 attrs    the same request, with a message class that names only IFLA_IFNAME,
                       IFLA_MTU, IFLA_OPERSTATE and IFLA_STATS64
   pyroute2 no attrs   the same request, a message class without attributes: pyroute2's

@@ -17,6 +17,13 @@ from agent.collectors.base import CollectorContext, SharedResources
 from agent.config import AgentConfig
 from tests import fakenvml as fakenvml_driver
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden", action="store_true", help="rewrite tests/golden/ from this run"
+    )
+
+
 # --- netns ---
 # Throwaway network namespaces for kernel tests. A veth pair joins two namespaces the test
 # creates, so traffic between the two addresses crosses the veth (two addresses in one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +25,16 @@ class FakeCollector:
         self.delay_s = delay_s
         self.error = error
         self.calls = 0
+        self.started_s = self.finished_s = 0.0
         self.release = threading.Event()
         self.closed = False
 
     def collect(self, tick: Tick) -> Sequence[Any]:
         self.calls += 1
+        self.started_s = time.monotonic()
         if self.delay_s:
             self.release.wait(self.delay_s)
+        self.finished_s = time.monotonic()
         if self.error is not None:
             raise self.error
         return (Reading(tick.seq),)

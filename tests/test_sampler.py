@@ -10,6 +10,7 @@ from dataclasses import FrozenInstanceError
 
 import pytest
 
+from agent.errors import SourceUnavailableError
 from agent.sampler import Sampler
 from tests.fakes import FakeCollector, Reading
 
@@ -130,3 +131,37 @@ def test_close_closes_collectors() -> None:
     sampler = make_sampler(collector)
     sampler.close()
     assert collector.closed
+
+
+def test_absent_source_fails_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    absent = FakeCollector("gpu", error=SourceUnavailableError("NVML not available: no driver"))
+    sampler = make_sampler(absent)
+
+    snapshot = sampler.sample()
+
+    assert not snapshot.collectors[0].success
+    assert "NVML not available" in (snapshot.collectors[0].error or "")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    sampler.close()
+
+
+def test_collectors_run_one_after_another_when_quick() -> None:
+    first, second = FakeCollector("a", delay_s=0.005), FakeCollector("b", delay_s=0.005)
+    first.release.clear()
+    sampler = make_sampler(first, second)
+
+    sampler.sample()
+
+    assert second.started_s >= first.finished_s
+    sampler.close()
+
+
+def test_a_hung_collector_holds_the_next_back_briefly() -> None:
+    hung, quick = FakeCollector("hung", delay_s=5.0), FakeCollector("quick")
+    sampler = make_sampler(hung, quick, timeout_s=0.5)
+
+    snapshot = sampler.sample()
+
+    assert snapshot.collectors[1].success
+    assert quick.started_s - hung.started_s < 0.1
+    sampler.close()

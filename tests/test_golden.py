@@ -1,0 +1,75 @@
+"""Golden exposition: every series the agent exports for the simulated 8-GPU node and the
+RDMA fixture tree, values dropped, diffed against tests/golden/metrics.txt.
+
+A change to a metric name, label or help text shows up here as a reviewable diff. After
+an intended change: `make pytest PYTEST_ARGS="tests/test_golden.py --update-golden"`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.collectors.base import SharedResources
+from agent.config import AgentConfig
+from agent.exporter import ExpositionCache
+from agent.runtime import build_collectors
+from agent.sampler import Sampler
+from tests.fakenvml import FakeNvml
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "metrics.txt"
+SYSFS = Path(__file__).resolve().parent / "fixtures" / "sysfs"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+
+# Series whose label sets depend on the machine running the test, not on the agent.
+_MACHINE_DEPENDENT = re.compile(r"^fabric_host_cpu_seconds_total\{")
+
+
+def series_lines(exposition: bytes) -> list[str]:
+    lines = []
+    for line in exposition.decode().splitlines():
+        if line.startswith("#"):
+            lines.append(line)
+        elif not _MACHINE_DEPENDENT.match(line):
+            lines.append(line.rsplit(" ", 1)[0])
+    return lines
+
+
+def test_exposition_matches_golden(fakenvml: FakeNvml, request: pytest.FixtureRequest) -> None:
+    config = AgentConfig(
+        node_name="golden",
+        nvml_library=fakenvml.library,
+        sysfs_root=SYSFS,
+        interfaces=("lo",),
+    )
+    shared = SharedResources()
+    collectors = build_collectors(config, shared)
+    sampler = Sampler(collectors, node_name="golden", interval_s=1.0, timeout_s=5.0)
+    cache = ExpositionCache(collectors)
+    try:
+        sampler.sample(fakenvml.tick())
+        # A second tick, 1 s later: GPM rates need two samples.
+        cache.update(sampler.sample(fakenvml.tick(advance_s=1.0)))
+        exposition = cache.update(sampler.sample(fakenvml.tick(advance_s=1.0))).body
+    finally:
+        sampler.close()
+        shared.close()
+
+    actual = series_lines(exposition)
+
+    if request.config.getoption("--update-golden"):
+        GOLDEN.write_text("\n".join(actual) + "\n")
+    expected = GOLDEN.read_text().splitlines()
+    diff = "\n".join(difflib.unified_diff(expected, actual, "golden", "actual", lineterm=""))
+    assert not diff, f"exposition differs from {GOLDEN} (--update-golden rewrites it):\n{diff}"
+
+
+def test_docs_list_every_metric() -> None:
+    documented = set(re.findall(r"^\| `(fabric_\w+)`", DOCS.read_text(), re.MULTILINE))
+    exported = set(re.findall(r"^# TYPE (\S+) ", GOLDEN.read_text(), re.MULTILINE))
+
+    assert exported - documented == set(), f"add these to {DOCS}"
+    assert documented - exported == set(), f"{DOCS} lists metrics the agent does not export"
