@@ -465,6 +465,9 @@ class NvmlSession:
         try:
             driver_version = str(pynvml.nvmlSystemGetDriverVersion())
             count = int(pynvml.nvmlDeviceGetCount())
+            # The two per-tick hot paths (one field-value batch per GPU, 72 error counters
+            # per GPU) call the entry points pynvml resolved, with reused ctypes buffers:
+            # pynvml's wrappers rebuild structures and take a lock on every call.
             self._fields_fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
             self._error_counter_fn = pynvml._nvmlGetFunctionPointer(
                 "nvmlDeviceGetNvLinkErrorCounter"

@@ -137,3 +137,14 @@ def test_run_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
         _, stderr = process.communicate(timeout=20)
     assert process.returncode == 0, stderr
     assert "metrics at http://127.0.0.1" in stderr
+
+
+def test_every_config_option_is_a_flag() -> None:
+    from agent.cli.main import build_parser
+    from agent.config import AgentConfig
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    flags = {option for action in run._actions for option in action.option_strings}
+
+    missing = [f for f in AgentConfig.model_fields if "--" + f.replace("_", "-") not in flags]
+    assert missing == []

@@ -38,6 +38,8 @@ _CONFIG_FLAGS: dict[str, str] = {
     "(default *,!lo,!veth*,!docker*,!cni*,!ifb*)",
     "--state-dir": "directory for persistent state (default /var/lib/fabric-agent)",
     "--collectors": "comma-separated collectors to run (default: all)",
+    "--collector-timeout-ratio": "share of the interval a collector may take before the "
+    "tick goes on without it (default 0.8)",
     "--log-level": "debug, info, warning or error (default info)",
 }
 
