@@ -13,9 +13,10 @@ SCENARIO ?= tests/fakenvml/scenarios/hgx-h200-8gpu.json
 FAKENVML := tests/fakenvml/libnvidia-ml.so.1
 
 # Debian packages: what `make test` needs (Prometheus and promtool for the end-to-end
-# and exposition tests, iperf3 for real traffic, iproute2 for namespaces, a C compiler
+# and exposition tests, iperf3 for real traffic, iproute2 for namespaces and tc,
+# nftables (libnftables for the agent, nft for inspecting it in tests), a C compiler
 # for the simulated NVML driver) and what `make bench` adds (the node exporter anchor).
-TEST_DEBS  := prometheus iperf3 iproute2 gcc make libc6-dev
+TEST_DEBS  := prometheus iperf3 iproute2 nftables libnftables1 gcc make libc6-dev
 BENCH_DEBS := prometheus-node-exporter
 
 .PHONY: install run run-sim test lint pytest bench fakenvml clean debs debs-test debs-bench

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.cli import policy as policy_cli
 from agent.cli.render import render_text
 from agent.collectors.base import SharedResources
 from agent.config import AgentConfig, load_config
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--format", choices=["json", "text", "prometheus"], default="text", help="default text"
     )
+    policy_cli.add_parser(commands)
     return parser
 
 
@@ -80,6 +82,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "policy":
+        return policy_cli.run(args)
     try:
         config = load_config(args.config, _overrides(args))
     except ConfigError as exc:
