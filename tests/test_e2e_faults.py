@@ -104,7 +104,14 @@ def test_gpu_lost_mid_run_is_marked_and_the_rest_keeps_sampling(
 ) -> None:
     agent = run_agent("gpu-lost.json")
 
-    series = agent.wait_for(lambda s: s.get('fabric_gpu_lost{gpu="3"}') == 1.0)
+    # The GPU may fall off between the two GPU collectors of one tick; by the next tick
+    # both see it.
+    series = agent.wait_for(
+        lambda s: (
+            s.get('fabric_gpu_lost{gpu="3"}') == 1.0
+            and 'fabric_nvlink_up{gpu="3",link="0"}' not in s
+        )
+    )
 
     assert success(series, "nvml") == 1.0 and success(series, "nvlink") == 1.0
     assert others_ok(series)

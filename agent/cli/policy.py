@@ -1,7 +1,10 @@
-"""`fabric-agent policy validate FILE...`: check QoS policy files, change nothing.
+"""`fabric-agent policy validate|plan FILE...`: check QoS policy files and show what
+applying them would change in the kernel; neither changes anything.
 
-Prints `FILE: ok (N classes on IFACE DIRECTION)` per valid policy on stdout and every
-violation on stderr. Exit codes: 0 all valid, 2 any violation (bad input).
+validate prints `FILE: ok (N classes on IFACE DIRECTION)` per valid policy on stdout and
+every violation on stderr; exit 0 all valid, 2 any violation (bad input).
+plan prints the traffic-control changes per policy, like `kubectl diff`: exit 0 no
+changes, 1 changes, 2 error.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from agent.qos import htb, tc
+from agent.qos.desired import build_tree
 from agent.qos.policy import (
     LoadedPolicy,
     PolicyError,
@@ -21,7 +26,7 @@ from agent.qos.policy import (
     load_policy_file,
 )
 
-EXIT_OK, EXIT_INVALID = 0, 2
+EXIT_OK, EXIT_CHANGES, EXIT_INVALID = 0, 1, 2
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,13 +51,72 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "(default: detected from /proc/self/mountinfo)",
     )
 
+    plan_parser = actions.add_parser(
+        "plan",
+        help="the kernel changes applying these policies would make "
+        "(exit 0 none, 1 changes, 2 error)",
+    )
+    plan_parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed `policy ...` command line."""
+    if args.policy_command == "plan":
+        return plan(args.files)
     return validate(args.files, offline=args.offline, cgroup_root=args.cgroup_root)
 
 
-def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = None) -> int:
+def plan(files: list[Path]) -> int:
+    """Print, per policy, the changes between its tree and the kernel's; change nothing."""
+    loaded, violations = _load(files)
+    if violations:
+        for violation in violations:
+            print(violation, file=sys.stderr)
+        return EXIT_INVALID
+    leaf_kind = "fq_codel" if tc.detect_capabilities().fq_codel else "pfifo"
+    changed = failed = False
+    for item in loaded:
+        spec = item.policy.spec
+        header = (
+            f"policy {item.policy.metadata.name} ({item.file}) on {spec.interface} {spec.direction}"
+        )
+        if spec.direction == "ingress":
+            print(
+                f"{header}: ingress shaping (IFB) is not supported by this version", file=sys.stderr
+            )
+            failed = True
+            continue
+        desired = build_tree(item.policy, leaf_kind=leaf_kind).tree
+        try:
+            actual = tc.read_tree(spec.interface, take_over=spec.take_over)
+        except tc.TcError as exc:
+            print(f"{header}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        changes = htb.plan(desired, actual)
+        print(f"{header}: {len(changes) or 'no'} change{'' if len(changes) == 1 else 's'}")
+        for change in changes:
+            print(f"  {change}")
+        nft_entries = sum(
+            1
+            for cls in spec.classes
+            for entry in cls.match
+            if entry.cgroup is not None or entry.fwmark is not None
+        )
+        remarked = sum(1 for cls in spec.classes if cls.dscp is not None)
+        if nft_entries or remarked:
+            print(
+                f"  ({nft_entries} cgroup/fwmark match entries and DSCP remarking for "
+                f"{remarked} classes belong to the agent's nftables table: not planned here)"
+            )
+        changed = changed or bool(changes)
+    if failed:
+        return EXIT_INVALID
+    return EXIT_CHANGES if changed else EXIT_OK
+
+
+def _load(files: list[Path]) -> tuple[list[LoadedPolicy], list[PolicyViolation]]:
+    """Every policy of the files, and every violation, ownership across files included."""
     loaded: list[LoadedPolicy] = []
     violations: list[PolicyViolation] = []
     for path in files:
@@ -61,6 +125,11 @@ def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = Non
         except PolicyError as exc:
             violations.extend(exc.violations)
     violations.extend(check_ownership(loaded))
+    return loaded, violations
+
+
+def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = None) -> int:
+    loaded, violations = _load(files)
     if not offline:
         root = cgroup_root if cgroup_root is not None else detect_cgroup2_root()
         violations.extend(check_host(loaded, interface_exists=interface_exists, cgroup_root=root))

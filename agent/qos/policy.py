@@ -39,7 +39,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from agent.errors import FabricError
-from agent.qos.units import Rate, format_bps, parse_rate
+from agent.qos.units import PortRange, Rate, format_bps, parse_rate
 
 API_VERSION = "fabric.qos/v1alpha1"
 KIND = "QosPolicy"
@@ -60,17 +60,6 @@ _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
 
 # --- field types -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PortRange:
-    """Inclusive range of TCP/UDP ports; a single port has first == last."""
-
-    first: int
-    last: int
-
-    def __str__(self) -> str:
-        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
 @dataclass(frozen=True)

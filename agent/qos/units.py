@@ -101,3 +101,22 @@ def _case_hint(value: str) -> str:
         if unit.group(1).lower() == known.lower():
             return f"; units are case-sensitive: write {known}"
     return "; units are bit, kbit, Mbit, Gbit, Tbit"
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    """Inclusive range of TCP/UDP ports; a single port is `PortRange(p, p)`."""
+
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first <= self.last <= 0xFFFF:
+            raise ValueError(f"port range {self.first}-{self.last} is not within 0-65535")
+
+    @classmethod
+    def single(cls, port: int) -> PortRange:
+        return cls(port, port)
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"

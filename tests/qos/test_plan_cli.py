@@ -1,0 +1,98 @@
+"""`fabric-agent policy plan`: kubectl-diff exit codes against a real kernel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.qos import tc
+from agent.qos.desired import build_tree
+from agent.qos.policy import load_policy_file
+from tests.conftest import VethPair
+
+ROOT = Path(__file__).resolve().parents[2]
+
+POLICY = """\
+apiVersion: fabric.qos/v1alpha1
+kind: QosPolicy
+metadata: {{name: plan-test}}
+spec:
+  interface: {device}
+  direction: egress
+  bandwidth: 1Gbit
+  defaultClass: rest
+  classes:
+    - name: bulk
+      priority: 1
+      rate: 300Mbit
+      match:
+        - {{dstPorts: ["5201"], protocol: tcp}}
+        - {{cgroup: system.slice/bulk.service}}
+    - {{name: rest, priority: 7, rate: 100Mbit}}
+"""
+
+
+def plan(netns: str, *files: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m", "agent", "policy",
+         "plan", *map(str, files)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def write_policy(tmp_path: Path, device: str, rate: str = "300Mbit") -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.format(device=device).replace("300Mbit", rate))
+    return path
+
+
+def test_plan_shows_changes_then_none(shaped_pair: VethPair, tmp_path: Path) -> None:
+    path = write_policy(tmp_path, shaped_pair.device)
+
+    before = plan(shaped_pair.netns, path)
+    (loaded,) = load_policy_file(path)
+    tc.reconcile(build_tree(loaded.policy).tree, netns=shaped_pair.netns)
+    after = plan(shaped_pair.netns, path)
+    edited = plan(shaped_pair.netns, write_policy(tmp_path, shaped_pair.device, "400Mbit"))
+
+    assert before.returncode == 1, before.stderr
+    assert "+ qdisc fa: htb default 11" in before.stdout
+    assert '+ class fa:10 "bulk" parent :1 rate 300Mbit ceil 1Gbit prio 1' in before.stdout
+    assert "1 cgroup/fwmark match entries and DSCP remarking for 0 classes" in before.stdout
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert ": no changes" in after.stdout
+    assert edited.returncode == 1
+    assert edited.stdout.count("\n  ~ ") == 1
+    assert "rate 300Mbit -> 400Mbit" in edited.stdout
+
+
+def test_foreign_root_qdisc_is_an_error(shaped_pair: VethPair, tmp_path: Path) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", shaped_pair.netns, "tc", "qdisc", "add", "dev",
+         shaped_pair.device, "root", "handle", "1:", "tbf", "rate", "1mbit", "burst", "32kbit",
+         "latency", "400ms"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+    result = plan(shaped_pair.netns, write_policy(tmp_path, shaped_pair.device))
+
+    assert result.returncode == 2
+    assert "root qdisc is tbf 1:, not the agent's" in result.stderr
+    assert "spec.takeOver: true" in result.stderr
+
+
+def test_bad_policy_is_an_error(tmp_path: Path, shaped_pair: VethPair) -> None:
+    path = write_policy(tmp_path, shaped_pair.device, "3Gbit")
+
+    result = plan(shaped_pair.netns, path)
+
+    assert result.returncode == 2
+    assert f"{path}: spec.classes[0].rate: 3Gbit exceeds bandwidth 1Gbit" in result.stderr
+
+
+def test_missing_interface_is_an_error(tmp_path: Path, shaped_pair: VethPair) -> None:
+    result = plan(shaped_pair.netns, write_policy(tmp_path, "fabnosuch0"))
+
+    assert result.returncode == 2
+    assert "fabnosuch0: no such device" in result.stderr
