@@ -7,8 +7,10 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -215,12 +217,38 @@ def iperf_pair(pair: VethPair, ports: list[int], seconds: int = 4) -> list[float
                 proc.wait()
 
 
-def measure(pair: VethPair, ports: list[int], ok: Callable[[list[float]], bool]) -> list[float]:
+@dataclass
+class Measured:
+    """Per flow: iperf3's receiver goodput; per class: what HTB sent, headers included,
+    over the steady part of the run (the class byte counters over seconds 1.5 to 3.5)."""
+
+    goodput_mbit: list[float]
+    class_mbit: dict[int, float]
+
+
+def measure_once(pair: VethPair, ports: list[int], minors: list[int]) -> Measured:
+    goodput: list[float] = []
+    runner = threading.Thread(target=lambda: goodput.extend(iperf_pair(pair, ports)))
+    runner.start()
+    try:
+        time.sleep(2.0)  # server start-up (0.5 s) and TCP ramp-up
+        first, t0 = class_stats(pair.device, netns=pair.netns), time.monotonic()
+        time.sleep(2.0)
+        last, t1 = class_stats(pair.device, netns=pair.netns), time.monotonic()
+    finally:
+        runner.join()
+    rates = {m: (last[m].bytes - first[m].bytes) * 8 / (t1 - t0) / MBIT for m in minors}
+    return Measured(goodput, rates)
+
+
+def measure(
+    pair: VethPair, ports: list[int], minors: list[int], ok: Callable[[Measured], bool]
+) -> Measured:
     """Measure, and once more if the first run misses (a noisy neighbour on the host)."""
-    results = iperf_pair(pair, ports)
-    if not ok(results):
-        results = iperf_pair(pair, ports)
-    return results
+    result = measure_once(pair, ports, minors)
+    if not ok(result):
+        result = measure_once(pair, ports, minors)
+    return result
 
 
 def test_ceiling_holds_within_5_percent(shaped_pair: VethPair) -> None:
@@ -237,10 +265,13 @@ def test_ceiling_holds_within_5_percent(shaped_pair: VethPair) -> None:
         netns=shaped_pair.netns,
     )
 
-    (mbit,) = measure(shaped_pair, [5201], lambda r: 190 <= r[0] <= 210)
+    result = measure(shaped_pair, [5201], [0x10], lambda r: 190 <= r.class_mbit[0x10] <= 210)
 
-    print(f"ceil 200 Mbit/s: measured {mbit:.1f} Mbit/s")
-    assert 190 <= mbit <= 210
+    # HTB meters whole frames; iperf3 counts TCP payload, about 95.6 % of a full frame.
+    print(f"ceil 200 Mbit/s: class sent {result.class_mbit[0x10]:.1f} Mbit/s on the wire, "
+          f"goodput {result.goodput_mbit[0]:.1f} Mbit/s")  # fmt: skip
+    assert 190 <= result.class_mbit[0x10] <= 210
+    assert 180 <= result.goodput_mbit[0] <= 210
 
 
 def test_two_classes_get_their_rates_within_10_percent(shaped_pair: VethPair) -> None:
@@ -263,13 +294,13 @@ def test_two_classes_get_their_rates_within_10_percent(shaped_pair: VethPair) ->
         netns=shaped_pair.netns,
     )
 
-    def ok(r: list[float]) -> bool:
-        return 135 <= r[0] <= 165 and 45 <= r[1] <= 55
+    def ok(r: Measured) -> bool:
+        return 135 <= r.class_mbit[0x10] <= 165 and 45 <= r.class_mbit[0x11] <= 55
 
-    gold, bronze = measure(shaped_pair, [5301, 5302], ok)
+    result = measure(shaped_pair, [5301, 5302], [0x10, 0x11], ok)
 
-    print(f"rate 150/50 Mbit/s: measured {gold:.1f}/{bronze:.1f} Mbit/s")
+    gold, bronze = result.class_mbit[0x10], result.class_mbit[0x11]
+    print(f"rate 150/50 Mbit/s: classes sent {gold:.1f}/{bronze:.1f} Mbit/s on the wire, "
+          f"goodput {result.goodput_mbit[0]:.1f}/{result.goodput_mbit[1]:.1f}")  # fmt: skip
     assert 135 <= gold <= 165
     assert 45 <= bronze <= 55
-    stats = class_stats(shaped_pair.device, netns=shaped_pair.netns)
-    assert stats[0x10].bytes > stats[0x11].bytes > 0
