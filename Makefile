@@ -63,6 +63,7 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/agent_overhead.py $(BENCH_ARGS)
 	$(PY) bench/tick_cost.py
 	$(PY) bench/nic_dump.py
+	$(PY) bench/qos_apply.py
 
 debs-test:
 	@$(MAKE) --no-print-directory debs DEBS="$(TEST_DEBS)"

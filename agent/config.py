@@ -13,7 +13,7 @@ import re
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
@@ -98,8 +98,19 @@ class AgentConfig(BaseModel):
     # Glob patterns over interface names; '!' excludes. With no include pattern, all
     # interfaces are included before the excludes apply.
     interfaces: Annotated[tuple[str, ...], BeforeValidator(_patterns)] = DEFAULT_INTERFACE_PATTERNS
-    # Persistent state (applied policies, later issues) lives here.
+    # Persistent state: the QoS policies last applied, for restarts without a change.
     state_dir: Path = Path("/var/lib/fabric-agent")
+    # QoS policy files (*.yaml); reloaded every reconcile pass and on SIGHUP.
+    policy_dir: Path = Path("/etc/fabric-agent/policies")
+    # How often the kernel is compared with the policies; drift is corrected within it.
+    reconcile_interval: Duration = 5.0
+    # On exit keep enforcing (a restart or upgrade never interrupts shaping) or remove
+    # every qdisc, filter and table the agent owns.
+    on_exit: Literal["keep", "remove"] = "keep"
+    # Replace root qdiscs the agent does not own on every policy's interface.
+    take_over: bool = False
+    # cgroup2 mount the policies' cgroup paths are relative to; detected when unset.
+    cgroup_root: Path | None = None
     # Collectors to run; empty means every collector that is enabled by default.
     collectors: tuple[str, ...] = ()
     log_level: str = "info"
@@ -115,6 +126,13 @@ class AgentConfig(BaseModel):
     def _check_interval(cls, value: float) -> float:
         if not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:
             raise ValueError(f"must be between 100ms and 60s, got {value:g}s")
+        return value
+
+    @field_validator("reconcile_interval")
+    @classmethod
+    def _check_reconcile_interval(cls, value: float) -> float:
+        if not 0.1 <= value <= 300.0:
+            raise ValueError(f"must be between 100ms and 5m, got {value:g}s")
         return value
 
     @field_validator("log_level")

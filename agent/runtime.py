@@ -9,13 +9,28 @@ from collections.abc import Sequence
 from types import FrameType
 
 from agent.collectors.base import Collector, CollectorContext, SharedResources, registrations
+from agent.collectors.qos_stats import RECONCILER_KEY
 from agent.config import AgentConfig
 from agent.errors import ConfigError
 from agent.exporter import ExpositionCache, MetricsServer
+from agent.qos.policy import detect_cgroup2_root
+from agent.qos.reconciler import QosSettings, Reconciler
 from agent.sampler import Sampler
 from agent.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
+
+# Where the agent's reconciler lives in the shared resources.
+QOS_RECONCILER = RECONCILER_KEY
+
+
+def qos_settings(config: AgentConfig) -> QosSettings:
+    return QosSettings(
+        policy_dir=config.policy_dir,
+        state_dir=config.state_dir,
+        take_over=config.take_over,
+        cgroup_root=config.cgroup_root or detect_cgroup2_root(),
+    )
 
 
 def build_collectors(config: AgentConfig, shared: SharedResources) -> list[Collector]:
@@ -42,6 +57,10 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self._shared = SharedResources()
+        # Before the collectors: the qos collector reports on the reconciler's policies.
+        self.reconciler = self._shared.get(
+            QOS_RECONCILER, lambda: Reconciler(qos_settings(config)), Reconciler.close
+        )
         collectors = build_collectors(config, self._shared)
         self.sampler = Sampler(
             collectors,
@@ -65,9 +84,22 @@ class Agent:
         return self._server
 
     def run(self) -> None:
-        """Sample until stopped (SIGINT/SIGTERM or `stop()`); the server must be started."""
+        """Sample and reconcile until stopped (SIGINT/SIGTERM or `stop()`); the metrics
+        server must be started."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.sampler.run(self.stop_event, self.publish)
+        reconciling = threading.Thread(
+            target=self.reconciler.run,
+            args=(self.stop_event, self.config.reconcile_interval),
+            name="qos-reconcile",
+            daemon=True,
+        )
+        reconciling.start()
+        try:
+            self.sampler.run(self.stop_event, self.publish)
+        finally:
+            self.stop_event.set()
+            self.reconciler.wake.set()
+            reconciling.join(timeout=30)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -77,6 +109,9 @@ class Agent:
             self._server.shutdown()
             self._server.server_close()
         self.sampler.close()
+        if self.config.on_exit == "remove":
+            log.info("removing the agent's qdiscs and nftables table (--on-exit remove)")
+            self.reconciler.remove_all()
         self._shared.close()
 
     def install_signal_handlers(self) -> None:
@@ -84,5 +119,10 @@ class Agent:
             log.info("received %s, stopping", signal.Signals(signum).name)
             self.stop()
 
+        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+            log.info("received SIGHUP, reloading QoS policies")
+            self.reconciler.wake.set()
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hangup)

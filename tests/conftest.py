@@ -15,6 +15,7 @@ from pyroute2 import netns as pyroute2_netns
 
 from agent.collectors.base import CollectorContext, SharedResources
 from agent.config import AgentConfig
+from agent.qos.tc import TcCapabilities, detect_capabilities
 from tests import fakenvml as fakenvml_driver
 
 
@@ -181,6 +182,28 @@ def veth_traffic(veth_pair: VethPair) -> Iterator[VethTraffic]:
         yield traffic
     finally:
         traffic.close()
+
+
+# --- shaping ---
+# A veth pair whose near end the QoS tests shape, where this kernel has HTB and u32.
+
+
+@pytest.fixture(scope="session")
+def tc_capabilities() -> TcCapabilities:
+    reason = netns_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    return detect_capabilities()
+
+
+@pytest.fixture
+def shaped_pair(veth_pair: VethPair, tc_capabilities: TcCapabilities) -> VethPair:
+    """`veth_pair`, when this kernel can shape with HTB and classify with u32."""
+    if not tc_capabilities.htb:
+        pytest.skip("kernel has no htb qdisc")
+    if not tc_capabilities.u32:
+        pytest.skip("kernel has no u32 classifier")
+    return veth_pair
 
 
 # --- fakenvml ---

@@ -42,6 +42,11 @@ _CONFIG_FLAGS: dict[str, str] = {
     "--collector-timeout-ratio": "share of the interval a collector may take before the "
     "tick goes on without it (default 0.8)",
     "--log-level": "debug, info, warning or error (default info)",
+    "--policy-dir": "directory of QoS policy files (default /etc/fabric-agent/policies)",
+    "--reconcile-interval": "how often QoS is compared with the kernel (default 5s)",
+    "--on-exit": "keep (default) or remove the agent's qdiscs and tables on exit",
+    "--take-over": "true to replace root qdiscs the agent does not own (default false)",
+    "--cgroup-root": "cgroup2 mount point (default: detected)",
 }
 
 

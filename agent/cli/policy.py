@@ -5,26 +5,28 @@ validate prints `FILE: ok (N classes on IFACE DIRECTION)` per valid policy on st
 every violation on stderr; exit 0 all valid, 2 any violation (bad input).
 plan prints the traffic-control changes per policy, like `kubectl diff`: exit 0 no
 changes, 1 changes, 2 error.
+status prints, per class of every policy the agent applied, its rate and ceiling, the
+throughput measured over a second, drops and overlimits.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from agent.qos import htb, tc
 from agent.qos.desired import build_tree
 from agent.qos.policy import (
-    LoadedPolicy,
-    PolicyError,
-    PolicyViolation,
+    QosPolicy,
     check_host,
-    check_ownership,
     detect_cgroup2_root,
     interface_exists,
-    load_policy_file,
+    load_policy_files,
 )
+from agent.qos.state import StateError, load_state
+from agent.qos.units import format_bps
 
 EXIT_OK, EXIT_CHANGES, EXIT_INVALID = 0, 1, 2
 
@@ -58,17 +60,36 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     plan_parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
 
+    status_parser = actions.add_parser(
+        "status", help="per class of every applied policy: rate, ceil, throughput, drops"
+    )
+    status_parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("/var/lib/fabric-agent"),
+        help="the agent's state directory (default /var/lib/fabric-agent)",
+    )
+    status_parser.add_argument(
+        "--over",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="throughput is measured over this many seconds (default 1)",
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed `policy ...` command line."""
     if args.policy_command == "plan":
         return plan(args.files)
+    if args.policy_command == "status":
+        return status(args.state_dir, over_s=args.over)
     return validate(args.files, offline=args.offline, cgroup_root=args.cgroup_root)
 
 
 def plan(files: list[Path]) -> int:
     """Print, per policy, the changes between its tree and the kernel's; change nothing."""
-    loaded, violations = _load(files)
+    loaded, violations = load_policy_files(files)
     if violations:
         for violation in violations:
             print(violation, file=sys.stderr)
@@ -115,21 +136,8 @@ def plan(files: list[Path]) -> int:
     return EXIT_CHANGES if changed else EXIT_OK
 
 
-def _load(files: list[Path]) -> tuple[list[LoadedPolicy], list[PolicyViolation]]:
-    """Every policy of the files, and every violation, ownership across files included."""
-    loaded: list[LoadedPolicy] = []
-    violations: list[PolicyViolation] = []
-    for path in files:
-        try:
-            loaded.extend(load_policy_file(path))
-        except PolicyError as exc:
-            violations.extend(exc.violations)
-    violations.extend(check_ownership(loaded))
-    return loaded, violations
-
-
 def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = None) -> int:
-    loaded, violations = _load(files)
+    loaded, violations = load_policy_files(files)
     if not offline:
         root = cgroup_root if cgroup_root is not None else detect_cgroup2_root()
         violations.extend(check_host(loaded, interface_exists=interface_exists, cgroup_root=root))
@@ -146,3 +154,63 @@ def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = Non
     for violation in violations:
         print(violation, file=sys.stderr)
     return EXIT_INVALID if violations else EXIT_OK
+
+
+def status(state_dir: Path, *, over_s: float = 1.0) -> int:
+    """A table per applied policy class; exit 0, or 1 when the kernel cannot be read."""
+    try:
+        state = load_state(state_dir)
+    except StateError as exc:
+        print(f"fabric-agent: {exc}", file=sys.stderr)
+        return EXIT_CHANGES
+    if not state.policies:
+        print(f"no QoS policies applied (state in {state_dir})")
+        return EXIT_OK
+    rows: list[tuple[str, ...]] = []
+    try:
+        first = {p.device: tc.class_stats(p.device) for p in state.policies.values()}
+        time.sleep(over_s)
+        second = {p.device: tc.class_stats(p.device) for p in state.policies.values()}
+    except tc.TcError as exc:
+        print(f"fabric-agent: {exc}", file=sys.stderr)
+        return EXIT_CHANGES
+    for applied in sorted(state.policies.values(), key=lambda p: p.name):
+        try:
+            policy = QosPolicy.model_validate(applied.document, by_alias=True, by_name=False)
+        except ValueError as exc:
+            print(f"fabric-agent: state of policy {applied.name}: {exc}", file=sys.stderr)
+            return EXIT_CHANGES
+        for cls in policy.effective_classes():
+            minor = applied.minors.get(cls.name)
+            now = second[applied.device].get(minor) if minor is not None else None
+            then = first[applied.device].get(minor) if minor is not None else None
+            if now is None or then is None:
+                rows.append((applied.name, applied.device, cls.name, "-", "-", "missing", "-", "-"))
+                continue
+            throughput = (now.bytes - then.bytes) * 8 / over_s
+            rows.append(
+                (
+                    applied.name,
+                    applied.device,
+                    cls.name,
+                    format_bps(cls.rate_bps),
+                    format_bps(cls.ceil_bps),
+                    _human_bps(throughput),
+                    str(now.drops),
+                    str(now.overlimits),
+                )
+            )
+    header = ("POLICY", "DEVICE", "CLASS", "RATE", "CEIL", "THROUGHPUT", "DROPS", "OVERLIMITS")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return EXIT_OK
+
+
+def _human_bps(bps: float) -> str:
+    for factor, unit in ((1e9, "Gbit/s"), (1e6, "Mbit/s"), (1e3, "kbit/s")):
+        if bps >= factor:
+            return f"{bps / factor:.1f}{unit}"
+    return f"{bps:.0f}bit/s"

@@ -71,6 +71,11 @@ class SharedResources:
             value: T = self._items[key]
             return value
 
+    def find(self, key: str) -> Any | None:
+        """The object under `key` if something created it, else None."""
+        with self._lock:
+            return self._items.get(key)
+
     def close(self) -> None:
         with self._lock:
             closers, self._closers = self._closers, []

@@ -14,7 +14,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from agent.qos.units import PortRange
+from agent.qos.units import PortRange, format_bps
 
 AGENT_ROOT_MAJOR = 0xFA
 ETH_P_IP = 0x0800
@@ -41,14 +41,6 @@ def burst_for_rate(rate_bps: int) -> int:
     tc's default (rate/HZ + MTU, HZ from /proc/net/psched, 1e9 on modern kernels) comes to
     about one frame, which starves classes above a few Gbit/s."""
     return max(2 * MTU_FRAME_BYTES, rate_bps // 8 // 1000)
-
-
-def format_rate(rate_bps: int) -> str:
-    """tc's notation: 60Gbit, 250Mbit, 8Kbit, 12bit."""
-    for scale, suffix in ((10**9, "Gbit"), (10**6, "Mbit"), (10**3, "Kbit")):
-        if rate_bps % scale == 0 and rate_bps >= scale:
-            return f"{rate_bps // scale}{suffix}"
-    return f"{rate_bps}bit"
 
 
 def format_handle(major: int, minor: int | None = None) -> str:
@@ -214,7 +206,7 @@ class HtbClass:
     def describe(self) -> str:
         parent = "root" if self.parent_minor is None else f"parent :{self.parent_minor:x}"
         return (
-            f"{parent} rate {format_rate(self.rate_bps)} ceil {format_rate(self.ceil_bps)} "
+            f"{parent} rate {format_bps(self.rate_bps)} ceil {format_bps(self.ceil_bps)} "
             f"prio {self.prio} quantum {self.quantum_bytes}"
         )
 
@@ -390,7 +382,7 @@ class Change:
 
 def _class_diffs(old: HtbClass, new: HtbClass) -> list[str]:
     diffs = []
-    for name, fmt in (("rate_bps", format_rate), ("ceil_bps", format_rate)):
+    for name, fmt in (("rate_bps", format_bps), ("ceil_bps", format_bps)):
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
             diffs.append(f"{name.removesuffix('_bps')} {fmt(a)} -> {fmt(b)}")

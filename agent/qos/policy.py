@@ -597,6 +597,21 @@ def _where(loaded: LoadedPolicy) -> str:
     return f"{loaded.file} (document {loaded.document})"
 
 
+def load_policy_files(
+    paths: Sequence[Path],
+) -> tuple[list[LoadedPolicy], list[PolicyViolation]]:
+    """Every policy in the files, and every violation, ownership across the files included."""
+    loaded: list[LoadedPolicy] = []
+    violations: list[PolicyViolation] = []
+    for path in paths:
+        try:
+            loaded.extend(load_policy_file(path))
+        except PolicyError as exc:
+            violations.extend(exc.violations)
+    violations.extend(check_ownership(loaded))
+    return loaded, violations
+
+
 def check_host(
     policies: Sequence[LoadedPolicy],
     *,

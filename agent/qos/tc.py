@@ -7,6 +7,7 @@ agent's own. The planner and the tree model are plain data in `agent.qos.htb`.
 
 from __future__ import annotations
 
+import enum
 import functools
 import ipaddress
 import os
@@ -466,18 +467,37 @@ class _ChangeFailed(Exception):
         self.reason = os.strerror(error.code) if error.code > 0 else str(error)
 
 
-def apply(changes: Sequence[Change], *, netns: str | None = None) -> None:
+class Unread(enum.Enum):
+    """`apply`'s default for `before`: read the tree from the kernel first."""
+
+    TREE = 0
+
+
+def apply(
+    changes: Sequence[Change],
+    *,
+    netns: str | None = None,
+    before: HtbTree | Unread | None = Unread.TREE,
+) -> None:
     """Run a plan: removals (filters, leaf qdiscs, classes innermost first), then the root
     qdisc, classes parents first, leaf qdiscs and filters. If a change fails, re-plan from
-    what the kernel then has back to the tree read before starting, apply that, and raise
-    TcApplyError naming the failed change."""
+    what the kernel then has back to the tree it held before, apply that, and raise
+    TcApplyError naming the failed change.
+
+    `before` is that tree when the caller has just read it (the plan's `actual`); reading
+    a large tree costs more than changing one class, so callers that planned from a read
+    pass it on."""
     if not changes:
         return
     devices = {(c.device, c.root_major) for c in changes}
     if len(devices) != 1:
         raise ValueError(f"one plan per device, got {sorted(devices)}")
     ((device, root_major),) = devices
-    previous = read_tree(device, netns=netns, root_major=root_major, take_over=True)
+    previous = (
+        read_tree(device, netns=netns, root_major=root_major, take_over=True)
+        if isinstance(before, Unread)
+        else before
+    )
     try:
         _execute(changes, netns)
     except _ChangeFailed as failed:
@@ -506,7 +526,7 @@ def reconcile(
         desired.device, netns=netns, root_major=desired.root_major, take_over=take_over
     )
     changes = plan(desired, actual)
-    apply(changes, netns=netns)
+    apply(changes, netns=netns, before=actual)
     return changes
 
 

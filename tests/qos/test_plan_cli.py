@@ -9,7 +9,8 @@ from pathlib import Path
 from agent.qos import tc
 from agent.qos.desired import build_tree
 from agent.qos.policy import load_policy_file
-from tests.conftest import VethPair
+from agent.qos.reconciler import QosSettings, Reconciler
+from tests.conftest import VethPair, VethTraffic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,3 +97,37 @@ def test_missing_interface_is_an_error(tmp_path: Path, shaped_pair: VethPair) ->
 
     assert result.returncode == 2
     assert "fabnosuch0: no such device" in result.stderr
+
+
+def test_status_lists_every_class_with_its_throughput(
+    shaped_pair: VethPair, veth_traffic: VethTraffic, tmp_path: Path
+) -> None:
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    text = write_policy(tmp_path, shaped_pair.device).read_text()
+    # No cgroup entry: this test has no such cgroup to classify by.
+    (policy_dir / "p.yaml").write_text(
+        text.replace("        - {cgroup: system.slice/bulk.service}\n", "")
+    )
+    reconciler = Reconciler(QosSettings(policy_dir, tmp_path / "state", netns=shaped_pair.netns))
+    assert reconciler.reconcile().result == "success"
+    reconciler.close()
+    veth_traffic.start()  # UDP to a port no class matches: the default class "rest"
+    try:
+        result = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{shaped_pair.netns}", sys.executable, "-m", "agent",
+             "policy", "status", "--state-dir", str(tmp_path / "state")],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        veth_traffic.stop()
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == [
+        "POLICY", "DEVICE", "CLASS", "RATE", "CEIL", "THROUGHPUT", "DROPS", "OVERLIMITS",
+    ]  # fmt: skip
+    rows = {line.split()[2]: line.split() for line in lines[1:]}
+    assert rows["bulk"][:5] == ["plan-test", shaped_pair.device, "bulk", "300Mbit", "1Gbit"]
+    assert rows["bulk"][5] == "0bit/s"
+    assert rows["rest"][5].endswith("bit/s") and rows["rest"][5] != "0bit/s"
