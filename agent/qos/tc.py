@@ -637,20 +637,42 @@ def _probe(action: Any) -> bool:
 @functools.cache
 def detect_capabilities() -> TcCapabilities:
     """Try each qdisc, classifier and action on loopback (and an IFB) of a throwaway
-    network namespace; no host interface is touched. Cached for the process."""
+    network namespace; no host interface is touched. Cached for the process.
+
+    Creating a namespace needs CAP_SYS_ADMIN, which the systemd unit does not grant: then
+    the probes run on a temporary IFB device the agent creates here and deletes again
+    (CAP_NET_ADMIN is enough, and no existing interface is touched either)."""
     name = f"fabcap-{os.getpid()}-{secrets.token_hex(3)}"
-    pyroute2_netns.create(name)
+    try:
+        pyroute2_netns.create(name)
+    except OSError:
+        return _probe_on_own_device()
     try:
         with IPRoute(netns=name) as ipr:
-            return _probe_all(ipr)
+            lo = _index(ipr, "lo")
+            ipr.link("set", index=lo, state="up")
+            return _probe_all(ipr, lo)
     finally:
         pyroute2_netns.remove(name)
 
 
-def _probe_all(ipr: Any) -> TcCapabilities:
-    lo = _index(ipr, "lo")
-    ipr.link("set", index=lo, state="up")
-    ifb = _probe(lambda: ipr.link("add", ifname="fabcapifb", kind="ifb"))
+def _probe_on_own_device() -> TcCapabilities:
+    device = f"fabcap{secrets.token_hex(3)}"
+    with IPRoute() as ipr:
+        if not _probe(lambda: ipr.link("add", ifname=device, kind="ifb")):
+            # No IFB either: nothing to probe on without touching someone's interface.
+            return TcCapabilities(False, False, False, False, False, False, False, False)
+        try:
+            index = _index(ipr, device)
+            ipr.link("set", index=index, state="up")
+            return _probe_all(ipr, index, ifb_known=True)
+        finally:
+            _probe(lambda: ipr.link("del", ifname=device))
+
+
+def _probe_all(ipr: Any, lo: int, *, ifb_known: bool = False) -> TcCapabilities:
+    """Probe on device `lo` (loopback of a private namespace, or the agent's own IFB)."""
+    ifb = ifb_known or _probe(lambda: ipr.link("add", ifname="fabcapifb", kind="ifb"))
     htb = _probe(lambda: ipr.tc("add", "htb", lo, 0x10000, parent=TC_H_ROOT, default=0x10))
     has_class = htb and _probe(
         lambda: ipr.tc("add-class", "htb", lo, 0x10010, parent=0x10000, rate=125_000, ceil=125_000)
@@ -684,7 +706,7 @@ def _probe_all(ipr: Any) -> TcCapabilities:
     ingress = _probe(lambda: ipr.tc("add", "ingress", lo, 0xFFFF0000))
     mirred = False
     if ingress and u32:
-        target = _index(ipr, "fabcapifb") if ifb else lo
+        target = _index(ipr, "fabcapifb") if ifb and not ifb_known else lo
         mirred = _probe(
             lambda: ipr.tc(
                 "add-filter",

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,15 +16,17 @@ from typing import Any
 
 import pytest
 
-from agent.qos.htb import HtbClass, HtbTree, PortRange, U32Filter, U32Match, plan
+from agent.qos.htb import HtbClass, HtbTree, U32Filter, U32Match, plan
 from agent.qos.tc import (
     KernelStateConflict,
     TcApplyError,
+    TcCapabilities,
     apply,
     class_stats,
     read_tree,
     reconcile,
 )
+from agent.qos.units import PortRange
 from tests.conftest import VethPair, VethTraffic
 
 MBIT = 10**6
@@ -304,3 +307,79 @@ def test_two_classes_get_their_rates_within_10_percent(shaped_pair: VethPair) ->
           f"goodput {result.goodput_mbit[0]:.1f}/{result.goodput_mbit[1]:.1f}")  # fmt: skip
     assert 135 <= gold <= 165
     assert 45 <= bronze <= 55
+
+
+def test_capabilities_without_namespaces_probe_on_a_device_of_their_own(
+    veth_pair: VethPair, tc_capabilities: TcCapabilities
+) -> None:
+    # Run inside the test's namespace, so the temporary device never appears on the host.
+    script = "from agent.qos import tc; print(repr(tc._probe_on_own_device()))"
+    result = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{veth_pair.netns}", sys.executable, "-c", script],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    links = subprocess.run(
+        ["ip", "-n", veth_pair.netns, "-o", "link"], capture_output=True, text=True, check=True
+    ).stdout
+
+    assert result.stdout.strip() == repr(tc_capabilities)
+    assert "fabcap" not in links
+
+
+def test_an_idle_class_share_is_borrowed_up_to_the_ceiling(shaped_pair: VethPair) -> None:
+    # Only "busy" sends: it gets the idle class's 150 Mbit/s on top of its own 50, up to
+    # its 180 Mbit/s ceiling.
+    reconcile(
+        HtbTree(
+            device=shaped_pair.device,
+            root_major=0xFA,
+            default_minor=0x12,
+            classes=(
+                HtbClass.with_rate(0x1, None, 200 * MBIT),
+                HtbClass.with_rate(0x10, 0x1, 50 * MBIT, 180 * MBIT, 1, "busy"),
+                HtbClass.with_rate(0x11, 0x1, 150 * MBIT, 200 * MBIT, 1, "idle"),
+                HtbClass.with_rate(0x12, 0x1, 8 * MBIT, 200 * MBIT, 7),
+            ),
+            filters=(U32Filter(10, 0x10, U32Match(ip_proto=6, dport=PortRange.single(5401))),),
+        ),
+        netns=shaped_pair.netns,
+    )
+
+    result = measure(shaped_pair, [5401], [0x10, 0x11], lambda r: 171 <= r.class_mbit[0x10] <= 189)
+
+    print(f"borrowing: busy class sent {result.class_mbit[0x10]:.1f} Mbit/s (ceil 180)")
+    assert 171 <= result.class_mbit[0x10] <= 189
+    assert result.class_mbit[0x11] < 1
+
+
+def test_priority_decides_who_gets_the_spare_first(shaped_pair: VethPair) -> None:
+    # Both guaranteed 50 of 200 Mbit/s and allowed all of it: the 100 Mbit/s spare goes to
+    # the class of lower priority number.
+    reconcile(
+        HtbTree(
+            device=shaped_pair.device,
+            root_major=0xFA,
+            default_minor=0x12,
+            classes=(
+                HtbClass.with_rate(0x1, None, 200 * MBIT),
+                HtbClass.with_rate(0x10, 0x1, 50 * MBIT, 200 * MBIT, 0, "first"),
+                HtbClass.with_rate(0x11, 0x1, 50 * MBIT, 200 * MBIT, 5, "second"),
+                HtbClass.with_rate(0x12, 0x1, 8 * MBIT, 200 * MBIT, 7),
+            ),
+            filters=(
+                U32Filter(10, 0x10, U32Match(ip_proto=6, dport=PortRange.single(5501))),
+                U32Filter(11, 0x11, U32Match(ip_proto=6, dport=PortRange.single(5502))),
+            ),
+        ),
+        netns=shaped_pair.netns,
+    )
+
+    def ok(r: Measured) -> bool:
+        return 135 <= r.class_mbit[0x10] <= 165 and 45 <= r.class_mbit[0x11] <= 55
+
+    result = measure(shaped_pair, [5501, 5502], [0x10, 0x11], ok)
+
+    first, second = result.class_mbit[0x10], result.class_mbit[0x11]
+    print(f"priority: prio 0 sent {first:.1f}, prio 5 sent {second:.1f} Mbit/s (150/50 due)")
+    assert 135 <= first <= 165
+    assert 45 <= second <= 55
