@@ -277,38 +277,6 @@ def test_ceiling_holds_within_5_percent(shaped_pair: VethPair) -> None:
     assert 180 <= result.goodput_mbit[0] <= 210
 
 
-def test_two_classes_get_their_rates_within_10_percent(shaped_pair: VethPair) -> None:
-    reconcile(
-        HtbTree(
-            device=shaped_pair.device,
-            root_major=0xFA,
-            default_minor=0x12,
-            classes=(
-                HtbClass.with_rate(0x1, None, 200 * MBIT),
-                HtbClass.with_rate(0x10, 0x1, 150 * MBIT, 200 * MBIT, 1),
-                HtbClass.with_rate(0x11, 0x1, 50 * MBIT, 200 * MBIT, 1),
-                HtbClass.with_rate(0x12, 0x1, 8 * MBIT, 200 * MBIT, 7),
-            ),
-            filters=(
-                U32Filter(10, 0x10, U32Match(ip_proto=6, dport=PortRange.single(5301))),
-                U32Filter(11, 0x11, U32Match(ip_proto=6, dport=PortRange.single(5302))),
-            ),
-        ),
-        netns=shaped_pair.netns,
-    )
-
-    def ok(r: Measured) -> bool:
-        return 135 <= r.class_mbit[0x10] <= 165 and 45 <= r.class_mbit[0x11] <= 55
-
-    result = measure(shaped_pair, [5301, 5302], [0x10, 0x11], ok)
-
-    gold, bronze = result.class_mbit[0x10], result.class_mbit[0x11]
-    print(f"rate 150/50 Mbit/s: classes sent {gold:.1f}/{bronze:.1f} Mbit/s on the wire, "
-          f"goodput {result.goodput_mbit[0]:.1f}/{result.goodput_mbit[1]:.1f}")  # fmt: skip
-    assert 135 <= gold <= 165
-    assert 45 <= bronze <= 55
-
-
 def test_capabilities_without_namespaces_probe_on_a_device_of_their_own(
     veth_pair: VethPair, tc_capabilities: TcCapabilities
 ) -> None:
@@ -352,9 +320,20 @@ def test_an_idle_class_share_is_borrowed_up_to_the_ceiling(shaped_pair: VethPair
     assert result.class_mbit[0x11] < 1
 
 
-def test_priority_decides_who_gets_the_spare_first(shaped_pair: VethPair) -> None:
-    # Both guaranteed 50 of 200 Mbit/s and allowed all of it: the 100 Mbit/s spare goes to
-    # the class of lower priority number.
+@pytest.mark.parametrize(
+    ("rates", "prios"),
+    [
+        # Guarantees: each class gets its own rate when both are busy.
+        ((150, 50), (1, 1)),
+        # Priority: both guaranteed 50 and allowed all 200 Mbit/s; the 100 Mbit/s spare
+        # goes to the lower priority number first.
+        ((50, 50), (0, 5)),
+    ],
+    ids=["guarantees", "priority"],
+)
+def test_two_busy_classes_get_150_and_50_within_10_percent(
+    shaped_pair: VethPair, rates: tuple[int, int], prios: tuple[int, int]
+) -> None:
     reconcile(
         HtbTree(
             device=shaped_pair.device,
@@ -362,13 +341,13 @@ def test_priority_decides_who_gets_the_spare_first(shaped_pair: VethPair) -> Non
             default_minor=0x12,
             classes=(
                 HtbClass.with_rate(0x1, None, 200 * MBIT),
-                HtbClass.with_rate(0x10, 0x1, 50 * MBIT, 200 * MBIT, 0, "first"),
-                HtbClass.with_rate(0x11, 0x1, 50 * MBIT, 200 * MBIT, 5, "second"),
+                HtbClass.with_rate(0x10, 0x1, rates[0] * MBIT, 200 * MBIT, prios[0]),
+                HtbClass.with_rate(0x11, 0x1, rates[1] * MBIT, 200 * MBIT, prios[1]),
                 HtbClass.with_rate(0x12, 0x1, 8 * MBIT, 200 * MBIT, 7),
             ),
             filters=(
-                U32Filter(10, 0x10, U32Match(ip_proto=6, dport=PortRange.single(5501))),
-                U32Filter(11, 0x11, U32Match(ip_proto=6, dport=PortRange.single(5502))),
+                U32Filter(10, 0x10, U32Match(ip_proto=6, dport=PortRange.single(5301))),
+                U32Filter(11, 0x11, U32Match(ip_proto=6, dport=PortRange.single(5302))),
             ),
         ),
         netns=shaped_pair.netns,
@@ -377,9 +356,10 @@ def test_priority_decides_who_gets_the_spare_first(shaped_pair: VethPair) -> Non
     def ok(r: Measured) -> bool:
         return 135 <= r.class_mbit[0x10] <= 165 and 45 <= r.class_mbit[0x11] <= 55
 
-    result = measure(shaped_pair, [5501, 5502], [0x10, 0x11], ok)
+    result = measure(shaped_pair, [5301, 5302], [0x10, 0x11], ok)
 
     first, second = result.class_mbit[0x10], result.class_mbit[0x11]
-    print(f"priority: prio 0 sent {first:.1f}, prio 5 sent {second:.1f} Mbit/s (150/50 due)")
+    print(f"rates {rates} prios {prios}: classes sent {first:.1f}/{second:.1f} Mbit/s on the "
+          f"wire, goodput {result.goodput_mbit[0]:.1f}/{result.goodput_mbit[1]:.1f}")  # fmt: skip
     assert 135 <= first <= 165
     assert 45 <= second <= 55
