@@ -64,6 +64,7 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/tick_cost.py
 	$(PY) bench/nic_dump.py
 	$(PY) bench/qos_apply.py
+	$(PY) bench/qos_accuracy.py
 
 debs-test:
 	@$(MAKE) --no-print-directory debs DEBS="$(TEST_DEBS)"
