@@ -3,8 +3,8 @@ applying them would change in the kernel; neither changes anything.
 
 validate prints `FILE: ok (N classes on IFACE DIRECTION)` per valid policy on stdout and
 every violation on stderr; exit 0 all valid, 2 any violation (bad input).
-plan prints the traffic-control changes per policy, like `kubectl diff`: exit 0 no
-changes, 1 changes, 2 error.
+plan prints the traffic-control changes per policy and for the agent's nftables table,
+like `kubectl diff`: exit 0 no changes, 1 changes, 2 error.
 status prints, per class of every policy the agent applied, its rate and ceiling, the
 throughput measured over a second, drops and overlimits.
 """
@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-from agent.qos import htb, tc
+from agent.errors import FabricError
+from agent.qos import htb, ifb, nftrules, tc
 from agent.qos.desired import build_tree
+from agent.qos.nftables import Nftables
 from agent.qos.policy import (
     QosPolicy,
     check_host,
@@ -25,10 +28,11 @@ from agent.qos.policy import (
     interface_exists,
     load_policy_files,
 )
-from agent.qos.state import StateError, load_state
+from agent.qos.state import QosState, StateError, load_state
 from agent.qos.units import format_bps
 
 EXIT_OK, EXIT_CHANGES, EXIT_INVALID = 0, 1, 2
+DEFAULT_STATE_DIR = Path("/var/lib/fabric-agent")
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,6 +63,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "(exit 0 none, 1 changes, 2 error)",
     )
     plan_parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    plan_parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="the agent's state directory, for the class handles it uses "
+        "(default /var/lib/fabric-agent)",
+    )
 
     status_parser = actions.add_parser(
         "status", help="per class of every applied policy: rate, ceil, throughput, drops"
@@ -66,7 +77,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     status_parser.add_argument(
         "--state-dir",
         type=Path,
-        default=Path("/var/lib/fabric-agent"),
+        default=DEFAULT_STATE_DIR,
         help="the agent's state directory (default /var/lib/fabric-agent)",
     )
     status_parser.add_argument(
@@ -81,59 +92,88 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed `policy ...` command line."""
     if args.policy_command == "plan":
-        return plan(args.files)
+        return plan(args.files, args.state_dir)
     if args.policy_command == "status":
         return status(args.state_dir, over_s=args.over)
     return validate(args.files, offline=args.offline, cgroup_root=args.cgroup_root)
 
 
-def plan(files: list[Path]) -> int:
-    """Print, per policy, the changes between its tree and the kernel's; change nothing."""
+def plan(files: list[Path], state_dir: Path = DEFAULT_STATE_DIR) -> int:
+    """Print, per policy, the changes between what it needs and what the kernel has (its
+    HTB tree, the ingress redirect for ingress policies), then the agent's nftables table;
+    change nothing. Class handles come from the agent's state, as the daemon keeps them."""
     loaded, violations = load_policy_files(files)
     if violations:
         for violation in violations:
             print(violation, file=sys.stderr)
         return EXIT_INVALID
-    leaf_kind = "fq_codel" if tc.detect_capabilities().fq_codel else "pfifo"
+    try:
+        state = load_state(state_dir)
+    except StateError as exc:
+        print(f"fabric-agent: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    leaf_kind = tc.detect_capabilities().leaf_kind
     changed = failed = False
+    with_minors = []
     for item in loaded:
-        spec = item.policy.spec
-        header = (
-            f"policy {item.policy.metadata.name} ({item.file}) on {spec.interface} {spec.direction}"
-        )
-        if spec.direction == "ingress":
-            print(
-                f"{header}: ingress shaping (IFB) is not supported by this version", file=sys.stderr
-            )
-            failed = True
-            continue
-        desired = build_tree(item.policy, leaf_kind=leaf_kind).tree
+        policy, spec = item.policy, item.policy.spec
+        name = policy.metadata.name
+        header = f"policy {name} ({item.file}) on {spec.interface} {spec.direction}"
+        lines: list[str] = []
         try:
-            actual = tc.read_tree(spec.interface, take_over=spec.take_over)
+            device = spec.interface
+            if spec.direction == "ingress":
+                redirect = ifb.read_ingress_redirect(spec.interface)
+                device = redirect.ifb
+                if not redirect.complete:
+                    lines.append(f"+ ingress redirect {spec.interface} -> {device} (IFB)")
+            desired = build_tree(
+                policy, device=device, leaf_kind=leaf_kind, previous_minors=state.minors(name)
+            )
+            actual = None
+            if spec.direction == "egress" or tc.device_exists(device):
+                actual = tc.read_tree(device, take_over=spec.take_over)
         except tc.TcError as exc:
             print(f"{header}: {exc}", file=sys.stderr)
             failed = True
             continue
-        changes = htb.plan(desired, actual)
-        print(f"{header}: {len(changes) or 'no'} change{'' if len(changes) == 1 else 's'}")
-        for change in changes:
-            print(f"  {change}")
-        nft_entries = sum(
-            1
-            for cls in spec.classes
-            for entry in cls.match
-            if entry.cgroup is not None or entry.fwmark is not None
-        )
-        remarked = sum(1 for cls in spec.classes if cls.dscp is not None)
-        if nft_entries or remarked:
-            print(
-                f"  ({nft_entries} cgroup/fwmark match entries and DSCP remarking for "
-                f"{remarked} classes belong to the agent's nftables table: not planned here)"
-            )
-        changed = changed or bool(changes)
+        with_minors.append((policy, desired.minors))
+        lines.extend(str(change) for change in htb.plan(desired.tree, actual))
+        count = len(lines)
+        print(f"{header}: {count or 'no'} change{'' if count == 1 else 's'}")
+        for line in lines:
+            print(f"  {line}")
+        changed = changed or bool(lines)
+    try:
+        nft_change = _plan_nft(with_minors, state)
+    except FabricError as exc:
+        print(f"nftables table: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if nft_change:
+        print(f"nftables table {nftrules.TABLE_FAMILY} {nftrules.TABLE_NAME}: {nft_change}")
+        changed = True
     if failed:
         return EXIT_INVALID
     return EXIT_CHANGES if changed else EXIT_OK
+
+
+def _plan_nft(policies: list[tuple[QosPolicy, Mapping[str, int]]], state: QosState) -> str | None:
+    """What loading the agent's nftables table for `policies` would do, or None."""
+    cgroup_root = detect_cgroup2_root() or Path("/sys/fs/cgroup")
+    body = nftrules.render_table(policies, cgroup_root=cgroup_root)
+    family, table = nftrules.TABLE_FAMILY, nftrules.TABLE_NAME
+    with Nftables() as nft:
+        listing = nft.list_table(family, table)
+    rules = sum(1 for line in body.splitlines() if line.strip() and not line.strip().startswith(
+        ("chain", "type", "}")
+    ))  # fmt: skip
+    if not body.strip():
+        return "- delete (no policy needs it)" if listing is not None else None
+    if listing is None:
+        return f"+ load ({rules} rules)"
+    if body == state.nft_body and listing == state.nft_listing:
+        return None
+    return f"~ reload ({rules} rules)"
 
 
 def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = None) -> int:

@@ -12,6 +12,7 @@ reported; the other interfaces are still reconciled.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -317,7 +318,16 @@ class Reconciler:
 
     def _leaf_kind(self) -> str:
         if self._capabilities is None:
-            self._capabilities = tc.detect_capabilities()
+            caps = tc.detect_capabilities()
+            self._capabilities = caps
+            found = [f.name for f in dataclasses.fields(caps) if getattr(caps, f.name)]
+            missing = [f.name for f in dataclasses.fields(caps) if not getattr(caps, f.name)]
+            log.info(
+                "traffic control: kernel has %s; lacks %s; leaf qdisc %s",
+                ", ".join(found) or "nothing usable",
+                ", ".join(missing) or "nothing",
+                caps.leaf_kind,
+            )
         return self._capabilities.leaf_kind
 
     def _interface_exists(self, name: str) -> bool:

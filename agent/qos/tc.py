@@ -282,6 +282,11 @@ def _index(ipr: Any, device: str) -> int:
     return int(found[0])
 
 
+def device_exists(device: str, *, netns: str | None = None) -> bool:
+    with _iproute(netns) as ipr:
+        return bool(ipr.link_lookup(ifname=device))
+
+
 def _class_rate_bytes(parms: Any, options: Any, key: str) -> int:
     wide = options.get_attr(f"TCA_HTB_{key.upper()}64")
     return int(wide) if wide else int(parms[key])

@@ -29,15 +29,15 @@ spec:
       rate: 300Mbit
       match:
         - {{dstPorts: ["5201"], protocol: tcp}}
-        - {{cgroup: system.slice/bulk.service}}
     - {{name: rest, priority: 7, rate: 100Mbit}}
 """
 
 
-def plan(netns: str, *files: Path) -> subprocess.CompletedProcess[str]:
+def plan(netns: str, *files: Path, state: Path | None = None) -> subprocess.CompletedProcess[str]:
+    state = state or files[0].parent / "no-state"
     return subprocess.run(
         ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m", "agent", "policy",
-         "plan", *map(str, files)],
+         "plan", "--state-dir", str(state), *map(str, files)],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -60,7 +60,7 @@ def test_plan_shows_changes_then_none(shaped_pair: VethPair, tmp_path: Path) -> 
     assert before.returncode == 1, before.stderr
     assert "+ qdisc fa: htb default 11" in before.stdout
     assert '+ class fa:10 "bulk" parent :1 rate 300Mbit ceil 1Gbit prio 1' in before.stdout
-    assert "1 cgroup/fwmark match entries and DSCP remarking for 0 classes" in before.stdout
+    assert "nftables table" not in before.stdout  # nothing here needs it
     assert after.returncode == 0, after.stdout + after.stderr
     assert ": no changes" in after.stdout
     assert edited.returncode == 1
@@ -131,3 +131,34 @@ def test_status_lists_every_class_with_its_throughput(
     assert rows["bulk"][:5] == ["plan-test", shaped_pair.device, "bulk", "300Mbit", "1Gbit"]
     assert rows["bulk"][5] == "0bit/s"
     assert rows["rest"][5].endswith("bit/s") and rows["rest"][5] != "0bit/s"
+
+
+def test_plan_covers_the_nftables_table_and_ingress(shaped_pair: VethPair, tmp_path: Path) -> None:
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    remarked = POLICY.format(device=shaped_pair.device).replace(
+        "      rate: 300Mbit\n", "      rate: 300Mbit\n      dscp: 26\n"
+    )
+    (policy_dir / "egress.yaml").write_text(remarked)
+    ingress = POLICY.format(device=shaped_pair.device).replace(
+        "direction: egress", "direction: ingress"
+    )
+    (policy_dir / "ingress.yaml").write_text(ingress.replace("plan-test", "plan-in"))
+    files = sorted(policy_dir.iterdir())
+
+    before = plan(shaped_pair.netns, *files, state=tmp_path / "state")
+    reconciler = Reconciler(QosSettings(policy_dir, tmp_path / "state", netns=shaped_pair.netns))
+    assert reconciler.reconcile().result == "success"
+    reconciler.close()
+    after = plan(shaped_pair.netns, *files, state=tmp_path / "state")
+
+    assert before.returncode == 1, before.stderr
+    assert (
+        f"+ ingress redirect {shaped_pair.device} -> ifb-{shaped_pair.device} (IFB)"
+        in before.stdout
+    )
+    assert "htb default 11" in before.stdout
+    assert "nftables table inet fabric_agent: + load (" in before.stdout
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert after.stdout.count(": no changes") == 2
+    assert "nftables table" not in after.stdout
