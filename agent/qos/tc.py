@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import os
 import secrets
+import select
 import socket
 import struct
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,19 @@ from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
+from pyroute2.iproute.linux import get_arguments_processor, get_dump_filter
+from pyroute2.netlink import NLMSG_ERROR
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nlsocket import NetlinkRequest
+from pyroute2.netlink.rtnl import (
+    RTM_DELQDISC,
+    RTM_DELTCLASS,
+    RTM_DELTFILTER,
+    RTM_NEWQDISC,
+    RTM_NEWTCLASS,
+    RTM_NEWTFILTER,
+)
+from pyroute2.netlink.rtnl.tcmsg import cls_u32, tcmsg
 
 from agent.errors import FabricError
 from agent.qos.htb import (
@@ -401,67 +414,229 @@ def _leaf_kwargs(leaf: LeafQdisc, root_major: int) -> dict[str, Any]:
     return kwargs
 
 
-def _run(ipr: Any, index: int, change: Change) -> None:
+# One tc request: (command as IPRoute.tc names it, kind, handle, keyword arguments).
+_Request = tuple[str, str | None, int | None, dict[str, Any]]
+
+# IPRoute.tc's command map, for the commands the agent sends.
+_COMMANDS = {
+    "replace": (RTM_NEWQDISC, "replace"),
+    "del": (RTM_DELQDISC, "req"),
+    "add-class": (RTM_NEWTCLASS, "create"),
+    "change-class": (RTM_NEWTCLASS, "change"),
+    "del-class": (RTM_DELTCLASS, "req"),
+    "add-filter": (RTM_NEWTFILTER, "create"),
+    "del-filter": (RTM_DELTFILTER, "req"),
+}
+# Offsets of nlmsghdr's sequence number and of tcmsg's ifindex (then handle, parent).
+_NLMSG_SEQ = 8
+_TCMSG_INDEX = 20
+_ACK_BATCH_BYTES = 64 * 1024  # requests sent before their acks are read
+_ACK_TIMEOUT_MS = 10_000
+
+
+def _requests(change: Change) -> list[_Request]:
+    """The tc requests that make `change`, in order, as `IPRoute.tc` arguments."""
     subject, major = change.subject, change.root_major
     root = major << 16
     if isinstance(subject, HtbTree):
         if change.action is Action.DELETE:
-            ipr.tc("del", index=index, handle=root, parent=TC_H_ROOT)
-        else:
-            # replace: also swaps out a foreign root the caller chose to take over.
-            ipr.tc("replace", "htb", index, root, parent=TC_H_ROOT, default=subject.default_minor)
-    elif isinstance(subject, HtbClass):
+            return [("del", None, root, {"parent": TC_H_ROOT})]
+        # replace: also swaps out a foreign root the caller chose to take over.
+        return [("replace", "htb", root, {"parent": TC_H_ROOT, "default": subject.default_minor})]
+    if isinstance(subject, HtbClass):
         handle = root | subject.minor
         if change.action is Action.DELETE:
-            ipr.tc("del-class", index=index, handle=handle)
-        else:
-            command = "add-class" if change.action is Action.ADD else "change-class"
-            ipr.tc(command, "htb", index, handle, **_class_kwargs(subject, major))
-    elif isinstance(subject, LeafQdisc):
-        parent = root | subject.class_minor
+            return [("del-class", None, handle, {})]
+        command = "add-class" if change.action is Action.ADD else "change-class"
+        return [(command, "htb", handle, _class_kwargs(subject, major))]
+    if isinstance(subject, LeafQdisc):
         if change.action is Action.DELETE:
-            ipr.tc("del", index=index, handle=subject.major << 16, parent=parent)
-        else:
-            # replace: grafts over the default pfifo HTB gives every new class.
-            ipr.tc(
-                "replace", subject.kind, index, subject.major << 16, **_leaf_kwargs(subject, major)
-            )
-    else:
-        if change.action is not Action.ADD:
-            old = change.before if isinstance(change.before, U32Filter) else subject
-            ipr.tc(
+            return [("del", None, subject.major << 16, {"parent": root | subject.class_minor})]
+        # replace: grafts over the default pfifo HTB gives every new class.
+        return [("replace", subject.kind, subject.major << 16, _leaf_kwargs(subject, major))]
+    requests: list[_Request] = []
+    if change.action is not Action.ADD:
+        old = change.before if isinstance(change.before, U32Filter) else subject
+        requests.append(
+            (
                 "del-filter",
                 "u32",
-                index,
-                parent=root,
-                prio=old.pref,
-                protocol=old.match.ethertype,
-                target=0,
+                None,
+                {"parent": root, "prio": old.pref, "protocol": old.match.ethertype, "target": 0},
             )
-        if change.action is not Action.DELETE:
-            for entry in match_entries(subject.match):
-                ipr.tc(
+        )
+    if change.action is not Action.DELETE:
+        for entry in match_entries(subject.match):
+            requests.append(
+                (
                     "add-filter",
                     "u32",
-                    index,
-                    parent=root,
-                    prio=subject.pref,
-                    protocol=subject.match.ethertype,
-                    target=root | subject.flow_minor,
-                    keys=_u32_keys(entry),
+                    None,
+                    {
+                        "parent": root,
+                        "prio": subject.pref,
+                        "protocol": subject.match.ethertype,
+                        "target": root | subject.flow_minor,
+                        "keys": _u32_keys(entry),
+                    },
                 )
+            )
+    return requests
+
+
+class _Encoder:
+    """tc requests as netlink messages, encoded by pyroute2 as `IPRoute.tc` does (the
+    same argument filters and plugins, the same `tcmsg` encoding).
+
+    Requests that differ only in ifindex, handle and parent (the classes of a tree share
+    their rates; every leaf qdisc is alike) are encoded once: later ones copy those bytes
+    and set the three tcmsg fields, sparing pyroute2's HTB rate tables and argument
+    processing per request."""
+
+    def __init__(self) -> None:
+        self._encoded: dict[str, bytes] = {}
+
+    def encode(self, request: _Request, index: int, seq: int) -> bytes:
+        command, kind, handle, kwargs = request
+        if kind == "u32" and handle is None:  # every filter's keys differ: nothing to share
+            data = bytearray(_encode_u32(command, index, kwargs))
+            struct.pack_into("=I", data, _NLMSG_SEQ, seq)
+            return bytes(data)
+        parent = kwargs.get("parent")
+        rest = {k: v for k, v in kwargs.items() if k != "parent"}
+        key = repr((command, kind, handle is None, parent is None, sorted(rest.items())))
+        template = self._encoded.get(key)
+        if template is None:
+            template = self._encode(request, index)
+            self._encoded[key] = template
+        data = bytearray(template)
+        struct.pack_into("=I", data, _NLMSG_SEQ, seq)
+        struct.pack_into("=i", data, _TCMSG_INDEX, index)
+        # Absent ones keep what pyroute2 filled in (part of the key).
+        if handle is not None:
+            struct.pack_into("=I", data, _TCMSG_INDEX + 4, handle)
+        if parent is not None:
+            struct.pack_into("=I", data, _TCMSG_INDEX + 8, parent)
+        return bytes(data)
+
+    @staticmethod
+    def _encode(request: _Request, index: int) -> bytes:
+        command, kind, handle, kwargs = request
+        query = dict(kwargs, index=index)
+        if kind is not None:
+            query["kind"] = kind
+        if handle is not None:
+            query["handle"] = handle
+        _, query = get_dump_filter("tc", command, query)
+        arguments = get_arguments_processor("tc", command, query)
+        msg = tcmsg()
+        msg_type, mode = _COMMANDS[command]
+        msg["header"]["type"] = msg_type
+        msg["header"]["flags"] = NetlinkRequest.calculate_request_flags(mode, False)
+        msg["header"]["sequence_number"] = 0
+        msg["header"]["pid"] = 0
+        for field in msg.fields:
+            msg[field[0]] = arguments.get_value(field[0], default=0, mode="field")
+        for name, value in arguments.items():
+            nla = tcmsg.name2nla(name)
+            if msg.valid_nla(nla) and value is not None:
+                msg["attrs"].append([nla, value])
+        if "attrs" in arguments:
+            msg["attrs"].extend(arguments["attrs"])
+        msg.encode()
+        return bytes(msg.data)
+
+
+def _encode_u32(command: str, index: int, kwargs: dict[str, Any]) -> bytes:
+    """A u32 filter request: what `IPRoute.tc` builds for it (the u32 plugin's options
+    and request fix-up), without its generic argument processing."""
+    msg = tcmsg()
+    msg_type, mode = _COMMANDS[command]
+    msg["header"]["type"] = msg_type
+    msg["header"]["flags"] = NetlinkRequest.calculate_request_flags(mode, False)
+    msg["header"]["sequence_number"] = 0
+    msg["header"]["pid"] = 0
+    msg["family"] = 0
+    msg["pad1"] = 0
+    msg["pad2"] = 0
+    msg["index"] = index
+    msg["handle"] = 0
+    msg["parent"] = kwargs["parent"]
+    request = dict(kwargs)
+    cls_u32.fix_request(request)
+    msg["info"] = request["info"]
+    msg["attrs"] = [["TCA_KIND", "u32"], ["TCA_OPTIONS", cls_u32.get_parameters(kwargs)]]
+    msg.encode()
+    return bytes(msg.data)
+
+
+def _send_batch(ipr: Any, batch: list[tuple[int, bytes]]) -> dict[int, int]:
+    """Send the encoded requests without waiting between them, then read every ack;
+    returns the nonzero errno per sequence number."""
+    ipr.send(b"".join(data for _, data in batch))
+    pending = {seq for seq, _ in batch}
+    errors: dict[int, int] = {}
+    poller = select.poll()
+    poller.register(ipr.fileno(), select.POLLIN)
+    while pending:
+        if not poller.poll(_ACK_TIMEOUT_MS):
+            raise TcError(f"no netlink ack for {len(pending)} tc requests")
+        try:
+            data = ipr.recv(1 << 20)
+        except BlockingIOError:
+            continue
+        offset = 0
+        while offset + 16 <= len(data):
+            length, msg_type, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
+            if msg_type == NLMSG_ERROR and seq in pending:
+                pending.discard(seq)
+                (code,) = struct.unpack_from("=i", data, offset + 16)
+                if code:
+                    errors[seq] = -code
+            offset += (length + 3) & ~3 if length else len(data)
+    return errors
 
 
 def _execute(changes: Sequence[Change], netns: str | None) -> None:
+    """Make the changes phase by phase. Within a phase the requests go out in batches
+    without waiting for each ack (the kernel still handles them in order, and goes on
+    past a failed one within its batch); the first failed request names the change, and
+    no later batch or phase is sent. `apply` then rolls back from what the kernel has."""
     if not changes:
         return
+    encoder = _Encoder()
     with _iproute(netns) as ipr:
         index = _index(ipr, changes[0].device)
-        for change in sorted(changes, key=lambda c: c.phase):
-            try:
-                _run(ipr, index, change)
-            except NetlinkError as exc:
-                raise _ChangeFailed(change, exc) from exc
+        ordered = sorted(changes, key=lambda c: c.phase)
+        seq = 0x40000000
+        start = 0
+        while start < len(ordered):
+            phase = ordered[start].phase
+            end = start
+            while end < len(ordered) and ordered[end].phase == phase:
+                end += 1
+            owner: dict[int, Change] = {}
+            batches: list[list[tuple[int, bytes]]] = [[]]
+            size = 0
+            for change in ordered[start:end]:
+                for request in _requests(change):
+                    seq += 1
+                    data = encoder.encode(request, index, seq)
+                    if size and size + len(data) > _ACK_BATCH_BYTES:
+                        batches.append([])
+                        size = 0
+                    batches[-1].append((seq, data))
+                    size += len(data)
+                    owner[seq] = change
+            for batch in batches:
+                if not batch:
+                    continue
+                errors = _send_batch(ipr, batch)
+                if errors:
+                    first = min(errors)
+                    code = errors[first]
+                    raise _ChangeFailed(owner[first], NetlinkError(code, os.strerror(code)))
+            start = end
 
 
 class _ChangeFailed(Exception):
