@@ -529,12 +529,7 @@ class _Encoder:
             query["handle"] = handle
         _, query = get_dump_filter("tc", command, query)
         arguments = get_arguments_processor("tc", command, query)
-        msg = tcmsg()
-        msg_type, mode = _COMMANDS[command]
-        msg["header"]["type"] = msg_type
-        msg["header"]["flags"] = NetlinkRequest.calculate_request_flags(mode, False)
-        msg["header"]["sequence_number"] = 0
-        msg["header"]["pid"] = 0
+        msg = _request_message(command)
         for field in msg.fields:
             msg[field[0]] = arguments.get_value(field[0], default=0, mode="field")
         for name, value in arguments.items():
@@ -547,15 +542,21 @@ class _Encoder:
         return bytes(msg.data)
 
 
-def _encode_u32(command: str, index: int, kwargs: dict[str, Any]) -> bytes:
-    """A u32 filter request: what `IPRoute.tc` builds for it (the u32 plugin's options
-    and request fix-up), without its generic argument processing."""
+def _request_message(command: str) -> Any:
+    """An empty `tcmsg` with the netlink header `IPRoute.tc` would give `command`."""
     msg = tcmsg()
     msg_type, mode = _COMMANDS[command]
     msg["header"]["type"] = msg_type
     msg["header"]["flags"] = NetlinkRequest.calculate_request_flags(mode, False)
     msg["header"]["sequence_number"] = 0
     msg["header"]["pid"] = 0
+    return msg
+
+
+def _encode_u32(command: str, index: int, kwargs: dict[str, Any]) -> bytes:
+    """A u32 filter request: what `IPRoute.tc` builds for it (the u32 plugin's options
+    and request fix-up), without its generic argument processing."""
+    msg = _request_message(command)
     msg["family"] = 0
     msg["pad1"] = 0
     msg["pad2"] = 0
