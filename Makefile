@@ -2,7 +2,7 @@
 #   make run     venv + install, then the agent in the foreground on this host
 #   make test    installs what the tests need (Debian packages too), then the whole suite
 #   make install the venv alone
-#   make lint / make bench / make run-sim
+#   make lint / make bench / make run-sim / make proto (regenerate agent/proto from proto/)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -19,7 +19,7 @@ FAKENVML := tests/fakenvml/libnvidia-ml.so.1
 TEST_DEBS  := prometheus iperf3 iproute2 nftables libnftables1 gcc make libc6-dev
 BENCH_DEBS := prometheus-node-exporter
 
-.PHONY: install run run-sim test lint pytest bench fakenvml clean debs debs-test debs-bench
+.PHONY: install run run-sim test lint pytest bench fakenvml proto clean debs debs-test debs-bench
 
 install: $(VENV)/.installed
 
@@ -55,9 +55,14 @@ pytest: $(VENV)/.installed-test fakenvml
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check agent tests bench
-	$(VENV)/bin/ruff format --check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench proto
+	$(VENV)/bin/ruff format --check agent tests bench proto
 	$(VENV)/bin/mypy
+
+# Regenerate agent/proto/fabric from proto/ with the pinned grpcio-tools (the venv's
+# python -m grpc_tools.protoc) and mypy-protobuf; tests/test_proto.py fails when stale.
+proto: $(VENV)/.installed-test
+	$(PY) proto/generate.py
 
 bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/agent_overhead.py $(BENCH_ARGS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -16,12 +17,17 @@ from agent.exporter import ExpositionCache, MetricsServer
 from agent.qos.policy import detect_cgroup2_root
 from agent.qos.reconciler import QosSettings, Reconciler
 from agent.sampler import Sampler
+from agent.sdnotify import Notifier, watchdog_interval_s
 from agent.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
 # Where the agent's reconciler lives in the shared resources.
 QOS_RECONCILER = RECONCILER_KEY
+
+# The watchdog is fed only while the sampling loop has ticked within this many intervals:
+# a tick is bounded by the collector timeout, so a longer silence means the loop hangs.
+WATCHDOG_STALE_TICKS = 3
 
 
 def qos_settings(config: AgentConfig) -> QosSettings:
@@ -72,9 +78,14 @@ class Agent:
         self.stop_event = threading.Event()
         self.first_snapshot = threading.Event()
         self._server: MetricsServer | None = None
+        self.notifier = Notifier.from_environment()
+        self._last_tick_s = time.monotonic()
+        self._ready = threading.Event()
+        self._reload_requested = threading.Event()
 
     def publish(self, snapshot: Snapshot) -> None:
         self.cache.update(snapshot)
+        self._last_tick_s = time.monotonic()
         self.first_snapshot.set()
 
     def start_metrics(self) -> MetricsServer:
@@ -94,12 +105,80 @@ class Agent:
             daemon=True,
         )
         reconciling.start()
+        self._last_tick_s = time.monotonic()
+        for target, name in (
+            (self._notify_ready, "sd-ready"),
+            (self._notify_reloads, "sd-reload"),
+            (self._feed_watchdog, "sd-watchdog"),
+        ):
+            threading.Thread(target=target, name=name, daemon=True).start()
         try:
             self.sampler.run(self.stop_event, self.publish)
         finally:
             self.stop_event.set()
+            self.notifier.stopping()
             self.reconciler.wake.set()
             reconciling.join(timeout=30)
+
+    # --- systemd notifications (no-ops unless started with Type=notify) ---
+
+    def _notify_ready(self) -> None:
+        """READY=1 once metrics are being served and QoS has been reconciled once."""
+        for event in (self.first_snapshot, self.reconciler.first_pass):
+            while not event.wait(0.1):
+                if self.stop_event.is_set():
+                    return
+        self.notifier.ready(self._status())
+        self._ready.set()
+
+    def _notify_reloads(self) -> None:
+        """READY=1 again after the first reconcile pass that began after a SIGHUP."""
+        while not self.stop_event.is_set():
+            if not self._reload_requested.wait(0.5):
+                continue
+            self._reload_requested.clear()
+            # The reconcile loop clears `wake` just before the pass that re-reads the
+            # policies; any pass that ends after that includes the reload. Reading the
+            # count after the clear errs late (one more pass), never early.
+            while self.reconciler.wake.is_set():
+                if self.stop_event.wait(0.02):
+                    return
+            passes = self._reconcile_passes()
+            while self._reconcile_passes() <= passes:
+                if self.stop_event.wait(0.02):
+                    return
+            self.notifier.ready(self._status())
+
+    def _feed_watchdog(self) -> None:
+        """WATCHDOG=1 every WatchdogSec/2 while the sampling loop ticks, so systemd
+        restarts an agent whose loop hangs."""
+        interval_s = watchdog_interval_s()
+        if interval_s is None:
+            return
+        stale_after_s = WATCHDOG_STALE_TICKS * self.config.interval
+        # systemd arms the watchdog when start-up completes; TimeoutStartSec covers before.
+        while not self._ready.wait(0.1):
+            if self.stop_event.is_set():
+                return
+        feeding = True
+        while not self.stop_event.wait(interval_s):
+            silent_s = time.monotonic() - self._last_tick_s
+            if silent_s <= stale_after_s:
+                self.notifier.watchdog()
+                if not feeding:
+                    log.info("sampling loop ticks again, feeding the watchdog")
+            elif feeding:
+                log.warning("sampling loop silent for %.1fs, not feeding the watchdog", silent_s)
+            feeding = silent_s <= stale_after_s
+
+    def _reconcile_passes(self) -> int:
+        return sum(list(self.reconciler.results.values()))
+
+    def _status(self) -> str:
+        return (
+            f"sampling {len(self.sampler.collectors)} collector(s) every "
+            f"{self.config.interval:g}s, {len(self.reconciler.managed)} QoS policies enforced"
+        )
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -109,6 +188,7 @@ class Agent:
             self._server.shutdown()
             self._server.server_close()
         self.sampler.close()
+        self.notifier.close()
         if self.config.on_exit == "remove":
             log.info("removing the agent's qdiscs and nftables table (--on-exit remove)")
             self.reconciler.remove_all()
@@ -121,7 +201,12 @@ class Agent:
 
         def on_hangup(_signum: int, _frame: FrameType | None) -> None:
             log.info("received SIGHUP, reloading QoS policies")
+            # Before the first READY=1 a reload is part of starting up.
+            reloading = self._ready.is_set() and self.notifier.reloading()
             self.reconciler.wake.set()
+            # After `wake`: the reload thread must find it set, or consumed by a new pass.
+            if reloading:
+                self._reload_requested.set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
