@@ -599,6 +599,58 @@ class HostSample(_message.Message):
 Global___HostSample: _TypeAlias = HostSample  # noqa: Y015
 
 @_typing.final
+class QosClassSample(_message.Message):
+    """One traffic class of a QoS policy on its device (the agent's qos collector)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    CLASS_NAME_FIELD_NUMBER: _builtins.int
+    MINOR_FIELD_NUMBER: _builtins.int
+    SENT_BYTES_FIELD_NUMBER: _builtins.int
+    SENT_PACKETS_FIELD_NUMBER: _builtins.int
+    DROPPED_PACKETS_FIELD_NUMBER: _builtins.int
+    OVERLIMITS_FIELD_NUMBER: _builtins.int
+    BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
+    RATE_BPS_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    policy: _builtins.str
+    class_name: _builtins.str
+    minor: _builtins.int
+    """The HTB class minor number (handle 1:<minor>)."""
+    sent_bytes: _builtins.int
+    sent_packets: _builtins.int
+    dropped_packets: _builtins.int
+    overlimits: _builtins.int
+    backlog_bytes: _builtins.int
+    rate_bps: _builtins.float
+    """Bits per second since the previous tick; unset on the first."""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        policy: _builtins.str = ...,
+        class_name: _builtins.str = ...,
+        minor: _builtins.int = ...,
+        sent_bytes: _builtins.int = ...,
+        sent_packets: _builtins.int = ...,
+        dropped_packets: _builtins.int = ...,
+        overlimits: _builtins.int = ...,
+        backlog_bytes: _builtins.int = ...,
+        rate_bps: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rate_bps", b"_rate_bps", "rate_bps", b"rate_bps"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rate_bps", b"_rate_bps", "backlog_bytes", b"backlog_bytes", "class_name", b"class_name", "device", b"device", "dropped_packets", b"dropped_packets", "minor", b"minor", "overlimits", b"overlimits", "policy", b"policy", "rate_bps", b"rate_bps", "sent_bytes", b"sent_bytes", "sent_packets", b"sent_packets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rate_bps: _TypeAlias = _typing.Literal["rate_bps"]  # noqa: Y015
+    _WhichOneofArgType__rate_bps: _TypeAlias = _typing.Literal["_rate_bps", b"_rate_bps"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rate_bps) -> _WhichOneofReturnType__rate_bps | None: ...
+
+Global___QosClassSample: _TypeAlias = QosClassSample  # noqa: Y015
+
+@_typing.final
 class Snapshot(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -614,6 +666,7 @@ class Snapshot(_message.Message):
     NICS_FIELD_NUMBER: _builtins.int
     RDMA_PORTS_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
+    QOS_CLASSES_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     agent_version: _builtins.str
     seq: _builtins.int
@@ -632,6 +685,8 @@ class Snapshot(_message.Message):
     def rdma_ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___RdmaPortSample]: ...
     @_builtins.property
     def host(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostSample]: ...
+    @_builtins.property
+    def qos_classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___QosClassSample]: ...
     def __init__(
         self,
         *,
@@ -647,10 +702,11 @@ class Snapshot(_message.Message):
         nics: _abc.Iterable[Global___NicSample] | None = ...,
         rdma_ports: _abc.Iterable[Global___RdmaPortSample] | None = ...,
         host: _abc.Iterable[Global___HostSample] | None = ...,
+        qos_classes: _abc.Iterable[Global___QosClassSample] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "collectors", b"collectors", "completed_unix_seconds", b"completed_unix_seconds", "gpus", b"gpus", "host", b"host", "interval_seconds", b"interval_seconds", "nics", b"nics", "node_name", b"node_name", "nvlinks", b"nvlinks", "rdma_ports", b"rdma_ports", "seq", b"seq", "started_unix_seconds", b"started_unix_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "collectors", b"collectors", "completed_unix_seconds", b"completed_unix_seconds", "gpus", b"gpus", "host", b"host", "interval_seconds", b"interval_seconds", "nics", b"nics", "node_name", b"node_name", "nvlinks", b"nvlinks", "qos_classes", b"qos_classes", "rdma_ports", b"rdma_ports", "seq", b"seq", "started_unix_seconds", b"started_unix_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
