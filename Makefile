@@ -35,16 +35,17 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 run: install
 	@mkdir -p $(STATE)
-	@echo "fabric-agent: metrics on http://$(METRICS_LISTEN)/metrics, state in ./$(STATE); Ctrl-C stops"
+	@echo "fabric-agent: metrics on http://$(METRICS_LISTEN)/metrics, gRPC API on unix:$(STATE)/agent.sock, state in ./$(STATE); Ctrl-C stops"
 	@echo "  try: curl -s http://$(METRICS_LISTEN)/metrics | grep ^fabric_  or  $(VENV)/bin/fabric-agent sample --once"
 	$(VENV)/bin/fabric-agent run --config systemd/agent.yaml \
-		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE)
+		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE) --grpc-socket $(STATE)/agent.sock
 
 # The agent against the simulated 8-GPU H200 node (no driver needed).
 run-sim: install fakenvml
 	@mkdir -p $(STATE)
 	FAKE_NVML_SCENARIO=$(SCENARIO) $(VENV)/bin/fabric-agent run --config systemd/agent.yaml \
-		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE) --nvml-library $(FAKENVML)
+		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE) --grpc-socket $(STATE)/agent.sock \
+		--nvml-library $(FAKENVML)
 
 fakenvml:
 	$(MAKE) --no-print-directory -C tests/fakenvml

@@ -98,6 +98,9 @@ class AgentConfig(BaseModel):
     # Glob patterns over interface names; '!' excludes. With no include pattern, all
     # interfaces are included before the excludes apply.
     interfaces: Annotated[tuple[str, ...], BeforeValidator(_patterns)] = DEFAULT_INTERFACE_PATTERNS
+    # The gRPC API's unix socket (mode 0660) for local orchestrator hooks, and its group.
+    grpc_socket: Path = Path("/run/fabric-agent/agent.sock")
+    grpc_socket_group: str | None = None
     # Persistent state: the QoS policies last applied, for restarts without a change.
     state_dir: Path = Path("/var/lib/fabric-agent")
     # QoS policy files (*.yaml); reloaded every reconcile pass and on SIGHUP.

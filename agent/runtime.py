@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from agent.api.server import ApiServer
+from agent.api.telemetry import SnapshotHub
 from agent.collectors.base import Collector, CollectorContext, SharedResources, registrations
 from agent.collectors.qos_stats import RECONCILER_KEY
 from agent.config import AgentConfig
@@ -75,6 +77,8 @@ class Agent:
             timeout_s=config.collector_timeout_s,
         )
         self.cache = ExpositionCache(collectors)
+        self.hub = SnapshotHub(config.interval)
+        self._api: ApiServer | None = None
         self.stop_event = threading.Event()
         self.first_snapshot = threading.Event()
         self._server: MetricsServer | None = None
@@ -85,8 +89,16 @@ class Agent:
 
     def publish(self, snapshot: Snapshot) -> None:
         self.cache.update(snapshot)
+        self.hub.publish(snapshot)
         self._last_tick_s = time.monotonic()
         self.first_snapshot.set()
+
+    def start_api(self) -> ApiServer:
+        """Serve the gRPC API on the unix socket; raises ListenError when it cannot."""
+        api = ApiServer(self.config.grpc_socket, self.hub, group=self.config.grpc_socket_group)
+        api.start()
+        self._api = api
+        return api
 
     def start_metrics(self) -> MetricsServer:
         """Bind the metrics listener; raises ListenError when the port is taken."""
@@ -184,6 +196,8 @@ class Agent:
         self.stop_event.set()
 
     def close(self) -> None:
+        if self._api is not None:
+            self._api.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -134,6 +134,8 @@ def main() -> int:
             "1s",
             "--state-dir",
             "/tmp/fabric-bench-state",
+            "--grpc-socket",
+            "/tmp/fabric-bench-state/agent.sock",
             "--log-level",
             "warning",
         ],

@@ -92,6 +92,8 @@ def test_port_in_use_exits_1(busy_port: int, tmp_path: Path) -> None:
         f"127.0.0.1:{busy_port}",
         "--state-dir",
         str(tmp_path),
+        "--grpc-socket",
+        str(tmp_path / "agent.sock"),
         "--collectors",
         "host",
     )
@@ -112,6 +114,8 @@ def test_run_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
             f"127.0.0.1:{port}",
             "--state-dir",
             str(tmp_path / "state"),
+            "--grpc-socket",
+            str(tmp_path / "agent.sock"),
             "--collectors",
             "host",
             "--interval",

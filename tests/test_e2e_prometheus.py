@@ -122,7 +122,8 @@ def agent_argv(pair: VethPair, state: Path, *extra: str) -> list[str]:
         pair.netns, sys.executable, "-m", "agent", "run",
         "--metrics-listen", f"127.0.0.1:{AGENT_PORT}", "--interval", "1s",
         "--interfaces", pair.device, "--nvml-library", str(FAKENVML),
-        "--sysfs-root", str(SYSFS), "--state-dir", str(state), *extra,
+        "--sysfs-root", str(SYSFS), "--state-dir", str(state),
+        "--grpc-socket", str(state.parent / "agent.sock"), *extra,
     )  # fmt: skip
 
 

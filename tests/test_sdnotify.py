@@ -151,6 +151,8 @@ def test_agent_notifies_ready_watchdog_reload_and_stop(
             f"127.0.0.1:{port}",
             "--state-dir",
             str(tmp_path / "state"),
+            "--grpc-socket",
+            str(tmp_path / "agent.sock"),
             "--policy-dir",
             str(tmp_path / "policies"),
             "--interval",

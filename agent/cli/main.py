@@ -42,6 +42,8 @@ _CONFIG_FLAGS: dict[str, str] = {
     "--collector-timeout-ratio": "share of the interval a collector may take before the "
     "tick goes on without it (default 0.8)",
     "--log-level": "debug, info, warning or error (default info)",
+    "--grpc-socket": "unix socket of the gRPC API (default /run/fabric-agent/agent.sock)",
+    "--grpc-socket-group": "group that may use the API socket (default: the agent's)",
     "--policy-dir": "directory of QoS policy files (default /etc/fabric-agent/policies)",
     "--reconcile-interval": "how often QoS is compared with the kernel (default 5s)",
     "--on-exit": "keep (default) or remove the agent's qdiscs and tables on exit",
@@ -115,14 +117,16 @@ def _run(config: AgentConfig) -> int:
     agent = Agent(config)
     try:
         server = agent.start_metrics()
+        agent.start_api()
         host, _ = config.metrics_address
         log.info(
-            "fabric-agent %s on node %s: metrics at http://%s:%d/metrics, sampling every %gs, "
-            "collectors %s, state in %s",
+            "fabric-agent %s on node %s: metrics at http://%s:%d/metrics, API at unix:%s, "
+            "sampling every %gs, collectors %s, state in %s",
             __version__,
             config.node_name,
             host,
             server.port,
+            config.grpc_socket,
             config.interval,
             ", ".join(c.name for c in agent.sampler.collectors),
             config.state_dir.resolve(),
