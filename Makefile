@@ -16,7 +16,7 @@ FAKENVML := tests/fakenvml/libnvidia-ml.so.1
 # and exposition tests, iperf3 for real traffic, iproute2 for namespaces and tc,
 # nftables (libnftables for the agent, nft for inspecting it in tests), a C compiler
 # for the simulated NVML driver) and what `make bench` adds (the node exporter anchor).
-TEST_DEBS  := prometheus iperf3 iproute2 nftables libnftables1 gcc make libc6-dev
+TEST_DEBS  := prometheus iperf3 iproute2 nftables libnftables1 gcc make libc6-dev shellcheck
 BENCH_DEBS := prometheus-node-exporter
 
 .PHONY: install run run-sim test lint pytest bench fakenvml proto clean debs debs-test debs-bench
@@ -38,14 +38,15 @@ run: install
 	@echo "fabric-agent: metrics on http://$(METRICS_LISTEN)/metrics, gRPC API on unix:$(STATE)/agent.sock, state in ./$(STATE); Ctrl-C stops"
 	@echo "  try: curl -s http://$(METRICS_LISTEN)/metrics | grep ^fabric_  or  $(VENV)/bin/fabric-agent sample --once"
 	$(VENV)/bin/fabric-agent run --config systemd/agent.yaml \
-		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE) --grpc-socket $(STATE)/agent.sock
+		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE) --grpc-socket $(STATE)/agent.sock \
+		--grpc-listen 127.0.0.1:9479
 
 # The agent against the simulated 8-GPU H200 node (no driver needed).
 run-sim: install fakenvml
 	@mkdir -p $(STATE)
 	FAKE_NVML_SCENARIO=$(SCENARIO) $(VENV)/bin/fabric-agent run --config systemd/agent.yaml \
 		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE) --grpc-socket $(STATE)/agent.sock \
-		--nvml-library $(FAKENVML)
+		--grpc-listen 127.0.0.1:9479 --nvml-library $(FAKENVML)
 
 fakenvml:
 	$(MAKE) --no-print-directory -C tests/fakenvml
@@ -71,6 +72,8 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/nic_dump.py
 	$(PY) bench/qos_apply.py
 	$(PY) bench/qos_accuracy.py
+	$(PY) bench/api_snapshot.py
+	$(PY) bench/api_watch.py
 
 debs-test:
 	@$(MAKE) --no-print-directory debs DEBS="$(TEST_DEBS)"

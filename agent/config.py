@@ -11,13 +11,22 @@ import fnmatch
 import ipaddress
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
+from agent.api.security import TlsError, read_certificates, read_key_for
 from agent.errors import ConfigError
 
 # Interfaces that carry no fabric traffic of their own on a GPU node: loopback, container
@@ -73,7 +82,18 @@ def _patterns(value: object) -> tuple[str, ...]:
     return patterns
 
 
+def _identities(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a list of client identities or a comma-separated string")
+    return tuple(str(name).strip() for name in value if str(name).strip())
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+# grpc_listen's value that turns the TCP listener off.
+GRPC_LISTEN_OFF = "none"
 
 
 class AgentConfig(BaseModel):
@@ -101,6 +121,22 @@ class AgentConfig(BaseModel):
     # The gRPC API's unix socket (mode 0660) for local orchestrator hooks, and its group.
     grpc_socket: Path = Path("/run/fabric-agent/agent.sock")
     grpc_socket_group: str | None = None
+    # The gRPC API on TCP for remote clients (fabricctl, the aggregator), or 'none' for
+    # no TCP listener. Without mTLS it serves reads only (telemetry, QoS status, health,
+    # reflection); QoS mutations over TCP need the four grpc_tls/client options below.
+    grpc_listen: str = "0.0.0.0:9479"
+    # PEM server certificate (chain) and its unencrypted key for TLS on grpc_listen;
+    # both or neither. Re-read on SIGHUP; new connections get the new certificate.
+    grpc_tls_cert: Path | None = Field(default=None, validate_default=True)
+    grpc_tls_key: Path | None = Field(default=None, validate_default=True)
+    # PEM CA bundle that signs client certificates: with it the TCP listener requires a
+    # client certificate from this CA (mTLS) on every connection. Needs grpc_tls_cert.
+    grpc_client_ca: Path | None = Field(default=None, validate_default=True)
+    # Client identities that may change QoS over TCP: a certificate's subject CN or one
+    # of its DNS or URI SANs. Needs grpc_client_ca; empty means no mutations over TCP.
+    grpc_allowed_identities: Annotated[tuple[str, ...], BeforeValidator(_identities)] = Field(
+        default=(), validate_default=True
+    )
     # Persistent state: the QoS policies last applied, for restarts without a change.
     state_dir: Path = Path("/var/lib/fabric-agent")
     # QoS policy files (*.yaml); reloaded every reconcile pass and on SIGHUP.
@@ -122,6 +158,68 @@ class AgentConfig(BaseModel):
     @classmethod
     def _check_listen(cls, value: str) -> str:
         parse_listen_address(value)
+        return value
+
+    @field_validator("grpc_listen")
+    @classmethod
+    def _check_grpc_listen(cls, value: str) -> str:
+        if value.strip().lower() == GRPC_LISTEN_OFF:
+            return GRPC_LISTEN_OFF
+        parse_listen_address(value)
+        return value
+
+    # The TLS options are checked in field order, each against the ones before it, so an
+    # error names the option to fix. A field that failed is missing from `info.data`;
+    # the checks that need it are skipped (its own error is reported).
+
+    @field_validator("grpc_tls_cert")
+    @classmethod
+    def _check_tls_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if info.data.get("grpc_listen") == GRPC_LISTEN_OFF:
+            raise ValueError("set, but grpc_listen is none: TLS is for the TCP listener")
+        _tls_check(lambda: read_certificates(value, "grpc_tls_cert"))
+        return value
+
+    @field_validator("grpc_tls_key")
+    @classmethod
+    def _check_tls_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "grpc_tls_cert" not in info.data:
+            return value
+        cert = info.data["grpc_tls_cert"]
+        if cert is None and value is not None:
+            raise ValueError("set without grpc_tls_cert: set both or neither")
+        if cert is not None and value is None:
+            raise ValueError("missing: grpc_tls_cert is set; set both or neither")
+        if cert is not None and value is not None:
+            _tls_check(lambda: read_key_for(cert, value))
+        return value
+
+    @field_validator("grpc_client_ca")
+    @classmethod
+    def _check_client_ca(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None or "grpc_tls_cert" not in info.data:
+            return value
+        if info.data["grpc_tls_cert"] is None:
+            raise ValueError(
+                "set without grpc_tls_cert and grpc_tls_key: client certificates are "
+                "checked in the TLS handshake, which needs a server certificate"
+            )
+        _tls_check(lambda: read_certificates(value, "grpc_client_ca"))
+        return value
+
+    @field_validator("grpc_allowed_identities")
+    @classmethod
+    def _check_allowed_identities(
+        cls, value: tuple[str, ...], info: ValidationInfo
+    ) -> tuple[str, ...]:
+        if value and info.data.get("grpc_client_ca", "failed") is None:
+            # Without verified client certificates an identity is only a claim.
+            raise ValueError(
+                "set without grpc_client_ca: mutations over TCP need mTLS (grpc_tls_cert, "
+                "grpc_tls_key and grpc_client_ca)"
+            )
         return value
 
     @field_validator("interval")
@@ -150,11 +248,26 @@ class AgentConfig(BaseModel):
         return parse_listen_address(self.metrics_listen)
 
     @property
+    def grpc_address(self) -> tuple[str, int] | None:
+        """The TCP listener's (host, port), or None when grpc_listen is none."""
+        if self.grpc_listen == GRPC_LISTEN_OFF:
+            return None
+        return parse_listen_address(self.grpc_listen)
+
+    @property
     def collector_timeout_s(self) -> float:
         return self.interval * self.collector_timeout_ratio
 
     def interface_selected(self, name: str) -> bool:
         return interface_selected(self.interfaces, name)
+
+
+def _tls_check(check: Callable[[], object]) -> None:
+    """Run a TLS file check, its error as the field's validation error."""
+    try:
+        check()
+    except TlsError as exc:
+        raise ValueError(exc.reason) from exc
 
 
 def interface_selected(patterns: Sequence[str], name: str) -> bool:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from agent.api.server import ApiServer
+from agent.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer, TcpSettings
 from agent.api.telemetry import SnapshotHub
 from agent.collectors.base import Collector, CollectorContext, SharedResources, registrations
 from agent.collectors.qos_stats import RECONCILER_KEY
@@ -94,8 +94,20 @@ class Agent:
         self.first_snapshot.set()
 
     def start_api(self) -> ApiServer:
-        """Serve the gRPC API on the unix socket; raises ListenError when it cannot."""
-        api = ApiServer(self.config.grpc_socket, self.hub, group=self.config.grpc_socket_group)
+        """Serve the gRPC API on the unix socket and on TCP (grpc_listen); raises
+        ListenError when either cannot bind."""
+        api = ApiServer(
+            self.config.grpc_socket,
+            self.hub,
+            group=self.config.grpc_socket_group,
+            qos_backend=self.reconciler,
+            tcp=TcpSettings.from_config(self.config),
+            # Health reports each service SERVING once it has something to answer with.
+            readiness={
+                TELEMETRY_SERVICE: self.first_snapshot,
+                QOS_SERVICE: self.reconciler.first_pass,
+            },
+        )
         api.start()
         self._api = api
         return api
@@ -215,6 +227,13 @@ class Agent:
 
         def on_hangup(_signum: int, _frame: FrameType | None) -> None:
             log.info("received SIGHUP, reloading QoS policies")
+            if self._api is not None:
+                # TLS certificates too (it logs the outcome; bad files keep the old
+                # ones). Off the signal handler: a second SIGHUP must not interrupt a
+                # reload holding its lock.
+                threading.Thread(
+                    target=self._api.reload_tls, name="tls-reload", daemon=True
+                ).start()
             # Before the first READY=1 a reload is part of starting up.
             reloading = self._ready.is_set() and self.notifier.reloading()
             self.reconciler.wake.set()

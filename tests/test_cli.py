@@ -94,6 +94,8 @@ def test_port_in_use_exits_1(busy_port: int, tmp_path: Path) -> None:
         str(tmp_path),
         "--grpc-socket",
         str(tmp_path / "agent.sock"),
+        "--grpc-listen",
+        "127.0.0.1:0",
         "--collectors",
         "host",
     )
@@ -116,6 +118,8 @@ def test_run_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
             str(tmp_path / "state"),
             "--grpc-socket",
             str(tmp_path / "agent.sock"),
+            "--grpc-listen",
+            "127.0.0.1:0",
             "--collectors",
             "host",
             "--interval",

@@ -78,7 +78,7 @@ def run_agent(fakenvml_library: Path, tmp_path: Path) -> Iterator[Callable[..., 
             [sys.executable, "-m", "agent", "run", "--metrics-listen", f"127.0.0.1:{port}",
              "--interval", "200ms", "--interfaces", "lo", "--sysfs-root", str(SYSFS),
              "--state-dir", str(tmp_path / "state"),
-             "--grpc-socket", str(tmp_path / f"agent-{port}.sock"),
+             "--grpc-socket", str(tmp_path / f"agent-{port}.sock"), "--grpc-listen", "127.0.0.1:0",
              "--nvml-library", str(library or fakenvml_library)],
             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip

@@ -123,7 +123,8 @@ def agent_argv(pair: VethPair, state: Path, *extra: str) -> list[str]:
         "--metrics-listen", f"127.0.0.1:{AGENT_PORT}", "--interval", "1s",
         "--interfaces", pair.device, "--nvml-library", str(FAKENVML),
         "--sysfs-root", str(SYSFS), "--state-dir", str(state),
-        "--grpc-socket", str(state.parent / "agent.sock"), *extra,
+        "--grpc-socket", str(state.parent / "agent.sock"), "--grpc-listen", "127.0.0.1:0",
+        *extra,
     )  # fmt: skip
 
 

@@ -153,6 +153,8 @@ def test_agent_notifies_ready_watchdog_reload_and_stop(
             str(tmp_path / "state"),
             "--grpc-socket",
             str(tmp_path / "agent.sock"),
+            "--grpc-listen",
+            "127.0.0.1:0",
             "--policy-dir",
             str(tmp_path / "policies"),
             "--interval",

@@ -44,6 +44,15 @@ _CONFIG_FLAGS: dict[str, str] = {
     "--log-level": "debug, info, warning or error (default info)",
     "--grpc-socket": "unix socket of the gRPC API (default /run/fabric-agent/agent.sock)",
     "--grpc-socket-group": "group that may use the API socket (default: the agent's)",
+    "--grpc-listen": "HOST:PORT of the gRPC API on TCP, or 'none' for no TCP listener "
+    "(default 0.0.0.0:9479; read-only unless mTLS and allowed identities are set)",
+    "--grpc-tls-cert": "PEM server certificate for TLS on --grpc-listen (with --grpc-tls-key; "
+    "re-read on SIGHUP)",
+    "--grpc-tls-key": "PEM private key of --grpc-tls-cert (unencrypted)",
+    "--grpc-client-ca": "PEM CA bundle of client certificates: the TCP listener then "
+    "requires one (mTLS)",
+    "--grpc-allowed-identities": "comma-separated client certificate identities (subject CN, "
+    "DNS or URI SAN) that may change QoS over TCP; needs --grpc-client-ca (default: none)",
     "--policy-dir": "directory of QoS policy files (default /etc/fabric-agent/policies)",
     "--reconcile-interval": "how often QoS is compared with the kernel (default 5s)",
     "--on-exit": "keep (default) or remove the agent's qdiscs and tables on exit",

@@ -18,8 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from agent.errors import FabricError
-from agent.qos import htb, ifb, nftrules, tc
-from agent.qos.desired import build_tree
+from agent.qos import nftrules, tc
 from agent.qos.nftables import Nftables
 from agent.qos.policy import (
     QosPolicy,
@@ -28,6 +27,7 @@ from agent.qos.policy import (
     interface_exists,
     load_policy_files,
 )
+from agent.qos.reconciler import plan_changes
 from agent.qos.state import QosState, StateError, load_state
 from agent.qos.units import format_bps
 
@@ -119,26 +119,18 @@ def plan(files: list[Path], state_dir: Path = DEFAULT_STATE_DIR) -> int:
         policy, spec = item.policy, item.policy.spec
         name = policy.metadata.name
         header = f"policy {name} ({item.file}) on {spec.interface} {spec.direction}"
-        lines: list[str] = []
         try:
-            device = spec.interface
-            if spec.direction == "ingress":
-                redirect = ifb.read_ingress_redirect(spec.interface)
-                device = redirect.ifb
-                if not redirect.complete:
-                    lines.append(f"+ ingress redirect {spec.interface} -> {device} (IFB)")
-            desired = build_tree(
-                policy, device=device, leaf_kind=leaf_kind, previous_minors=state.minors(name)
+            lines, minors = plan_changes(
+                policy,
+                previous_minors=state.minors(name),
+                leaf_kind=leaf_kind,
+                take_over=spec.take_over,
             )
-            actual = None
-            if spec.direction == "egress" or tc.device_exists(device):
-                actual = tc.read_tree(device, take_over=spec.take_over)
         except tc.TcError as exc:
             print(f"{header}: {exc}", file=sys.stderr)
             failed = True
             continue
-        with_minors.append((policy, desired.minors))
-        lines.extend(str(change) for change in htb.plan(desired.tree, actual))
+        with_minors.append((policy, minors))
         count = len(lines)
         print(f"{header}: {count or 'no'} change{'' if count == 1 else 's'}")
         for line in lines:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.collectors.base import CollectorContext, Tick, register
@@ -47,6 +47,9 @@ class QosReconcileSample:
 
     results: Mapping[str, int]
     drift_corrections: Mapping[str, int]
+    lease_expirations: int = 0
+    # (source, state) -> how many policies and assignments are in it.
+    policies: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,14 @@ class QosCollector:
                     )
                 )
         if reconciler is not None:
-            samples.append(QosReconcileSample(dict(reconciler.results), dict(reconciler.drift)))
+            samples.append(
+                QosReconcileSample(
+                    dict(reconciler.results),
+                    dict(reconciler.drift),
+                    reconciler.lease_expirations,
+                    dict(reconciler.policy_counts),
+                )
+            )
         if failures:
             raise CollectorError("class statistics: " + "; ".join(failures))
         return tuple(samples)
@@ -152,6 +162,16 @@ class QosCollector:
             "restored it.",
             ["device"],
         )
+        expirations = CounterFamily(
+            "fabric_qos_lease_expirations_total",
+            "API policies and assignments removed because their lease ran out unrenewed.",
+            [],
+        )
+        policies = GaugeFamily(
+            "fabric_qos_policies",
+            "Policies and assignments by source (file, api) and state (enforced, pending, failed).",
+            ["source", "state"],
+        )
         for sample in samples:
             if isinstance(sample, QosClassSample):
                 key = [sample.device, sample.policy, sample.class_name]
@@ -165,7 +185,14 @@ class QosCollector:
                     results.add_metric([result], sample.results.get(result, 0))
                 for device, count in sorted(sample.drift_corrections.items()):
                     drift.add_metric([device], count)
+                expirations.add_metric([], sample.lease_expirations)
+                for source in ("file", "api"):
+                    for state in ("enforced", "pending", "failed"):
+                        policies.add_metric(
+                            [source, state], sample.policies.get((source, state), 0)
+                        )
         yield from (sent, packets, dropped, overlimits, backlog, results, drift)
+        yield from (expirations, policies)
 
     def close(self) -> None:
         pass

@@ -20,7 +20,7 @@ import ipaddress
 import json
 import re
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -408,22 +408,82 @@ def _spec_problems(spec: PolicySpec) -> Iterable[tuple[str, str]]:
             yield f"{where}.rate", f"{cls.rate} exceeds bandwidth {shown}"
         elif cls.ceil is not None and rate > ceil:
             yield f"{where}.rate", f"{cls.rate} exceeds ceil {cls.ceil}"
-        for j, entry in enumerate(cls.match):
-            if entry.protocol == "icmp":
-                for key, ports in (("srcPorts", entry.src_ports), ("dstPorts", entry.dst_ports)):
-                    if ports is not None:
-                        yield f"{where}.match[{j}].{key}", "ports never match protocol icmp"
-            if (
-                entry.src_cidr is not None
-                and entry.dst_cidr is not None
-                and entry.src_cidr.version != entry.dst_cidr.version
-            ):
-                yield f"{where}.match[{j}].dstCidr", "mixes IPv4 and IPv6 with srcCidr"
+        yield from _match_problems(cls.match, f"{where}.match")
     # A class over the bandwidth on its own is the problem to report, not the sum.
     if total > bandwidth and all(c.rate.resolve(bandwidth) <= bandwidth for c in spec.classes):
         yield "classes", f"class rates add up to {format_bps(total)}, more than bandwidth {shown}"
     if spec.default_class not in first_index:
         yield "defaultClass", f"no class named {spec.default_class!r}"
+
+
+def _match_problems(entries: Sequence[Match], where: str) -> Iterable[tuple[str, str]]:
+    """Keys of one match entry that can never match together."""
+    for j, entry in enumerate(entries):
+        if entry.protocol == "icmp":
+            for key, ports in (("srcPorts", entry.src_ports), ("dstPorts", entry.dst_ports)):
+                if ports is not None:
+                    yield f"{where}[{j}].{key}", "ports never match protocol icmp"
+        if (
+            entry.src_cidr is not None
+            and entry.dst_cidr is not None
+            and entry.src_cidr.version != entry.dst_cidr.version
+        ):
+            yield f"{where}[{j}].dstCidr", "mixes IPv4 and IPv6 with srcCidr"
+
+
+# --- assignments -----------------------------------------------------------------------
+
+
+class AssignmentSpec(_PolicyModel):
+    """More traffic for a class of an existing policy."""
+
+    policy: DnsLabel
+    class_name: DnsLabel
+    match: tuple[Match, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        problems = list(_match_problems(self.match, "match"))
+        if problems:
+            raise _SpecProblems(problems)
+        return self
+
+
+class QosAssignment(_PolicyModel):
+    """A `fabric.qos/v1alpha1` `QosAssignment`: its match entries join class
+    `spec.className` of policy `spec.policy`, which keeps its interface, rates and
+    other matches. Orchestrators give one job's cgroup a class this way; many
+    assignments share one policy, each applied, leased and removed on its own."""
+
+    model_config = ConfigDict(title="QosAssignment")
+
+    api_version: Literal["fabric.qos/v1alpha1"]
+    kind: Literal["QosAssignment"]
+    metadata: PolicyMetadata
+    spec: AssignmentSpec
+
+
+PolicyObject = QosPolicy | QosAssignment
+OBJECT_KINDS: dict[str, type[QosPolicy] | type[QosAssignment]] = {
+    "QosPolicy": QosPolicy,
+    "QosAssignment": QosAssignment,
+}
+
+
+def validate_object(document: Mapping[str, Any], source: str) -> PolicyObject:
+    """A policy or assignment document (YAML names) as its model; raises PolicyError
+    whose violations name `source` and each field path, as for files."""
+    kind = document.get("kind")
+    model = OBJECT_KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        reason = f"must be {' or '.join(OBJECT_KINDS)}, got {kind!r}"
+        raise PolicyError([PolicyViolation(source, "kind", reason)])
+    try:
+        return model.model_validate(dict(document), by_alias=True, by_name=False)
+    except ValidationError as exc:
+        raise PolicyError(
+            [PolicyViolation(source, path, reason) for path, reason in _translate(exc)]
+        ) from None
 
 
 # --- violations and loading ------------------------------------------------------------

@@ -37,7 +37,10 @@ class AppliedPolicy:
     direction: str
     device: str
     minors: Mapping[str, int]
+    # The policy as enforced: with the match entries of its assignments merged in.
     document: Mapping[str, Any] = field(default_factory=dict)
+    # The policy as its source gave it, when assignments changed it; None: `document`.
+    base: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,7 @@ class AppliedPolicy:
             "device": self.device,
             "minors": dict(self.minors),
             "document": dict(self.document),
+            **({"base": dict(self.base)} if self.base is not None else {}),
         }
 
     @classmethod
@@ -60,6 +64,7 @@ class AppliedPolicy:
             device=str(data["device"]),
             minors={str(k): int(v) for k, v in dict(data["minors"]).items()},
             document=dict(data.get("document", {})),
+            base=dict(data["base"]) if data.get("base") is not None else None,
         )
 
 
@@ -100,26 +105,33 @@ def load_state(state_dir: Path) -> QosState:
 
 def save_state(state_dir: Path, state: QosState) -> None:
     """Replace the state file atomically."""
-    state_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "version": VERSION,
         "policies": [state.policies[name].to_json() for name in sorted(state.policies)],
         "nft_body": state.nft_body,
         "nft_listing": state.nft_listing,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=state_dir)
+    write_json_atomic(state_dir / STATE_FILE, payload)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Replace `path` with `payload` as JSON: a temporary file, fsync, rename, and an
+    fsync of the directory, so a crash leaves the old file or the new one."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
         with os.fdopen(fd, "w") as out:
             json.dump(payload, out, indent=2, sort_keys=True)
             out.write("\n")
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, state_dir / STATE_FILE)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     # The rename is durable once the directory entry is.
-    dir_fd = os.open(state_dir, os.O_RDONLY)
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

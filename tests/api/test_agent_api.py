@@ -38,7 +38,8 @@ def test_get_snapshot_over_the_socket_matches_sample(
     env = dict(os.environ, FAKE_NVML_SCENARIO=str(SCENARIO))
     process = subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--metrics-listen", f"127.0.0.1:{free_port()}",
-         "--grpc-socket", str(sock), "--interval", "200ms", *common],
+         "--grpc-socket", str(sock), "--grpc-listen", "127.0.0.1:0", "--interval", "200ms",
+         *common],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

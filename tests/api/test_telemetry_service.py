@@ -1,5 +1,5 @@
 """fabric.v1.TelemetryService: a real gRPC server on a unix socket and a real client stub;
-and the SnapshotHub's queues on their own."""
+and the SnapshotHub's queues and shared encodings on their own."""
 
 from __future__ import annotations
 
@@ -15,7 +15,17 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from agent.api.telemetry import SnapshotHub, add_to_server, watch_interval_s
+from agent.api import convert, telemetry
+from agent.api.telemetry import (
+    PublishedSnapshot,
+    SnapshotHub,
+    add_to_server,
+    get_snapshot_response,
+    method_handlers,
+    watch_interval_s,
+    watch_snapshots_response,
+)
+from agent.proto.fabric.v1 import telemetry_pb2
 from agent.proto.fabric.v1 import telemetry_service_pb2 as pb
 from agent.proto.fabric.v1.telemetry_service_pb2_grpc import TelemetryServiceStub
 from agent.snapshot import Snapshot
@@ -23,11 +33,12 @@ from tests.api import snapshot
 
 SAMPLING_S = 0.05
 QUEUE_SIZE = 4
+MAX_STREAMS = 3
 
 
 @pytest.fixture
 def hub() -> SnapshotHub:
-    return SnapshotHub(SAMPLING_S, queue_size=QUEUE_SIZE)
+    return SnapshotHub(SAMPLING_S, queue_size=QUEUE_SIZE, max_subscriptions=MAX_STREAMS)
 
 
 @pytest.fixture
@@ -295,14 +306,14 @@ def test_hub_queue_is_bounded_and_counts_what_it_drops() -> None:
     subscription = hub.subscribe(0)
 
     for index, item in enumerate(_snapshots(10)):
-        subscription.offer(item, now_s=index * SAMPLING_S)
+        subscription.offer(PublishedSnapshot(item), now_s=index * SAMPLING_S)
 
     assert hub.queue_lengths() == [3]
     first = subscription.get(0)
     assert first is not None
-    assert (first[0].seq, first[1]) == (8, 7)
+    assert (first[0].snapshot.seq, first[1]) == (8, 7)
     rest = [subscription.get(0) for _ in range(2)]
-    assert [(s.seq, m) for s, m in filter(None, rest)] == [(9, 0), (10, 0)]
+    assert [(p.snapshot.seq, m) for p, m in filter(None, rest)] == [(9, 0), (10, 0)]
     assert subscription.get(0) is None
     subscription.close()
     assert hub.queue_lengths() == []
@@ -314,11 +325,11 @@ def test_hub_takes_snapshots_at_the_subscribed_interval() -> None:
 
     # Ticks a little late or early still count: half an interval of slack.
     for seq, now_s in enumerate([0.0, 1.0, 2.1, 2.9, 4.0, 5.0, 6.2], start=1):
-        subscription.offer(snapshot(seq), now_s)
+        subscription.offer(PublishedSnapshot(snapshot(seq)), now_s)
 
     taken = []
     while (item := subscription.get(0)) is not None:
-        taken.append(item[0].seq)
+        taken.append(item[0].snapshot.seq)
     assert taken == [1, 4, 7]
 
 
@@ -330,3 +341,144 @@ def test_watch_interval(seconds: int, nanos: int, expected: float) -> None:
     interval = duration_pb2.Duration(seconds=seconds, nanos=nanos)
 
     assert watch_interval_s(interval, SAMPLING_S) == expected
+
+
+def test_hub_keeps_a_stalled_subscription_bounded() -> None:
+    hub = SnapshotHub(SAMPLING_S, queue_size=QUEUE_SIZE)
+    subscription = hub.subscribe(0)
+    published = 20
+
+    lengths = []
+    for seq in range(1, published + 1):
+        hub.publish(snapshot(seq))
+        time.sleep(SAMPLING_S * 0.6)  # past the subscription's minimum gap
+        lengths.append(max(hub.queue_lengths()))
+    delivered, missed = [], 0
+    while (item := subscription.get(1.0)) is not None:
+        delivered.append(item[0].snapshot.seq)
+        missed += item[1]
+        if delivered[-1] == published:
+            break
+    hub.close()
+
+    assert max(lengths) == QUEUE_SIZE
+    assert delivered == list(range(published - QUEUE_SIZE + 1, published + 1))
+    assert missed == published - QUEUE_SIZE
+
+
+def test_hub_refuses_streams_past_its_limit() -> None:
+    hub = SnapshotHub(SAMPLING_S, max_subscriptions=2)
+    first, second = hub.subscribe(0), hub.subscribe(0)
+
+    with pytest.raises(telemetry.StreamLimitError):
+        hub.subscribe(0)
+    first.close()
+    third = hub.subscribe(0)
+
+    assert len(hub.queue_lengths()) == 2
+    second.close()
+    third.close()
+    hub.close()
+
+
+# --- shared encodings ---
+
+
+def test_a_section_set_is_converted_once_by_concurrent_readers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conversions: list[frozenset[int]] = []
+    real = convert.snapshot_to_proto
+
+    def counting(item: Snapshot, sections: frozenset[int]) -> telemetry_pb2.Snapshot:
+        conversions.append(sections)
+        time.sleep(0.05)  # long enough for every reader to arrive while it converts
+        return real(item, sections)
+
+    monkeypatch.setattr(convert, "snapshot_to_proto", counting)
+    published = PublishedSnapshot(snapshot(seq=5))
+    every = convert.validate_sections(())
+    gpus = convert.validate_sections([pb.SECTION_GPU])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        encoded = list(pool.map(lambda _: published.encoded(every), range(8)))
+    gpu_only = published.encoded(gpus)
+
+    assert sorted(map(len, conversions)) == [1, len(every)]
+    assert len(set(encoded)) == 1
+    assert encoded[0] == real(snapshot(seq=5), every).SerializeToString()
+    assert pb.GetSnapshotResponse.FromString(get_snapshot_response(gpu_only)).snapshot.gpus
+
+
+def test_streams_and_calls_share_one_conversion_per_section_set(
+    hub: SnapshotHub, stub: TelemetryServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conversions: list[tuple[int, frozenset[int]]] = []
+    real = convert.snapshot_to_proto
+
+    def counting(item: Snapshot, sections: frozenset[int]) -> telemetry_pb2.Snapshot:
+        conversions.append((item.seq, sections))
+        return real(item, sections)
+
+    monkeypatch.setattr(convert, "snapshot_to_proto", counting)
+    hub.publish(snapshot(seq=1))
+    full = [stub.WatchSnapshots(pb.WatchSnapshotsRequest(), timeout=10) for _ in range(2)]
+    host = stub.WatchSnapshots(pb.WatchSnapshotsRequest(sections=[pb.SECTION_HOST]), timeout=10)
+    assert [next(stream).snapshot.seq for stream in (*full, host)] == [1, 1, 1]
+
+    time.sleep(SAMPLING_S)  # past the streams' minimum gap
+    hub.publish(snapshot(seq=2))
+    second = [next(stream).snapshot for stream in (*full, host)]
+    unary = [stub.GetSnapshot(pb.GetSnapshotRequest(), timeout=5).snapshot for _ in range(3)]
+    for stream in (*full, host):
+        stream.cancel()
+
+    assert [m.seq for m in second + unary] == [2] * 6
+    assert len(second[0].nvlinks) == 2 and not second[2].nvlinks
+    # Per snapshot, one conversion for all sections and one for the host section alone.
+    assert sorted((seq, len(sections)) for seq, sections in conversions) == [
+        (1, 1), (1, len(convert.ALL_SECTIONS)), (2, 1), (2, len(convert.ALL_SECTIONS)),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("missed", [0, 1, 300])
+def test_pre_serialized_responses_are_the_messages(missed: int) -> None:
+    message = convert.snapshot_to_proto(snapshot(seq=9))
+    encoded = message.SerializeToString()
+
+    get = pb.GetSnapshotResponse.FromString(get_snapshot_response(encoded))
+    watch = pb.WatchSnapshotsResponse.FromString(watch_snapshots_response(encoded, missed))
+
+    assert get == pb.GetSnapshotResponse(snapshot=message)
+    assert watch == pb.WatchSnapshotsResponse(snapshot=message, missed=missed)
+
+
+def test_handlers_cover_every_method_of_the_service(hub: SnapshotHub) -> None:
+    service = pb.DESCRIPTOR.services_by_name["TelemetryService"]
+
+    assert set(method_handlers(hub)) == {method.name for method in service.methods}
+
+
+# --- the stream limit over gRPC ---
+
+
+def test_streams_past_the_limit_are_resource_exhausted(
+    hub: SnapshotHub, stub: TelemetryServiceStub
+) -> None:
+    hub.publish(snapshot(seq=1))
+    streams = [stub.WatchSnapshots(pb.WatchSnapshotsRequest(), timeout=10) for _ in range(3)]
+    assert [next(stream).snapshot.seq for stream in streams] == [1] * MAX_STREAMS
+
+    with pytest.raises(grpc.RpcError) as refused:
+        next(stub.WatchSnapshots(pb.WatchSnapshotsRequest(), timeout=5))
+    unary = stub.GetSnapshot(pb.GetSnapshotRequest(), timeout=5)
+    streams[0].cancel()
+    _wait_for(lambda: len(hub.queue_lengths()) < MAX_STREAMS)
+    admitted = stub.WatchSnapshots(pb.WatchSnapshotsRequest(), timeout=10)
+
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "3 snapshot streams are open" in (refused.value.details() or "")
+    assert unary.snapshot.seq == 1
+    assert next(admitted).snapshot.seq == 1
+    for stream in (admitted, *streams[1:]):
+        stream.cancel()

@@ -85,7 +85,7 @@ class Daemon:
             ["nsenter", f"--net=/run/netns/{self.pair.netns}", sys.executable, "-m", "agent",
              "run", "--collectors", "host,qos", "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
              "--policy-dir", str(self.policy_dir), "--state-dir", str(self.state_dir),
-             "--grpc-socket", str(self.logs / "agent.sock"),
+             "--grpc-socket", str(self.logs / "agent.sock"), "--grpc-listen", "127.0.0.1:0",
              "--reconcile-interval", f"{INTERVAL_S}s", "--log-level", "info"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

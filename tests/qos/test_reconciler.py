@@ -53,13 +53,6 @@ def ip_netns(netns: str, *argv: str) -> str:
     ).stdout
 
 
-@pytest.fixture
-def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    policy_dir, state_dir = tmp_path / "policies", tmp_path / "state"
-    policy_dir.mkdir()
-    return policy_dir, state_dir
-
-
 def make(pair: VethPair, dirs: tuple[Path, Path]) -> Reconciler:
     policy_dir, state_dir = dirs
     settings = QosSettings(
