@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,12 +40,13 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the agent package
 
+from agent_overhead import cpu_seconds, free_port  # noqa: E402
+
 from agent.proto.fabric.v1 import telemetry_service_pb2 as pb  # noqa: E402
 from agent.proto.fabric.v1.telemetry_service_pb2_grpc import TelemetryServiceStub  # noqa: E402
 
 FAKENVML = ROOT / "tests/fakenvml/libnvidia-ml.so.1"
 SCENARIO = ROOT / "tests/fakenvml/scenarios/hgx-h200-8gpu.json"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SECTION_NAMES = {
     pb.SECTION_GPU: "gpu",
     pb.SECTION_NVLINK: "nvlink",
@@ -55,17 +55,6 @@ SECTION_NAMES = {
     pb.SECTION_QOS: "qos",
     pb.SECTION_HOST: "host",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
 def percentile(values: list[float], q: float) -> float:

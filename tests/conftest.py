@@ -25,6 +25,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now, for an agent under test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 # --- netns ---
 # Throwaway network namespaces for kernel tests. A veth pair joins two namespaces the test
 # creates, so traffic between the two addresses crosses the veth (two addresses in one

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.sdnotify import Notifier, watchdog_interval_s
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,12 +45,6 @@ def receive_until(sock: socket.socket, key: str) -> list[dict[str, str]]:
     while key not in messages[-1]:
         messages.append(receive(sock))
     return messages
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- Notifier ---

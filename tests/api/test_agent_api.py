@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -16,16 +15,11 @@ import grpc
 
 from agent.proto.fabric.v1 import telemetry_service_pb2 as service
 from agent.proto.fabric.v1 import telemetry_service_pb2_grpc as service_grpc
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = ROOT / "tests/fakenvml/scenarios/hgx-h200-8gpu.json"
 SYSFS = ROOT / "tests/fixtures/sysfs"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_get_snapshot_over_the_socket_matches_sample(

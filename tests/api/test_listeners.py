@@ -31,6 +31,7 @@ from agent.proto.fabric.v1 import telemetry_service_pb2 as telemetry_pb
 from agent.proto.fabric.v1 import telemetry_service_pb2_grpc as telemetry_grpc
 from tests.api import snapshot
 from tests.api.conftest import Issued, Pki
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOWED = "fabric-aggregator"
@@ -420,12 +421,6 @@ def test_keepalive_contract() -> None:
 
 
 # --- the agent process ---
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from agent.proto.fabric.v1 import (
     telemetry_service_pb2,
     telemetry_service_pb2_grpc,
 )
-from tests.conftest import VethPair
+from tests.conftest import VethPair, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -229,12 +228,6 @@ def snapshot(seq: int = 7) -> telemetry_pb2.Snapshot:
 
 SCENARIO = ROOT / "tests/fakenvml/scenarios/hgx-h200-8gpu.json"
 SYSFS = ROOT / "tests/fixtures/sysfs"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -1,8 +1,23 @@
-"""Tests of agent/qos; `api_policy_document()` is the policy API tests apply."""
+"""Tests of agent/qos: `make()` builds a reconciler on a test namespace;
+`api_policy_document()` is the policy API tests apply."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from agent.qos.policy import detect_cgroup2_root
+from agent.qos.reconciler import QosSettings, Reconciler
+from tests.conftest import VethPair
+
+
+def make(pair: VethPair, dirs: tuple[Path, Path]) -> Reconciler:
+    """A reconciler on `pair`'s first namespace with (policy dir, state dir) `dirs`."""
+    policy_dir, state_dir = dirs
+    settings = QosSettings(
+        policy_dir, state_dir, cgroup_root=detect_cgroup2_root(), netns=pair.netns
+    )
+    return Reconciler(settings)
 
 
 def api_policy_document(device: str, name: str = "job-net", **spec: Any) -> dict[str, Any]:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from agent.qos.reconciler import Reconciler
+from tests.conftest import VethPair
+from tests.qos import make
 
 
 @pytest.fixture
@@ -13,3 +18,13 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     policy_dir, state_dir = tmp_path / "policies", tmp_path / "state"
     policy_dir.mkdir()
     return policy_dir, state_dir
+
+
+@pytest.fixture
+def reconciler(shaped_pair: VethPair, dirs: tuple[Path, Path]) -> Iterator[Reconciler]:
+    """`make(shaped_pair, dirs)`, closed after the test."""
+    instance = make(shaped_pair, dirs)
+    try:
+        yield instance
+    finally:
+        instance.close()

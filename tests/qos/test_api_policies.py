@@ -23,8 +23,8 @@ from agent.qos.nftrules import TABLE_FAMILY, TABLE_NAME
 from agent.qos.policy import QosAssignment, QosPolicy, detect_cgroup2_root, validate_object
 from agent.qos.reconciler import Reconciler
 from tests.conftest import VethPair
-from tests.qos import api_policy_document
-from tests.qos.test_reconciler import ip_netns, make, write
+from tests.qos import api_policy_document, make
+from tests.qos.test_reconciler import ip_netns, write
 
 CGROUP_ROOT = detect_cgroup2_root()
 
@@ -49,15 +49,6 @@ def assignment(
     model = validate_object(document, "test")
     assert isinstance(model, QosAssignment)
     return model
-
-
-@pytest.fixture
-def reconciler(shaped_pair: VethPair, dirs: tuple[Path, Path]) -> Iterator[Reconciler]:
-    instance = make(shaped_pair, dirs)
-    try:
-        yield instance
-    finally:
-        instance.close()
 
 
 @pytest.fixture

@@ -4,17 +4,15 @@ policies without touching what is enforced, adopt its own state after a restart.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agent.qos import tc
 from agent.qos.desired import build_tree
-from agent.qos.policy import detect_cgroup2_root, load_policy_file
-from agent.qos.reconciler import NFT_DEVICE, QosSettings, Reconciler
+from agent.qos.policy import load_policy_file
+from agent.qos.reconciler import NFT_DEVICE, Reconciler
 from agent.qos.state import load_state
 from tests.conftest import VethPair
+from tests.qos import make
 
 POLICY = """\
 apiVersion: fabric.qos/v1alpha1
@@ -51,23 +49,6 @@ def ip_netns(netns: str, *argv: str) -> str:
     return subprocess.run(
         ["ip", "netns", "exec", netns, *argv], check=True, capture_output=True, text=True
     ).stdout
-
-
-def make(pair: VethPair, dirs: tuple[Path, Path]) -> Reconciler:
-    policy_dir, state_dir = dirs
-    settings = QosSettings(
-        policy_dir, state_dir, cgroup_root=detect_cgroup2_root(), netns=pair.netns
-    )
-    return Reconciler(settings)
-
-
-@pytest.fixture
-def reconciler(shaped_pair: VethPair, dirs: tuple[Path, Path]) -> Iterator[Reconciler]:
-    instance = make(shaped_pair, dirs)
-    try:
-        yield instance
-    finally:
-        instance.close()
 
 
 def test_apply_then_nothing_to_do(
