@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent.api.channel import CLIENT_KEEPALIVE_TIME_MS, SERVER_MIN_PING_INTERVAL_MS
+from agent.api.objects import object_from_document
 from agent.api.security import AllowedClients, ReadOnly, TlsFiles
 from agent.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer, TcpSettings
 from agent.api.telemetry import SnapshotHub
@@ -29,9 +30,12 @@ from agent.proto.fabric.v1 import qos_service_pb2 as qos_pb
 from agent.proto.fabric.v1 import qos_service_pb2_grpc as qos_grpc
 from agent.proto.fabric.v1 import telemetry_service_pb2 as telemetry_pb
 from agent.proto.fabric.v1 import telemetry_service_pb2_grpc as telemetry_grpc
+from agent.qos.policy import PolicyObject
+from agent.qos.reconciler import ApiOutcome, PolicyView
 from tests.api import snapshot
 from tests.api.conftest import Issued, Pki
 from tests.conftest import free_port
+from tests.qos import api_policy_document
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOWED = "fabric-aggregator"
@@ -43,8 +47,10 @@ EVERY_SERVICE = {
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
 }
-# A change that changes nothing even once ApplyPolicy is implemented over a real agent.
-APPLY = qos_pb.ApplyPolicyRequest(validate_only=True)
+# A valid policy, validated only: what gets through the authorizer reaches FakeReconciler.
+APPLY = qos_pb.ApplyPolicyRequest(
+    object=object_from_document(api_policy_document("eth0")), validate_only=True
+)
 REFUSED = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
 # Every test channel gets its own connections: gRPC otherwise shares subchannels between
 # channels with equal arguments, and these tests are about new handshakes.
@@ -58,6 +64,16 @@ class FakeReconciler:
     def __init__(self) -> None:
         self.first_pass = threading.Event()
         self.wake = threading.Event()
+        self.applied: list[str] = []
+
+    def apply_object(
+        self, obj: PolicyObject, *, ttl_s: float | None = None, validate_only: bool = False
+    ) -> ApiOutcome:
+        self.applied.append(obj.metadata.name)
+        return ApiOutcome(None, ())
+
+    def policies(self) -> list[PolicyView]:
+        return []
 
 
 @pytest.fixture
@@ -236,16 +252,14 @@ def test_plaintext_tcp_reads_and_refuses_mutations(
     with tcp_channel(api.tcp_port) as tcp, unix_channel(api) as unix:
         response = get_snapshot(tcp)
         over_tcp, details = apply_code(tcp)
-        listed = failure(lambda: qos_grpc.QosServiceStub(tcp).ListPolicies(
-            qos_pb.ListPoliciesRequest(), timeout=10))  # fmt: skip
+        listed = qos_grpc.QosServiceStub(tcp).ListPolicies(qos_pb.ListPoliciesRequest(), timeout=10)
         over_unix, _ = apply_code(unix)
 
     assert response.snapshot.seq == 7
     assert over_tcp == grpc.StatusCode.PERMISSION_DENIED
     assert "mutations over TCP need mTLS with an allowed client identity" in details
-    # Reads are not refused (the servicer may not implement them yet).
-    assert listed not in REFUSED
-    assert over_unix not in REFUSED
+    assert list(listed.policies) == []
+    assert over_unix == grpc.StatusCode.OK
 
 
 def test_tls_without_client_ca_is_read_only(
@@ -277,7 +291,7 @@ def test_mtls_allowed_client_reads_and_passes_the_authorizer(
         services = list_services(channel)
 
     assert response.snapshot.seq == 5
-    assert code not in REFUSED, details
+    assert code == grpc.StatusCode.OK, details
     assert services == EVERY_SERVICE
 
 
@@ -310,8 +324,8 @@ def test_mtls_identity_may_be_a_uri_or_dns_san(
         with tls_channel(api.tcp_port, pki.ca.cert_pem, client) as channel:
             codes[name], _ = apply_code(channel)
 
-    assert codes["uri"] not in REFUSED
-    assert codes["dns"] not in REFUSED
+    assert codes["uri"] == grpc.StatusCode.OK
+    assert codes["dns"] == grpc.StatusCode.OK
     # An IP SAN names an address, not a client: it is no identity.
     assert codes["ip"] == grpc.StatusCode.PERMISSION_DENIED
 
@@ -529,6 +543,7 @@ def test_agent_mtls_and_certificate_reload_on_sighup(
     stderr = agent.stop()
 
     assert up, stderr
+    # Past the authorizer; the real agent then checks the policy against this host.
     assert allowed_code not in REFUSED, details
     assert other_code == grpc.StatusCode.PERMISSION_DENIED
     assert reloaded, stderr
