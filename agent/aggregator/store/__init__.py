@@ -1,0 +1,127 @@
+"""The aggregator's desired-state store, opened from its `--store` URL.
+
+sqlite:///var/lib/fabric-aggregator/state.db   one replica (the default)
+sqlite://:memory:                               tests
+etcd://host:port[,host:port][?prefix=/fabric/&timeout_s=5]   several replicas
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
+from agent.aggregator.store.base import (
+    MAX_DOCUMENT_BYTES,
+    Assignment,
+    Change,
+    ChangeKind,
+    DocumentTooLarge,
+    RevisionConflict,
+    Store,
+    StoreError,
+)
+from agent.errors import ConfigError
+
+__all__ = [
+    "MAX_DOCUMENT_BYTES",
+    "Assignment",
+    "Change",
+    "ChangeKind",
+    "DocumentTooLarge",
+    "RevisionConflict",
+    "Store",
+    "StoreError",
+    "open_store",
+]
+
+_SOURCE = "--store"
+_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_PREFIX = re.compile(r"^/([A-Za-z0-9._-]+/)*$")
+
+
+def open_store(url: str) -> Store:
+    """The store `url` names. ConfigError names the URL and what is wrong with it.
+
+    Opening does not connect: the first operation does, and raises StoreError when the
+    backend cannot be reached.
+    """
+    scheme, sep, rest = url.partition("://")
+    openers: dict[str, Callable[[str, str], Store]] = {
+        "sqlite": _open_sqlite,
+        "etcd": _open_etcd,
+    }
+    if not sep or scheme not in openers:
+        raise ConfigError(_SOURCE, url, f"scheme must be one of {', '.join(sorted(openers))}")
+    return openers[scheme](url, rest)
+
+
+def _open_sqlite(url: str, rest: str) -> Store:
+    from agent.aggregator.store.sqlite import SqliteStore
+
+    if rest == ":memory:":
+        return SqliteStore(url, ":memory:")
+    if not rest.startswith("/") or rest.endswith("/") or "?" in rest or "#" in rest:
+        raise ConfigError(
+            _SOURCE, url, "want sqlite:///absolute/path/to/state.db or sqlite://:memory:"
+        )
+    return SqliteStore(url, rest)
+
+
+def _open_etcd(url: str, rest: str) -> Store:
+    from agent.aggregator.store.etcd import DEFAULT_PREFIX, DEFAULT_TIMEOUT_S, EtcdStore
+
+    location, _, query = rest.partition("?")
+    endpoints: list[tuple[str, int]] = []
+    for endpoint in location.split(","):
+        match = _ENDPOINT.match(endpoint)
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            raise ConfigError(_SOURCE, url, f"endpoint {endpoint!r}: want host:port")
+        endpoints.append((match.group(1), int(match.group(2))))
+
+    options = parse_qs(query, keep_blank_values=True, strict_parsing=False) if query else {}
+    unknown = sorted(set(options) - {"prefix", "timeout_s"})
+    if unknown:
+        raise ConfigError(_SOURCE, url, f"unknown option {unknown[0]!r}: want prefix, timeout_s")
+    prefix = options.get("prefix", [DEFAULT_PREFIX])[-1]
+    if not _PREFIX.match(prefix) or prefix == "/":
+        raise ConfigError(_SOURCE, url, f"prefix {prefix!r}: want /name/ (slash-delimited)")
+    timeout = options.get("timeout_s", [str(DEFAULT_TIMEOUT_S)])[-1]
+    if not timeout.isdigit() or int(timeout) < 1:
+        raise ConfigError(_SOURCE, url, f"timeout_s {timeout!r}: want whole seconds >= 1")
+
+    host, port = _grpc_target(url, endpoints)
+    return EtcdStore(url, host, port, prefix=prefix, timeout_s=int(timeout))
+
+
+def _grpc_target(url: str, endpoints: list[tuple[str, int]]) -> tuple[str, int]:
+    """The (host, port) that aetcd joins as `host:port` into one gRPC target.
+
+    Several members become gRPC's multi-address target (`ipv4:a:p,b:p`), whose pick_first
+    policy fails over between them; that syntax takes IP addresses only. For names, one DNS
+    name resolving to every member does the same.
+    """
+    if len(endpoints) == 1:
+        return endpoints[0]
+    addresses: list[str] = []
+    families: set[int] = set()
+    for host, port in endpoints:
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ConfigError(
+                _SOURCE,
+                url,
+                f"endpoint {host}:{port}: several endpoints must be IP addresses; "
+                "for names, use one DNS name that resolves to every member",
+            ) from None
+        families.add(address.version)
+        addresses.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
+    if len(families) > 1:
+        raise ConfigError(_SOURCE, url, "endpoints mix IPv4 and IPv6 addresses")
+    # aetcd formats f"{host}:{port}": everything up to the last port is the "host".
+    last_host, last_port = addresses[-1].rsplit(":", 1)
+    scheme = "ipv6" if families == {6} else "ipv4"
+    host = f"{scheme}:{','.join([*addresses[:-1], last_host])}"
+    return host, int(last_port)
