@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from pyroute2 import netns as pyroute2_netns
 from agent.collectors.base import CollectorContext, SharedResources
 from agent.config import AgentConfig
 from agent.qos.tc import TcCapabilities, detect_capabilities
+from agent.runtime import build_collectors
+from agent.sampler import Sampler
 from tests import fakenvml as fakenvml_driver
 
 
@@ -251,3 +254,30 @@ def nvml_context(
     shared = SharedResources()
     yield CollectorContext(AgentConfig(nvml_library=fakenvml.library), shared)
     shared.close()
+
+
+SYSFS_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "sysfs"
+
+
+@contextmanager
+def simulated_sampler(
+    fakenvml: fakenvml_driver.FakeNvml, state_dir: Path, node: str
+) -> Iterator[Sampler]:
+    """A sampler over every default collector on the simulated node: the fake driver's
+    GPUs and the fixture sysfs's loopback; closed, with its NVML session, on exit."""
+    config = AgentConfig(
+        node_name=node,
+        state_dir=state_dir,
+        nvml_library=fakenvml.library,
+        sysfs_root=SYSFS_FIXTURE,
+        interfaces=("lo",),
+    )
+    shared = SharedResources()
+    sampler = Sampler(
+        build_collectors(config, shared), node_name=node, interval_s=1.0, timeout_s=5.0
+    )
+    try:
+        yield sampler
+    finally:
+        sampler.close()
+        shared.close()

@@ -13,15 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.collectors.base import SharedResources
-from agent.config import AgentConfig
 from agent.exporter import ExpositionCache
-from agent.runtime import build_collectors
-from agent.sampler import Sampler
+from tests.conftest import simulated_sampler
 from tests.fakenvml import FakeNvml
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "metrics.txt"
-SYSFS = Path(__file__).resolve().parent / "fixtures" / "sysfs"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 
 # Series whose label sets depend on the machine running the test, not on the agent.
@@ -41,25 +37,12 @@ def series_lines(exposition: bytes) -> list[str]:
 def test_exposition_matches_golden(
     fakenvml: FakeNvml, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    config = AgentConfig(
-        node_name="golden",
-        state_dir=tmp_path,
-        nvml_library=fakenvml.library,
-        sysfs_root=SYSFS,
-        interfaces=("lo",),
-    )
-    shared = SharedResources()
-    collectors = build_collectors(config, shared)
-    sampler = Sampler(collectors, node_name="golden", interval_s=1.0, timeout_s=5.0)
-    cache = ExpositionCache(collectors)
-    try:
+    with simulated_sampler(fakenvml, tmp_path, "golden") as sampler:
+        cache = ExpositionCache(sampler.collectors)
         sampler.sample(fakenvml.tick())
         # A second tick, 1 s later: GPM rates need two samples.
         cache.update(sampler.sample(fakenvml.tick(advance_s=1.0)))
         exposition = cache.update(sampler.sample(fakenvml.tick(advance_s=1.0))).body
-    finally:
-        sampler.close()
-        shared.close()
 
     actual = series_lines(exposition)
 
