@@ -16,7 +16,7 @@ from typing import NoReturn, Protocol
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from agent.api import convert, objects
@@ -84,8 +84,6 @@ class QosBackend(Protocol):
     def plan_object(self, obj: PolicyObject) -> list[str]: ...
 
     def policies(self) -> list[PolicyView]: ...
-
-    def policy(self, name: str) -> PolicyView: ...
 
 
 # --- plain functions ---------------------------------------------------------------------
@@ -190,15 +188,10 @@ def _abort_with(
 ) -> NoReturn:
     packed = any_pb2.Any()
     packed.Pack(detail)  # type: ignore[arg-type]
-    status = status_pb2.Status(code=_CODES[code], message=message, details=[packed])
+    # StatusCode.value is (google.rpc code number, name).
+    status = status_pb2.Status(code=code.value[0], message=message, details=[packed])
     context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
-
-
-_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
-}
 
 
 def abort_invalid(context: grpc.ServicerContext, exc: PolicyError) -> NoReturn:

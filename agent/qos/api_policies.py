@@ -28,7 +28,6 @@ from agent.qos.policy import (
     Match,
     PolicyObject,
     QosAssignment,
-    QosPolicy,
     validate_object,
 )
 from agent.qos.state import write_json_atomic
@@ -237,7 +236,3 @@ def merge_assignments(
         policy_spec = policy.spec.model_copy(update={"classes": classes})
         result.append(replace(loaded, policy=policy.model_copy(update={"spec": policy_spec})))
     return MergeResult(result, states, {k: tuple(v) for k, v in merged.items()})
-
-
-def is_policy(obj: PolicyObject) -> bool:
-    return isinstance(obj, QosPolicy)

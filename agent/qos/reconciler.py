@@ -46,7 +46,7 @@ from agent.qos.api_policies import (
     merge_assignments,
     new_entry,
 )
-from agent.qos.desired import build_tree
+from agent.qos.desired import allocate_minors, build_tree
 from agent.qos.nftables import Nftables, NftablesBackend, NftError
 from agent.qos.policy import (
     LoadedPolicy,
@@ -239,12 +239,16 @@ class Reconciler:
             now = time.time()
             entry = new_entry(obj, now, ttl_s)
             candidate = {**{e.name: e for e in self.api.entries()}, name: entry}
-            self._admit_or_refuse(name, candidate)
+            # The policy files are read once: admission and the pass share the read.
+            read = self._load()
+            files = self._effective_files(read)
+            self._admit_or_refuse(name, candidate, files)
             if validate_only:
-                return ApiOutcome(self._view_of(entry), tuple(self._plan(candidate, {name})))
+                changes = self._plan(candidate, {name}, files)
+                return ApiOutcome(self._view_of(entry), tuple(changes))
             previous = self.api.get(name)
             self.api.put(entry)
-            outcome = self._pass()
+            outcome = self._pass(read)
             self.results[outcome.result] += 1
             failure = self._failure_for(entry, outcome)
             if failure is not None:
@@ -253,7 +257,7 @@ class Reconciler:
                     self.api.remove(name)
                 else:
                     self.api.put(previous)
-                self._pass()
+                self._pass(read)
                 raise RefusedError([Precondition("KERNEL", name, failure)])
             self.api.save()
             if ttl_s is not None:
@@ -274,7 +278,9 @@ class Reconciler:
             entry = self._api_entry(name)
             candidate = {e.name: e for e in self.api.entries() if e.name != name}
             if validate_only:
-                return ApiOutcome(None, tuple(self._plan(candidate, {name}, removing=entry)))
+                files = self._effective_files(self._load())
+                changes = self._plan(candidate, {name}, files, removing=entry)
+                return ApiOutcome(None, tuple(changes))
             self.api.remove(name)
             self.api.save()
             outcome = self._pass()
@@ -302,8 +308,9 @@ class Reconciler:
         with self._lock:
             entry = new_entry(obj, time.time(), None)
             candidate = {**{e.name: e for e in self.api.entries()}, name: entry}
-            self._admit_or_refuse(name, candidate)
-            return self._plan(candidate, {name})
+            files = self._effective_files(self._load())
+            self._admit_or_refuse(name, candidate, files)
+            return self._plan(candidate, {name}, files)
 
     def policies(self) -> list[PolicyView]:
         """Every file policy, then every API object, as of the last pass."""
@@ -314,12 +321,6 @@ class Reconciler:
             ]
             views.extend(self._view_of(entry) for entry in self.api.entries())
             return views
-
-    def policy(self, name: str) -> PolicyView:
-        for view in self.policies():
-            if view.name == name:
-                return view
-        raise NotFoundError(f"no QoS policy named {name!r}")
 
     def remove_all(self) -> None:
         """Take every tree, ingress redirect and the nftables table down (--on-exit remove)."""
@@ -338,9 +339,12 @@ class Reconciler:
 
     # --- one pass ---
 
-    def _pass(self) -> PassResult:
+    def _pass(
+        self, read: tuple[list[LoadedPolicy], list[PolicyViolation]] | None = None
+    ) -> PassResult:
+        """`read`: the policy files as `_load` just returned them, to save reading twice."""
         self._expire_leases(time.time())
-        loaded, violations = self._load()
+        loaded, violations = read if read is not None else self._load()
         result = "success"
         if violations:
             self._report_violations(violations)
@@ -452,8 +456,9 @@ class Reconciler:
             admitted.append(loaded)
         return admitted, refused
 
-    def _admit_or_refuse(self, name: str, entries: Mapping[str, ApiEntry]) -> None:
-        files, _ = self._current_files()
+    def _admit_or_refuse(
+        self, name: str, entries: Mapping[str, ApiEntry], files: Sequence[LoadedPolicy]
+    ) -> None:
         admitted, refused = self._admit(files, entries)
         if name in refused:
             raise RefusedError([refused[name]])
@@ -468,12 +473,15 @@ class Reconciler:
                 reason = f"policy {model.spec.policy!r} has no class {model.spec.class_name!r}"
                 raise RefusedError([Precondition("POLICY", "spec.className", reason)])
 
-    def _current_files(self) -> tuple[list[LoadedPolicy], list[PolicyViolation]]:
-        """The file policies as a pass would take them: the valid set, else the last."""
-        loaded, violations = self._load()
+    def _effective_files(
+        self, read: tuple[list[LoadedPolicy], list[PolicyViolation]]
+    ) -> list[LoadedPolicy]:
+        """The file policies a pass would enforce given `read`: the valid set, else the
+        last valid one."""
+        loaded, violations = read
         if violations:
-            return list(self._last_good or self._from_state()), violations
-        return loaded, violations
+            return list(self._last_good or self._from_state())
+        return loaded
 
     def _failure_for(self, entry: ApiEntry, outcome: PassResult) -> str | None:
         """The error a pass reported for what entry changes, if any."""
@@ -493,7 +501,7 @@ class Reconciler:
         entry = self.api.get(name)
         if entry is not None:
             return entry
-        files = {p.policy.metadata.name: p.file for p in self._current_files()[0]}
+        files = {p.policy.metadata.name: p.file for p in self._effective_files(self._load())}
         if name in files:
             reason = f"the policy comes from file {files[name]}: edit or remove the file"
             raise RefusedError([Precondition("SOURCE", name, reason)])
@@ -539,12 +547,12 @@ class Reconciler:
         self,
         entries: Mapping[str, ApiEntry],
         names: set[str],
+        files: Sequence[LoadedPolicy],
         *,
         removing: ApiEntry | None = None,
     ) -> list[str]:
-        """The changes a pass over `entries` would make to the policies `names` and
-        the policies their assignments join, and to the nftables table."""
-        files, _ = self._current_files()
+        """The changes a pass over `files` and `entries` would make to the policies
+        `names` and the policies their assignments join, and to the nftables table."""
         admitted, _refused = self._admit(files, entries)
         assignments = [m for m in self._models(entries).values() if isinstance(m, QosAssignment)]
         merge = merge_assignments([*files, *admitted], assignments, self._cgroup_exists)
@@ -557,16 +565,15 @@ class Reconciler:
             applied = self._state.policies.get(removing.name)
             if applied is not None:
                 lines.append(f"{removing.name}: - HTB tree on {applied.device}")
-        with_minors = []
+        with_minors: list[tuple[QosPolicy, Mapping[str, int]]] = []
         leaf_kind = self._leaf_kind()
         for item in merge.policies:
             name = item.policy.metadata.name
             previous = self._state.policies.get(name)
             minors = previous.minors if previous else None
             if name not in touched:
-                with_minors.append(
-                    (item.policy, build_tree(item.policy, previous_minors=minors).minors)
-                )
+                classes = [c.name for c in item.policy.spec.classes]
+                with_minors.append((item.policy, allocate_minors(classes, minors or {})))
                 continue
             changes, minors_now = plan_changes(
                 item.policy,
