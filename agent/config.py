@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import logging
 import re
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -92,8 +94,129 @@ def _identities(value: object) -> tuple[str, ...]:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+# Label keys and values as Kubernetes spells them: an optional DNS prefix and a name.
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def parse_labels(value: object) -> dict[str, str]:
+    """'k=v,k2=v2' or a mapping -> {k: v}, keys and values checked."""
+    if isinstance(value, str):
+        pairs: dict[str, object] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            key, sep, text = part.partition("=")
+            if not sep:
+                raise ValueError(f"{part!r}: want key=value")
+            pairs[key.strip()] = text.strip()
+        value = pairs
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping of label: value or 'key=value,...'")
+    labels: dict[str, str] = {}
+    for key, text in value.items():
+        if not isinstance(key, str) or not _LABEL_KEY.match(key):
+            raise ValueError(f"label key {key!r}: want [prefix/]name of letters, digits, -_.")
+        if isinstance(text, bool) or not isinstance(text, str | int | float):
+            raise ValueError(f"label {key}: value must be a string")
+        if not _LABEL_VALUE.match(str(text)):
+            raise ValueError(f"label {key}={text!r}: want up to 63 letters, digits, -_.")
+        labels[key] = str(text)
+    return labels
+
+
+Labels = Annotated[dict[str, str], BeforeValidator(parse_labels)]
+
 # grpc_listen's value that turns the TCP listener off.
 GRPC_LISTEN_OFF = "none"
+
+
+# --- the gRPC listener options, shared by the agent's and the aggregator's configs ---
+#
+# The TLS options are checked in field order, each against the ones before it, so an
+# error names the option to fix. A field that failed is missing from `info.data`; the
+# checks that need it are skipped (its own error is reported). Each is a pydantic
+# validator body: `field_validator(name)(check)` in the model.
+
+
+def grpc_listen_address(value: str) -> tuple[str, int] | None:
+    """A grpc_listen value's (host, port); None when it is none (no TCP listener)."""
+    if value == GRPC_LISTEN_OFF:
+        return None
+    return parse_listen_address(value)
+
+
+def configure_logging(level: str) -> None:
+    """The daemons' log format, to stderr (the journal adds its own timestamps)."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def check_grpc_listen(cls: type, value: str) -> str:
+    if value.strip().lower() == GRPC_LISTEN_OFF:
+        return GRPC_LISTEN_OFF
+    parse_listen_address(value)
+    return value
+
+
+def check_tls_cert(cls: type, value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    if info.data.get("grpc_listen") == GRPC_LISTEN_OFF:
+        raise ValueError("set, but grpc_listen is none: TLS is for the TCP listener")
+    _tls_check(lambda: read_certificates(value, "grpc_tls_cert"))
+    return value
+
+
+def check_tls_key(cls: type, value: Path | None, info: ValidationInfo) -> Path | None:
+    if "grpc_tls_cert" not in info.data:
+        return value
+    cert = info.data["grpc_tls_cert"]
+    if cert is None and value is not None:
+        raise ValueError("set without grpc_tls_cert: set both or neither")
+    if cert is not None and value is None:
+        raise ValueError("missing: grpc_tls_cert is set; set both or neither")
+    if cert is not None and value is not None:
+        _tls_check(lambda: read_key_for(cert, value))
+    return value
+
+
+def check_client_ca(cls: type, value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None or "grpc_tls_cert" not in info.data:
+        return value
+    if info.data["grpc_tls_cert"] is None:
+        raise ValueError(
+            "set without grpc_tls_cert and grpc_tls_key: client certificates are "
+            "checked in the TLS handshake, which needs a server certificate"
+        )
+    _tls_check(lambda: read_certificates(value, "grpc_client_ca"))
+    return value
+
+
+def check_allowed_identities(
+    cls: type, value: tuple[str, ...], info: ValidationInfo
+) -> tuple[str, ...]:
+    if value and info.data.get("grpc_client_ca", "failed") is None:
+        # Without verified client certificates an identity is only a claim.
+        raise ValueError(
+            "set without grpc_client_ca: mutations over TCP need mTLS (grpc_tls_cert, "
+            "grpc_tls_key and grpc_client_ca)"
+        )
+    return value
+
+
+def check_log_level(cls: type, value: str) -> str:
+    if value.lower() not in {"debug", "info", "warning", "error"}:
+        raise ValueError("must be one of debug, info, warning, error")
+    return value.lower()
+
+
+Identities = Annotated[tuple[str, ...], BeforeValidator(_identities)]
 
 
 class AgentConfig(BaseModel):
@@ -134,9 +257,7 @@ class AgentConfig(BaseModel):
     grpc_client_ca: Path | None = Field(default=None, validate_default=True)
     # Client identities that may change QoS over TCP: a certificate's subject CN or one
     # of its DNS or URI SANs. Needs grpc_client_ca; empty means no mutations over TCP.
-    grpc_allowed_identities: Annotated[tuple[str, ...], BeforeValidator(_identities)] = Field(
-        default=(), validate_default=True
-    )
+    grpc_allowed_identities: Identities = Field(default=(), validate_default=True)
     # Persistent state: the QoS policies last applied, for restarts without a change.
     state_dir: Path = Path("/var/lib/fabric-agent")
     # QoS policy files (*.yaml); reloaded every reconcile pass and on SIGHUP.
@@ -153,6 +274,16 @@ class AgentConfig(BaseModel):
     # Collectors to run; empty means every collector that is enabled by default.
     collectors: tuple[str, ...] = ()
     log_level: str = "info"
+    # The fleet aggregator (HOST:PORT) to register with, send summaries to and take
+    # fleet policies from; none by default (the node stands alone).
+    aggregator: str | None = None
+    # This node's labels, which the aggregator's policy selectors match (pool=training).
+    labels: Labels = Field(default_factory=dict)
+    # TLS to the aggregator: the CA of its certificate; with a client certificate and
+    # key naming this node (CN or DNS SAN = node_name) for mTLS.
+    aggregator_tls_ca: Path | None = None
+    aggregator_tls_cert: Path | None = None
+    aggregator_tls_key: Path | None = Field(default=None, validate_default=True)
 
     @field_validator("metrics_listen")
     @classmethod
@@ -160,66 +291,44 @@ class AgentConfig(BaseModel):
         parse_listen_address(value)
         return value
 
-    @field_validator("grpc_listen")
-    @classmethod
-    def _check_grpc_listen(cls, value: str) -> str:
-        if value.strip().lower() == GRPC_LISTEN_OFF:
-            return GRPC_LISTEN_OFF
-        parse_listen_address(value)
-        return value
+    _check_grpc_listen = field_validator("grpc_listen")(check_grpc_listen)
+    _check_tls_cert = field_validator("grpc_tls_cert")(check_tls_cert)
+    _check_tls_key = field_validator("grpc_tls_key")(check_tls_key)
+    _check_client_ca = field_validator("grpc_client_ca")(check_client_ca)
+    _check_allowed_identities = field_validator("grpc_allowed_identities")(check_allowed_identities)
 
-    # The TLS options are checked in field order, each against the ones before it, so an
-    # error names the option to fix. A field that failed is missing from `info.data`;
-    # the checks that need it are skipped (its own error is reported).
-
-    @field_validator("grpc_tls_cert")
+    @field_validator("aggregator")
     @classmethod
-    def _check_tls_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+    def _check_aggregator(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() == GRPC_LISTEN_OFF:
+            return None
+        _, port = parse_listen_address(value)
+        if port == 0:
+            raise ValueError("port 0: give the aggregator's port (9480 by default)")
+        return value.strip()
+
+    @field_validator("aggregator_tls_ca", "aggregator_tls_cert")
+    @classmethod
+    def _check_aggregator_pem(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is None:
             return None
-        if info.data.get("grpc_listen") == GRPC_LISTEN_OFF:
-            raise ValueError("set, but grpc_listen is none: TLS is for the TCP listener")
-        _tls_check(lambda: read_certificates(value, "grpc_tls_cert"))
+        if info.data.get("aggregator", "failed") is None:
+            raise ValueError("set without aggregator")
+        _tls_check(lambda: read_certificates(value, str(info.field_name)))
         return value
 
-    @field_validator("grpc_tls_key")
+    @field_validator("aggregator_tls_key")
     @classmethod
-    def _check_tls_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if "grpc_tls_cert" not in info.data:
+    def _check_aggregator_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "aggregator_tls_cert" not in info.data or "aggregator_tls_ca" not in info.data:
             return value
-        cert = info.data["grpc_tls_cert"]
-        if cert is None and value is not None:
-            raise ValueError("set without grpc_tls_cert: set both or neither")
-        if cert is not None and value is None:
-            raise ValueError("missing: grpc_tls_cert is set; set both or neither")
+        cert = info.data["aggregator_tls_cert"]
+        if (cert is None) != (value is None):
+            raise ValueError("aggregator_tls_cert and aggregator_tls_key: set both or neither")
         if cert is not None and value is not None:
-            _tls_check(lambda: read_key_for(cert, value))
-        return value
-
-    @field_validator("grpc_client_ca")
-    @classmethod
-    def _check_client_ca(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None or "grpc_tls_cert" not in info.data:
-            return value
-        if info.data["grpc_tls_cert"] is None:
-            raise ValueError(
-                "set without grpc_tls_cert and grpc_tls_key: client certificates are "
-                "checked in the TLS handshake, which needs a server certificate"
-            )
-        _tls_check(lambda: read_certificates(value, "grpc_client_ca"))
-        return value
-
-    @field_validator("grpc_allowed_identities")
-    @classmethod
-    def _check_allowed_identities(
-        cls, value: tuple[str, ...], info: ValidationInfo
-    ) -> tuple[str, ...]:
-        if value and info.data.get("grpc_client_ca", "failed") is None:
-            # Without verified client certificates an identity is only a claim.
-            raise ValueError(
-                "set without grpc_client_ca: mutations over TCP need mTLS (grpc_tls_cert, "
-                "grpc_tls_key and grpc_client_ca)"
-            )
+            if info.data["aggregator_tls_ca"] is None:
+                raise ValueError("a client certificate needs aggregator_tls_ca")
+            _tls_check(lambda: read_key_for(cert, value, "aggregator_tls_key"))
         return value
 
     @field_validator("interval")
@@ -236,12 +345,7 @@ class AgentConfig(BaseModel):
             raise ValueError(f"must be between 100ms and 5m, got {value:g}s")
         return value
 
-    @field_validator("log_level")
-    @classmethod
-    def _check_level(cls, value: str) -> str:
-        if value.lower() not in {"debug", "info", "warning", "error"}:
-            raise ValueError("must be one of debug, info, warning, error")
-        return value.lower()
+    _check_level = field_validator("log_level")(check_log_level)
 
     @property
     def metrics_address(self) -> tuple[str, int]:
@@ -249,10 +353,7 @@ class AgentConfig(BaseModel):
 
     @property
     def grpc_address(self) -> tuple[str, int] | None:
-        """The TCP listener's (host, port), or None when grpc_listen is none."""
-        if self.grpc_listen == GRPC_LISTEN_OFF:
-            return None
-        return parse_listen_address(self.grpc_listen)
+        return grpc_listen_address(self.grpc_listen)
 
     @property
     def collector_timeout_s(self) -> float:
@@ -279,7 +380,16 @@ def interface_selected(patterns: Sequence[str], name: str) -> bool:
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
-    """Build the config from an optional YAML file and flag overrides (None = unset)."""
+    """Build the agent's config from an optional YAML file and flag overrides."""
+    return load_model(AgentConfig, path, overrides)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_model(model: type[ModelT], path: Path | None, overrides: Mapping[str, Any]) -> ModelT:
+    """Build a config model from an optional YAML file and flag overrides (None = unset);
+    ConfigError names the source (file or command line), the key and the reason."""
     values: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -298,7 +408,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     flags = {k: v for k, v in overrides.items() if v is not None}
     values.update(flags)
     try:
-        return AgentConfig(**values)
+        return model(**values)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

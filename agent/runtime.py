@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from agent.aggregator.uplink import ReconcilerPolicies, Uplink, UplinkSettings, UplinkTls
 from agent.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer, TcpSettings
 from agent.api.telemetry import SnapshotHub
 from agent.collectors.base import Collector, CollectorContext, SharedResources, registrations
@@ -38,6 +39,25 @@ def qos_settings(config: AgentConfig) -> QosSettings:
         state_dir=config.state_dir,
         take_over=config.take_over,
         cgroup_root=config.cgroup_root or detect_cgroup2_root(),
+    )
+
+
+def uplink_settings(config: AgentConfig, collectors: Sequence[Collector]) -> UplinkSettings:
+    """How the agent reaches the aggregator (config.aggregator must be set)."""
+    assert config.aggregator is not None
+    tls = None
+    if config.aggregator_tls_ca is not None:
+        tls = UplinkTls(
+            config.aggregator_tls_ca, config.aggregator_tls_cert, config.aggregator_tls_key
+        )
+    return UplinkSettings(
+        target=config.aggregator,
+        node_name=config.node_name,
+        labels=config.labels,
+        # What the node runs, and that it enforces the fleet's QoS policies.
+        capabilities=(*(c.name for c in collectors), "qos-enforce"),
+        summary_interval_s=config.interval,
+        tls=tls,
     )
 
 
@@ -78,6 +98,11 @@ class Agent:
         )
         self.cache = ExpositionCache(collectors)
         self.hub = SnapshotHub(config.interval)
+        self.uplink: Uplink | None = None
+        if config.aggregator is not None:
+            self.uplink = Uplink(
+                uplink_settings(config, collectors), ReconcilerPolicies(self.reconciler), self.hub
+            )
         self._api: ApiServer | None = None
         self.stop_event = threading.Event()
         self.first_snapshot = threading.Event()
@@ -90,6 +115,8 @@ class Agent:
     def publish(self, snapshot: Snapshot) -> None:
         self.cache.update(snapshot)
         self.hub.publish(snapshot)
+        if self.uplink is not None:
+            self.uplink.offer(snapshot)
         self._last_tick_s = time.monotonic()
         self.first_snapshot.set()
 
@@ -130,6 +157,10 @@ class Agent:
         )
         reconciling.start()
         self._last_tick_s = time.monotonic()
+        if self.uplink is not None:
+            threading.Thread(
+                target=self.uplink.run, args=(self.stop_event,), name="uplink", daemon=True
+            ).start()
         for target, name in (
             (self._notify_ready, "sd-ready"),
             (self._notify_reloads, "sd-reload"),

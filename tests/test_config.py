@@ -88,3 +88,35 @@ def test_interface_patterns() -> None:
     assert not interface_selected(("eth*",), "ens1")
     assert interface_selected(("!bond*",), "ens1")
     assert AgentConfig(interfaces="eth*, !eth9").interfaces == ("eth*", "!eth9")
+
+
+def test_labels_and_aggregator_from_flags_and_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("aggregator: agg.example:9480\nlabels:\n  pool: training\n  gpus: 8\n")
+
+    from_file = load_config(path, {})
+    from_flags = load_config(None, {"labels": "pool=training, rack=r7", "aggregator": "none"})
+
+    assert from_file.aggregator == "agg.example:9480"
+    assert from_file.labels == {"pool": "training", "gpus": "8"}
+    assert from_flags.labels == {"pool": "training", "rack": "r7"}
+    assert from_flags.aggregator is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "reason"),
+    [
+        ({"labels": "pool"}, "labels", "want key=value"),
+        ({"labels": "pool=a b"}, "labels", "up to 63 letters"),
+        ({"labels": "-x=1"}, "labels", "label key"),
+        ({"aggregator": "agg:0"}, "aggregator", "port 0"),
+        ({"aggregator_tls_ca": "/etc/hostname"}, "aggregator_tls_ca", "set without aggregator"),
+    ],
+)
+def test_bad_fleet_options_name_the_option(
+    overrides: dict[str, str], key: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert caught.value.key == key
+    assert reason in caught.value.reason

@@ -1,4 +1,5 @@
-"""The shipped unit file passes `systemd-analyze verify`."""
+"""The shipped unit files pass `systemd-analyze verify`; the annotated config files are
+the programs' defaults."""
 
 from __future__ import annotations
 
@@ -10,19 +11,25 @@ from pathlib import Path
 
 import pytest
 
+from agent.aggregator.config import AggregatorConfig
+from agent.config import load_model
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "fabric-agent.service"
+AGGREGATOR_UNIT = ROOT / "systemd" / "fabric-aggregator.service"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_unit_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shipped", [UNIT, AGGREGATOR_UNIT], ids=lambda p: p.name)
+def test_unit_verifies(tmp_path: Path, shipped: Path) -> None:
     # verify checks that ExecStart's binary exists: point it at this checkout's script.
-    executable = Path(sys.executable).parent / "fabric-agent"
+    program = shipped.stem
+    executable = Path(sys.executable).parent / program
     assert executable.exists(), f"{executable} missing: pip install -e ."
-    text = UNIT.read_text()
-    assert "ExecStart=/usr/bin/fabric-agent " in text
-    unit = tmp_path / UNIT.name
-    unit.write_text(text.replace("ExecStart=/usr/bin/fabric-agent ", f"ExecStart={executable} "))
+    text = shipped.read_text()
+    assert f"ExecStart=/usr/bin/{program} " in text
+    unit = tmp_path / shipped.name
+    unit.write_text(text.replace(f"ExecStart=/usr/bin/{program} ", f"ExecStart={executable} "))
 
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(unit)],
@@ -50,3 +57,22 @@ def test_unit_is_type_notify_with_watchdog_and_reload() -> None:
         "NoNewPrivileges=yes",
     ):
         assert expected in directives
+
+
+def test_aggregator_unit_is_type_notify_without_privileges() -> None:
+    directives = [line.strip() for line in AGGREGATOR_UNIT.read_text().splitlines()]
+
+    for expected in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "DynamicUser=yes",
+        "CapabilityBoundingSet=",
+        "StateDirectory=fabric-aggregator",
+    ):
+        assert expected in directives
+
+
+def test_shipped_aggregator_config_is_the_default() -> None:
+    config = load_model(AggregatorConfig, ROOT / "systemd" / "aggregator.yaml", {})
+
+    assert config == AggregatorConfig(replica_name=config.replica_name)

@@ -97,6 +97,9 @@ _LATEST: dict[
     (pb.TOP_ENTITY_GPU, "nvlink_receive_bytes_per_second"): lambda s: (
         (str(g.index), g.nvlink_receive_bytes_per_second) for g in s.gpus
     ),
+    (pb.TOP_ENTITY_NVLINK, "nvlink_down"): lambda s: (
+        (f"{g.index}/{link}", 1.0) for g in s.gpus for link in g.nvlink_links_down
+    ),
     (pb.TOP_ENTITY_NIC, "nic_transmit_bytes_per_second"): lambda s: (
         (n.device, n.transmit_bytes_per_second) for n in s.nics
     ),
@@ -112,6 +115,7 @@ _DELTAS: dict[tuple[pb.TopEntity.ValueType, str], str] = {
     (pb.TOP_ENTITY_NODE, "qos_drops"): "node",
     (pb.TOP_ENTITY_GPU, "nvlink_errors"): "gpu",
     (pb.TOP_ENTITY_GPU, "xids"): "gpu",
+    (pb.TOP_ENTITY_NVLINK, "nvlink_errors"): "nvlink",
     (pb.TOP_ENTITY_NIC, "nic_errors"): "nic",
     (pb.TOP_ENTITY_NIC, "nic_drops"): "nic",
 }
@@ -205,6 +209,12 @@ class NodeRegistry:
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    def status_counts(self) -> dict[pb.NodeStatus.ValueType, int]:
+        counts = dict.fromkeys((CONNECTED, STALE, UNREACHABLE), 0)
+        for record in self._nodes.values():
+            counts[record.status] += 1
+        return counts
 
     def nodes(
         self,
@@ -316,6 +326,10 @@ def _deltas_of(summary: pb.NodeSummary) -> dict[tuple[str, str, str], float]:
     for gpu in summary.gpus:
         add("gpu", str(gpu.index), "nvlink_errors", gpu.nvlink_errors)
         add("gpu", str(gpu.index), "xids", sum(x.count for x in gpu.new_xids))
+        # Per link only: the GPU's total above already counts them for the node.
+        for link in gpu.nvlink_link_errors:
+            key = ("nvlink", f"{gpu.index}/{link.link}", "nvlink_errors")
+            deltas[key] = deltas.get(key, 0.0) + link.errors
     for nic in summary.nics:
         add("nic", nic.device, "nic_errors", nic.errors)
         add("nic", nic.device, "nic_drops", nic.drops)

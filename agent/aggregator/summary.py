@@ -69,6 +69,8 @@ class _LinkTotals:
     links: int = 0
     down: list[int] = field(default_factory=list)
     errors: int = 0
+    # (link, errors) of the links with errors this interval.
+    erring: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +145,10 @@ class SummaryBuilder:
                 elapsed_s,
             )
             if errors is not None and before is not None:
-                gpu.errors += _increase(errors, before[2])
+                increase = _increase(errors, before[2])
+                if increase:
+                    gpu.errors += increase
+                    gpu.erring.append((sample.link, increase))
         section.at_s = snapshot.completed_wall_s
         section.counters = counters
         return totals
@@ -170,6 +175,8 @@ class SummaryBuilder:
                 message.nvlink_links = totals.links
                 message.nvlink_links_down.extend(totals.down)
                 message.nvlink_errors = totals.errors
+                for link, errors in totals.erring:
+                    message.nvlink_link_errors.add(link=link, errors=errors)
             before = section.counters.get(key)
             # Equal tuples, the usual case, raised nothing: skip building the lookup.
             if before is not None and before != sample.xid_errors:

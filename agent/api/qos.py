@@ -20,7 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from agent.api import convert, objects
-from agent.api.security import Authorizer
+from agent.api.security import Authorizer, authorize_mutation
 from agent.api.telemetry import SnapshotSource
 from agent.collectors.qos_stats import QosClassSample
 from agent.errors import FabricError
@@ -67,6 +67,7 @@ _STATES = {
 _SOURCES = {
     "file": qos_service_pb2.POLICY_SOURCE_FILE,
     "api": qos_service_pb2.POLICY_SOURCE_API,
+    "fleet": qos_service_pb2.POLICY_SOURCE_FLEET,
 }
 
 
@@ -183,18 +184,19 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 # --- errors as statuses ------------------------------------------------------------------
 
 
-def _abort_with(
-    context: grpc.ServicerContext, code: grpc.StatusCode, message: str, detail: object
-) -> NoReturn:
+def rich_status(code: grpc.StatusCode, message: str, detail: object) -> grpc.Status:
+    """A status carrying one google.rpc detail message (BadRequest, PreconditionFailure),
+    for `abort_with_status` (sync) or `abort(code, details, trailing_metadata)` (asyncio)."""
     packed = any_pb2.Any()
     packed.Pack(detail)  # type: ignore[arg-type]
     # StatusCode.value is (google.rpc code number, name).
     status = status_pb2.Status(code=code.value[0], message=message, details=[packed])
-    context.abort_with_status(rpc_status.to_status(status))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
+    return rpc_status.to_status(status)
 
 
-def abort_invalid(context: grpc.ServicerContext, exc: PolicyError) -> NoReturn:
+def invalid_status(exc: PolicyError) -> grpc.Status:
+    """INVALID_ARGUMENT with a BadRequest naming each violation's field path, capped so
+    the trailers fit gRPC's limit."""
     detail = error_details_pb2.BadRequest()
     shown = 0
     for violation in exc.violations:
@@ -210,14 +212,15 @@ def abort_invalid(context: grpc.ServicerContext, exc: PolicyError) -> NoReturn:
         detail.field_violations.add(field="", description=f"{hidden} more problems not shown")
     texts = [f"{v.path}: {v.reason}" if v.path else v.reason for v in exc.violations]
     message = _clip("; ".join(texts), MAX_MESSAGE_CHARS)
-    _abort_with(context, grpc.StatusCode.INVALID_ARGUMENT, message, detail)
+    return rich_status(grpc.StatusCode.INVALID_ARGUMENT, message, detail)
 
 
 def _clip(text: str, limit: int = MAX_FIELD_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def abort_refused(context: grpc.ServicerContext, exc: RefusedError) -> NoReturn:
+def refused_status(exc: RefusedError) -> grpc.Status:
+    """FAILED_PRECONDITION with a PreconditionFailure per problem."""
     detail = error_details_pb2.PreconditionFailure(
         violations=[
             error_details_pb2.PreconditionFailure.Violation(
@@ -227,21 +230,26 @@ def abort_refused(context: grpc.ServicerContext, exc: RefusedError) -> NoReturn:
         ]
     )
     message = _clip(str(exc), MAX_MESSAGE_CHARS)
-    _abort_with(context, grpc.StatusCode.FAILED_PRECONDITION, message, detail)
+    return rich_status(grpc.StatusCode.FAILED_PRECONDITION, message, detail)
+
+
+def _abort_with(context: grpc.ServicerContext, status: grpc.Status) -> NoReturn:
+    context.abort_with_status(status)
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
 def _abort_for(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, PolicyError):
-        abort_invalid(context, exc)
+        _abort_with(context, invalid_status(exc))
     if isinstance(exc, RefusedError):
-        abort_refused(context, exc)
+        _abort_with(context, refused_status(exc))
     if isinstance(exc, LeaseError):
         detail = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field="lease_ttl", description=str(exc))
             ]
         )
-        _abort_with(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), detail)
+        _abort_with(context, rich_status(grpc.StatusCode.INVALID_ARGUMENT, str(exc), detail))
     if isinstance(exc, NotFoundError):
         context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
     if isinstance(exc, KernelStateConflict):
@@ -272,7 +280,7 @@ class QosServicer(qos_service_pb2_grpc.QosServiceServicer):
     def ApplyPolicy(
         self, request: qos_service_pb2.ApplyPolicyRequest, context: grpc.ServicerContext
     ) -> qos_service_pb2.ApplyPolicyResponse:
-        self._authorizer.authorize_mutation(context)
+        authorize_mutation(self._authorizer, context)
         try:
             model = model_from_request(request.object)
             ttl = ttl_seconds(request.lease_ttl, request.HasField("lease_ttl"))
@@ -291,7 +299,7 @@ class QosServicer(qos_service_pb2_grpc.QosServiceServicer):
     def RenewLease(
         self, request: qos_service_pb2.RenewLeaseRequest, context: grpc.ServicerContext
     ) -> qos_service_pb2.RenewLeaseResponse:
-        self._authorizer.authorize_mutation(context)
+        authorize_mutation(self._authorizer, context)
         try:
             ttl = ttl_seconds(request.lease_ttl, request.HasField("lease_ttl"))
             view = self._backend.renew_lease(request.name, ttl)
@@ -302,7 +310,7 @@ class QosServicer(qos_service_pb2_grpc.QosServiceServicer):
     def DeletePolicy(
         self, request: qos_service_pb2.DeletePolicyRequest, context: grpc.ServicerContext
     ) -> qos_service_pb2.DeletePolicyResponse:
-        self._authorizer.authorize_mutation(context)
+        authorize_mutation(self._authorizer, context)
         try:
             if not request.validate_only:
                 _check_time(context)

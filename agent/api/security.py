@@ -28,61 +28,87 @@ from agent.errors import FabricError
 log = logging.getLogger(__name__)
 
 
-class Authorizer(Protocol):
-    """Decides whether the caller of a QoS mutation (ApplyPolicy, RenewLease,
-    DeletePolicy) may make it; aborts the RPC with PERMISSION_DENIED or UNAUTHENTICATED
-    when not, returns when it may."""
+class AuthContext(Protocol):
+    """The part of a servicer context (sync or asyncio) that says who is calling."""
 
-    def authorize_mutation(self, context: grpc.ServicerContext) -> None: ...
+    def auth_context(self) -> Mapping[str, object]: ...
+
+
+# A refused call: the status code and the message that says how to get in.
+Refusal = tuple[grpc.StatusCode, str]
+
+
+class Authorizer(Protocol):
+    """Decides whether the caller of a mutation (the agent's ApplyPolicy, RenewLease and
+    DeletePolicy; the aggregator's ApplyPolicy and DeletePolicy) may make it."""
+
+    def refusal(self, context: AuthContext) -> Refusal | None:
+        """None when the caller may; else PERMISSION_DENIED or UNAUTHENTICATED and why."""
+        ...
+
+
+def authorize_mutation(authorizer: Authorizer, context: grpc.ServicerContext) -> None:
+    """Abort a synchronous RPC that `authorizer` refuses; return when it may go on."""
+    refused = authorizer.refusal(context)
+    if refused is not None:
+        context.abort(*refused)
 
 
 class AllowAll:
-    """The unix socket: access is the socket file's mode and group."""
+    """A unix socket: access is the socket file's mode and group."""
 
-    def authorize_mutation(self, context: grpc.ServicerContext) -> None:
+    def refusal(self, context: AuthContext) -> Refusal | None:
         return None
 
 
-# Why a mutation over TCP was refused, for every refusal: the client sees how to get in.
-_NEEDS_MTLS = (
-    "QoS mutations over TCP need mTLS with an allowed client identity "
-    "(grpc_tls_cert, grpc_tls_key, grpc_client_ca, grpc_allowed_identities) "
-    "or the agent's unix socket"
-)
+def _needs_mtls(alternative: str) -> str:
+    """Why a mutation over TCP was refused, for every refusal: the client sees how to
+    get in."""
+    return (
+        "mutations over TCP need mTLS with an allowed client identity "
+        "(grpc_tls_cert, grpc_tls_key, grpc_client_ca, grpc_allowed_identities) "
+        f"or {alternative}"
+    )
+
+
+AGENT_SOCKET = "the agent's unix socket"
 
 
 class ReadOnly:
     """TCP without client certificates: anyone who can connect may read, nobody may
-    change QoS."""
+    change anything. `alternative` names the way in that does not need mTLS."""
 
-    def authorize_mutation(self, context: grpc.ServicerContext) -> None:
-        context.abort(
-            grpc.StatusCode.PERMISSION_DENIED, f"{_NEEDS_MTLS}; this listener has no mTLS"
-        )
+    def __init__(self, alternative: str = AGENT_SOCKET) -> None:
+        self.alternative = alternative
+
+    def refusal(self, context: AuthContext) -> Refusal | None:
+        message = f"{_needs_mtls(self.alternative)}; this listener has no mTLS"
+        return grpc.StatusCode.PERMISSION_DENIED, message
 
 
 class AllowedClients:
     """TCP with mTLS: the TLS handshake has verified the client certificate against
     grpc_client_ca; mutations are for certificates naming an allowed identity."""
 
-    def __init__(self, identities: Iterable[str]) -> None:
+    def __init__(self, identities: Iterable[str], alternative: str = AGENT_SOCKET) -> None:
         self.identities = frozenset(identities)
+        self.alternative = alternative
 
-    def authorize_mutation(self, context: grpc.ServicerContext) -> None:
+    def refusal(self, context: AuthContext) -> Refusal | None:
         names = client_identities(context)
         if not names:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{_NEEDS_MTLS}; no client certificate identity on this call",
-            )
+            message = f"{_needs_mtls(self.alternative)}; no client certificate identity"
+            return grpc.StatusCode.UNAUTHENTICATED, message
         if self.identities.isdisjoint(names):
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{_NEEDS_MTLS}; client {names[0]!r} is not in grpc_allowed_identities",
+            message = (
+                f"{_needs_mtls(self.alternative)}; client {names[0]!r} is not in "
+                "grpc_allowed_identities"
             )
+            return grpc.StatusCode.PERMISSION_DENIED, message
+        return None
 
 
-def client_identities(context: grpc.ServicerContext) -> tuple[str, ...]:
+def client_identities(context: AuthContext) -> tuple[str, ...]:
     """The verified client certificate's subject CN, then its DNS and URI SANs; empty
     when the call did not come over TLS with a client certificate."""
     # The stubs say Mapping[str, bytes]; grpc returns a list of values per key.

@@ -81,6 +81,29 @@ _TCP_OPTIONS = (*_SERVER_OPTIONS, ("grpc.so_reuseport", 0))
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def claim_socket_path(path: Path) -> None:
+    """Make way for a unix socket at `path`: its directory exists and a stale socket
+    (left by a crash) is gone. ListenError for a path that is not a socket."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ListenError(f"{path}: exists and is not a socket; refusing to replace it")
+            path.unlink()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on unix:{path}: {exc}") from exc
+
+
+def restrict_socket(path: Path, group: str | None) -> None:
+    """Mode 0660 and, when given, the group that may connect."""
+    try:
+        os.chmod(path, SOCKET_MODE)
+        if group is not None:
+            shutil.chown(path, group=group)
+    except (OSError, LookupError) as exc:
+        raise ListenError(f"{path}: cannot set mode or group {group!r}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class TcpSettings:
     """The TCP listener: where, and with which certificates and allowed clients."""
@@ -210,14 +233,10 @@ class ApiServer:
             host, _ = self.tcp.address
             log.info("gRPC API on %s:%d (%s)", host, self._tcp_port, self.tcp.describe())
         try:
-            os.chmod(self.socket_path, SOCKET_MODE)
-            if self._group is not None:
-                shutil.chown(self.socket_path, group=self._group)
-        except (OSError, LookupError) as exc:
+            restrict_socket(self.socket_path, self._group)
+        except ListenError:
             self.stop()
-            raise ListenError(
-                f"{self.socket_path}: cannot set mode or group {self._group!r}: {exc}"
-            ) from exc
+            raise
         if any(not event.is_set() for event in self._readiness.values()):
             self._watcher = threading.Thread(
                 target=self._watch_readiness, name="api-health", daemon=True
@@ -237,16 +256,11 @@ class ApiServer:
             ) from exc
 
     def _bind_unix(self) -> None:
-        path = self.socket_path
+        claim_socket_path(self.socket_path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists() or path.is_symlink():
-                if not stat.S_ISSOCK(path.lstat().st_mode):
-                    raise ListenError(f"{path}: exists and is not a socket; refusing to replace it")
-                path.unlink()
-            self._unix.add_insecure_port(f"unix:{path}")
-        except (OSError, RuntimeError) as exc:
-            raise ListenError(f"cannot listen on unix:{path} for the API: {exc}") from exc
+            self._unix.add_insecure_port(f"unix:{self.socket_path}")
+        except RuntimeError as exc:
+            raise ListenError(f"cannot listen on unix:{self.socket_path}: {exc}") from exc
 
     def _watch_readiness(self) -> None:
         pending = {s: e for s, e in self._readiness.items() if not e.is_set()}

@@ -18,7 +18,7 @@ from agent import __version__
 from agent.cli import policy as policy_cli
 from agent.cli.render import render_text
 from agent.collectors.base import SharedResources
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, configure_logging, load_config
 from agent.errors import ConfigError, ListenError
 from agent.exporter import ExpositionCache
 from agent.runtime import Agent, build_collectors
@@ -58,6 +58,11 @@ _CONFIG_FLAGS: dict[str, str] = {
     "--on-exit": "keep (default) or remove the agent's qdiscs and tables on exit",
     "--take-over": "true to replace root qdiscs the agent does not own (default false)",
     "--cgroup-root": "cgroup2 mount point (default: detected)",
+    "--aggregator": "HOST:PORT of the fleet aggregator to register with (default: none)",
+    "--labels": "this node's labels for fleet policy selectors, e.g. pool=training,rack=r7",
+    "--aggregator-tls-ca": "PEM CA of the aggregator's certificate (TLS to the aggregator)",
+    "--aggregator-tls-cert": "PEM client certificate naming this node (mTLS to the aggregator)",
+    "--aggregator-tls-key": "PEM private key of --aggregator-tls-cert",
 }
 
 
@@ -105,11 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fabric-agent: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level)
     try:
         if args.command == "run":
             return _run(config)

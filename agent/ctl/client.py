@@ -171,14 +171,17 @@ def _details(
     return fields, preconditions
 
 
-def describe_failure(failure: RpcFailure, where: str, target: Target) -> list[str]:
+def describe_failure(
+    failure: RpcFailure, where: str, target: Target, peer: str = "agent"
+) -> list[str]:
     """Lines for stderr: `WHERE: FIELD: REASON` per field violation, the message and
-    each failed precondition otherwise; unreachable agents named by their target."""
+    each failed precondition otherwise; an unreachable `peer` (the agent, the aggregator)
+    named by its target."""
     if failure.code in UNREACHABLE_CODES:
         what = "did not answer in time" if failure.code is grpc.StatusCode.DEADLINE_EXCEEDED else (
             "is unreachable"
         )  # fmt: skip
-        return [f"{where}: agent at {target} {what}: {failure.message}"]
+        return [f"{where}: {peer} at {target} {what}: {failure.message}"]
     if failure.field_violations:
         return [f"{where}: {path}: {reason}" for path, reason in failure.field_violations]
     lines = [f"{where}: {failure.message or failure.code.name}"]
@@ -188,6 +191,6 @@ def describe_failure(failure: RpcFailure, where: str, target: Target) -> list[st
     if failure.code in refused and not target.unix:
         lines.append(
             "  (changes over TCP need mTLS (--tls-ca, --tls-cert, --tls-key) with a client "
-            "identity the agent allows)"
+            f"identity the {peer} allows)"
         )
     return lines

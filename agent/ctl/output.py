@@ -67,12 +67,23 @@ def percent(ratio: float) -> str:
     return f"{ratio * 100:.0f}%"
 
 
+def utc_stamp(unix_s: float) -> str:
+    """`2025-06-01T12:00:00Z`."""
+    return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def expiry(unix_s: float, now_s: float | None = None) -> str:
     """`2025-06-01T12:00:00Z (in 59m58s)`, or `(expired)` once past."""
     now_s = time.time() if now_s is None else now_s
-    stamp = datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = utc_stamp(unix_s)
     left = unix_s - now_s
     return f"{stamp} (in {human_duration(left)})" if left > 0 else f"{stamp} (expired)"
+
+
+def ago(unix_s: float, now_s: float | None = None) -> str:
+    """`2s ago`, `1h5m ago`; a time ahead of this clock (skew) reads `0s ago`."""
+    now_s = time.time() if now_s is None else now_s
+    return f"{human_duration(now_s - unix_s)} ago"
 
 
 def or_dash(value: str) -> str:

@@ -336,6 +336,8 @@ def _source(info: qos_service_pb2.PolicyInfo) -> str:
         return f"file {info.file}" if info.file else "file"
     if info.source == qos_service_pb2.POLICY_SOURCE_API:
         return "api"
+    if info.source == qos_service_pb2.POLICY_SOURCE_FLEET:
+        return "fleet"
     return "-"
 
 

@@ -43,6 +43,10 @@ MIN_LEASE_S = 1.0
 MAX_LEASE_S = 30 * 24 * 3600.0
 
 ENFORCED, PENDING, FAILED = "enforced", "pending", "failed"
+# Who applied an API object: a local API client, or the fleet aggregator. Each changes
+# only its own objects, so an orchestrator on the node cannot undo a fleet assignment
+# and the aggregator's resync never removes a job's assignment.
+ORIGIN_API, ORIGIN_FLEET = "api", "fleet"
 
 
 class NotFoundError(FabricError):
@@ -89,6 +93,7 @@ class ApiEntry:
     lease_ttl_s: float | None = None
     # Unix time the lease runs out; None: no lease.
     expires_at: float | None = None
+    origin: str = ORIGIN_API
 
     def model(self) -> PolicyObject:
         return validate_object(self.document, f"{API_FILE}:{self.name}")
@@ -104,6 +109,7 @@ class ApiEntry:
             "applied_at": self.applied_at,
             "lease_ttl_s": self.lease_ttl_s,
             "expires_at": self.expires_at,
+            "origin": self.origin,
         }
 
     @classmethod
@@ -116,13 +122,25 @@ class ApiEntry:
             applied_at=float(data["applied_at"]),
             lease_ttl_s=None if ttl is None else float(ttl),
             expires_at=None if expires is None else float(expires),
+            origin=str(data.get("origin", ORIGIN_API)),
         )
 
 
-def new_entry(obj: PolicyObject, now: float, ttl_s: float | None) -> ApiEntry:
+def new_entry(
+    obj: PolicyObject, now: float, ttl_s: float | None, origin: str = ORIGIN_API
+) -> ApiEntry:
     document = obj.model_dump(mode="json", by_alias=True, exclude_none=True)
     expires = None if ttl_s is None else now + ttl_s
-    return ApiEntry(obj.metadata.name, obj.kind, document, now, ttl_s, expires)
+    return ApiEntry(obj.metadata.name, obj.kind, document, now, ttl_s, expires, origin)
+
+
+def check_origin(entry: ApiEntry | None, origin: str) -> None:
+    """RefusedError (OWNERSHIP) when `entry` exists and belongs to the other origin."""
+    if entry is None or entry.origin == origin:
+        return
+    owner = "the fleet aggregator" if entry.origin == ORIGIN_FLEET else "the node's API"
+    reason = f"applied by {owner}: change or delete it there"
+    raise RefusedError([Precondition("OWNERSHIP", entry.name, reason)])
 
 
 class ApiPolicyStore:

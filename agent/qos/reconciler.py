@@ -35,6 +35,8 @@ from agent.qos.api_policies import (
     API_SOURCE,
     ENFORCED,
     FAILED,
+    ORIGIN_API,
+    ORIGIN_FLEET,
     PENDING,
     ApiEntry,
     ApiPolicyStore,
@@ -43,6 +45,7 @@ from agent.qos.api_policies import (
     Precondition,
     RefusedError,
     check_lease_ttl,
+    check_origin,
     merge_assignments,
     new_entry,
 )
@@ -106,7 +109,7 @@ class PolicyView:
     """One policy or assignment as the API lists it."""
 
     name: str
-    source: str  # file | api
+    source: str  # file | api | fleet
     file: str
     kind: str
     # The object as its source gave it (YAML names).
@@ -229,15 +232,22 @@ class Reconciler:
     # --- the API ---
 
     def apply_object(
-        self, obj: PolicyObject, *, ttl_s: float | None = None, validate_only: bool = False
+        self,
+        obj: PolicyObject,
+        *,
+        ttl_s: float | None = None,
+        validate_only: bool = False,
+        origin: str = ORIGIN_API,
     ) -> ApiOutcome:
         """Create or replace an API policy or assignment and enforce it. Raises
-        RefusedError (with nothing changed) when the node cannot take it."""
+        RefusedError (with nothing changed) when the node cannot take it, or when an
+        object of that name came from the other origin (local API or fleet)."""
         check_lease_ttl(ttl_s)
         name = obj.metadata.name
         with self._lock:
+            check_origin(self.api.get(name), origin)
             now = time.time()
-            entry = new_entry(obj, now, ttl_s)
+            entry = new_entry(obj, now, ttl_s, origin)
             candidate = {**{e.name: e for e in self.api.entries()}, name: entry}
             # The policy files are read once: admission and the pass share the read.
             read = self._load()
@@ -272,10 +282,13 @@ class Reconciler:
             )
             return ApiOutcome(self._view_of(entry), outcome.changes)
 
-    def delete_object(self, name: str, *, validate_only: bool = False) -> ApiOutcome:
+    def delete_object(
+        self, name: str, *, validate_only: bool = False, origin: str = ORIGIN_API
+    ) -> ApiOutcome:
         """Remove an API policy or assignment and what it put in the kernel."""
         with self._lock:
             entry = self._api_entry(name)
+            check_origin(entry, origin)
             candidate = {e.name: e for e in self.api.entries() if e.name != name}
             if validate_only:
                 files = self._effective_files(self._load())
@@ -293,6 +306,7 @@ class Reconciler:
         check_lease_ttl(ttl_s)
         with self._lock:
             entry = self._api_entry(name)
+            check_origin(entry, ORIGIN_API)
             ttl = ttl_s if ttl_s is not None else entry.lease_ttl_s
             if ttl is None:
                 raise LeaseError(f"{name} has no lease to renew; give a lease TTL to add one")
@@ -311,6 +325,11 @@ class Reconciler:
             files = self._effective_files(self._load())
             self._admit_or_refuse(name, candidate, files)
             return self._plan(candidate, {name}, files)
+
+    def fleet_names(self) -> set[str]:
+        """The API objects the fleet aggregator applied."""
+        with self._lock:
+            return {e.name for e in self.api.entries() if e.origin == ORIGIN_FLEET}
 
     def policies(self) -> list[PolicyView]:
         """Every file policy, then every API object, as of the last pass."""
@@ -512,7 +531,7 @@ class Reconciler:
         managed = self._managed.get(entry.name)
         return PolicyView(
             name=entry.name,
-            source="api",
+            source=entry.origin,
             file="",
             kind=entry.kind,
             document=entry.document,

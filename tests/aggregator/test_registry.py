@@ -167,6 +167,28 @@ def test_top_errors_over_a_window_and_in_the_latest_summary() -> None:
     assert latest == [("n1", "", 1.0)]
 
 
+def test_top_links_by_errors_and_down() -> None:
+    clock = Clock()
+    reg = registry(clock, [])
+    register(reg, "n1")
+    register(reg, "n2")
+    erring = summary(nvlink_errors=7, links_down=(3,))
+    erring.gpus[0].nvlink_link_errors.add(link=5, errors=6)
+    erring.gpus[0].nvlink_link_errors.add(link=2, errors=1)
+    reg.summary("n1", erring)
+    clock.now += 1
+    reg.summary("n1", summary(links_down=(3,)))
+    reg.summary("n2", summary(nvlink_errors=2))
+
+    links = reg.top(pb.TOP_ENTITY_NVLINK, "nvlink_errors", 5, window_s=60)
+    nodes = reg.top(pb.TOP_ENTITY_NODE, "nvlink_errors", 5, window_s=60)
+    down = reg.top(pb.TOP_ENTITY_NVLINK, "nvlink_down", 5)
+
+    assert links == [("n1", "0/5", 6.0), ("n1", "0/2", 1.0)]
+    assert nodes == [("n1", "", 7.0), ("n2", "", 2.0)]  # links are not counted twice
+    assert down == [("n1", "0/3", 1.0)]
+
+
 def test_unknown_top_metric_names_the_known_ones() -> None:
     reg = registry(Clock(), [])
     with pytest.raises(QueryError, match="unknown metric 'bogus' for TOP_ENTITY_NIC"):

@@ -122,6 +122,7 @@ def test_rates_and_deltas_over_the_interval() -> None:
     assert gpu0.nvlink_receive_bytes_per_second == 7.0
     assert gpu0.nvlink_links == 2 and list(gpu0.nvlink_links_down) == [1]
     assert gpu0.nvlink_errors == 5  # 3 replays on link 0, 2 CRC flit errors on link 1
+    assert [(e.link, e.errors) for e in gpu0.nvlink_link_errors] == [(0, 3), (1, 2)]
     eth0 = nic_summary(summary, "eth0")
     assert eth0.receive_bytes_per_second == 1000.0
     assert eth0.transmit_bytes_per_second == 2000.0

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent.api.channel import CLIENT_KEEPALIVE_TIME_MS, SERVER_MIN_PING_INTERVAL_MS
 from agent.api.objects import object_from_document
-from agent.api.security import AllowedClients, ReadOnly, TlsFiles
+from agent.api.security import AllowedClients, ReadOnly, TlsFiles, authorize_mutation
 from agent.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer, TcpSettings
 from agent.api.telemetry import SnapshotHub
 from agent.proto.fabric.v1 import qos_service_pb2 as qos_pb
@@ -375,7 +375,7 @@ def test_allowed_clients_without_a_certificate_identity_is_unauthenticated() -> 
 
     for context in (tls_without_cert, plaintext):
         with pytest.raises(Aborted) as caught:
-            authorizer.authorize_mutation(context)  # type: ignore[arg-type]
+            authorize_mutation(authorizer, context)  # type: ignore[arg-type]
         assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -385,7 +385,7 @@ def test_read_only_refuses_even_a_verified_identity() -> None:
     )
 
     with pytest.raises(Aborted) as caught:
-        ReadOnly().authorize_mutation(context)  # type: ignore[arg-type]
+        authorize_mutation(ReadOnly(), context)  # type: ignore[arg-type]
 
     assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,28 @@ from agent.proto.fabric.v1 import (
     telemetry_service_pb2,
     telemetry_service_pb2_grpc,
 )
+from tests.api.conftest import Ca
 from tests.conftest import VethPair, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# A valid two-class policy document, as fabricctl reads it from a file.
+POLICY = {
+    "apiVersion": "fabric.qos/v1alpha1",
+    "kind": "QosPolicy",
+    "metadata": {"name": "training-node"},
+    "spec": {
+        "interface": "eth0",
+        "direction": "egress",
+        "bandwidth": "100Gbit",
+        "defaultClass": "best-effort",
+        "classes": [
+            {"name": "collectives", "priority": 0, "rate": "60Gbit",
+             "match": [{"dstPorts": [29500]}]},
+            {"name": "best-effort", "priority": 7, "rate": "10Gbit"},
+        ],
+    },
+}  # fmt: skip
 
 # An answer: a response, a status to abort with, or a list of them used one per call.
 Answer = Message | grpc.Status
@@ -319,3 +339,25 @@ def netns_agent(shaped_pair: VethPair, tmp_path: Path) -> Iterator[RealAgent]:
     finally:
         agent.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def mtls_server(
+    ca: Ca, server_name: str, add_servicer: Callable[[grpc.Server], None]
+) -> Iterator[int]:
+    """A loopback server that requires client certificates from `ca`, its certificate
+    naming `server_name`; yields its port."""
+    server_cert = ca.issue(server_name.split(".")[0], server=True, dns=[server_name])
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    add_servicer(server)
+    credentials = grpc.ssl_server_credentials(
+        [(server_cert.key_pem, server_cert.cert_pem)],
+        root_certificates=ca.cert_pem,
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0).wait()

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -25,33 +24,19 @@ from agent.ctl.output import human_duration, table
 from agent.proto.fabric.v1 import qos_service_pb2, qos_service_pb2_grpc, telemetry_service_pb2
 from tests.api.conftest import Ca
 from tests.ctl.conftest import (
+    POLICY,
     ROOT,
     FakeAgent,
     FakeQos,
     bad_request,
     free_port,
+    mtls_server,
     plain_status,
     precondition_failed,
     run_fabricctl,
     snapshot,
 )
 
-POLICY = {
-    "apiVersion": "fabric.qos/v1alpha1",
-    "kind": "QosPolicy",
-    "metadata": {"name": "training-node"},
-    "spec": {
-        "interface": "eth0",
-        "direction": "egress",
-        "bandwidth": "100Gbit",
-        "defaultClass": "best-effort",
-        "classes": [
-            {"name": "collectives", "priority": 0, "rate": "60Gbit",
-             "match": [{"dstPorts": [29500]}]},
-            {"name": "best-effort", "priority": 7, "rate": "10Gbit"},
-        ],
-    },
-}  # fmt: skip
 ASSIGNMENT = {
     "apiVersion": "fabric.qos/v1alpha1",
     "kind": "QosAssignment",
@@ -660,20 +645,14 @@ def test_options_after_the_command(
 
 def test_mtls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ca = Ca(tmp_path, "ca")
-    server_cert = ca.issue("agent", server=True, dns=["node-1.fabric"])
     client_cert = ca.issue("operator")
     qos = FakeQos()
     qos.answers["ListPolicies"] = qos_service_pb2.ListPoliciesResponse(policies=[policy_info("a")])
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    qos_service_pb2_grpc.add_QosServiceServicer_to_server(qos, server)
-    credentials = grpc.ssl_server_credentials(
-        [(server_cert.key_pem, server_cert.cert_pem)],
-        root_certificates=ca.cert_pem,
-        require_client_auth=True,
-    )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    try:
+
+    def add(server: grpc.Server) -> None:
+        qos_service_pb2_grpc.add_QosServiceServicer_to_server(qos, server)
+
+    with mtls_server(ca, "node-1.fabric", add) as port:
         tls = ["--tls-ca", str(ca.cert), "--tls-server-name", "node-1.fabric"]
         client_flags = ["--tls-cert", str(client_cert.cert), "--tls-key", str(client_cert.key)]
         code = main(["--agent", f"127.0.0.1:{port}", *tls, *client_flags, "policy", "list"])
@@ -682,5 +661,3 @@ def test_mtls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         # Without a client certificate the handshake fails: nothing answers.
         code = main(["--agent", f"127.0.0.1:{port}", "--timeout", "2s", *tls, "policy", "list"])
         assert code == 3
-    finally:
-        server.stop(0).wait()

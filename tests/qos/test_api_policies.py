@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.qos import tc
-from agent.qos.api_policies import API_FILE, ENFORCED, PENDING, RefusedError
+from agent.qos.api_policies import API_FILE, ENFORCED, ORIGIN_FLEET, PENDING, RefusedError
 from agent.qos.nftables import Nftables
 from agent.qos.nftrules import TABLE_FAMILY, TABLE_NAME
 from agent.qos.policy import QosAssignment, QosPolicy, detect_cgroup2_root, validate_object
@@ -271,5 +271,40 @@ def test_api_policies_survive_a_restart_without_a_change(
         assert result.changes == ()
         assert [v.name for v in second.policies()] == ["job-net"]
         assert second.policies()[0].expires_at is not None
+    finally:
+        second.close()
+
+
+def test_fleet_and_local_api_objects_change_only_their_own(
+    shaped_pair: VethPair, spare: str, dirs: tuple[Path, Path]
+) -> None:
+    first = make(shaped_pair, dirs)
+    try:
+        first.apply_object(api_policy(spare, name="fleet-net"), origin=ORIGIN_FLEET)
+        before = tc.read_tree(spare, netns=shaped_pair.netns)
+
+        with pytest.raises(RefusedError) as replacing:
+            first.apply_object(api_policy(spare, name="fleet-net", rate="100Mbit"))
+        with pytest.raises(RefusedError) as deleting:
+            first.delete_object("fleet-net")
+        with pytest.raises(RefusedError) as renewing:
+            first.renew_lease("fleet-net", 60)
+
+        for refused in (replacing, deleting, renewing):
+            assert refused.value.problems[0].kind == "OWNERSHIP"
+            assert "fleet aggregator" in str(refused.value)
+        assert tc.read_tree(spare, netns=shaped_pair.netns) == before
+        assert first.fleet_names() == {"fleet-net"}
+        assert [v.source for v in first.policies()] == ["fleet"]
+    finally:
+        first.close()
+    # The origin is persisted: after a restart the fleet still owns it.
+    second = make(shaped_pair, dirs)
+    try:
+        assert second.reconcile().changes == ()
+        assert second.fleet_names() == {"fleet-net"}
+        second.delete_object("fleet-net", origin=ORIGIN_FLEET)
+        assert second.fleet_names() == set()
+        assert tc.read_tree(spare, netns=shaped_pair.netns) is None
     finally:
         second.close()

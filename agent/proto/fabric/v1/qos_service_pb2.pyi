@@ -39,6 +39,10 @@ class _PolicySourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PolicySo
     """A file in the agent's policy directory: changed by editing the file."""
     POLICY_SOURCE_API: _PolicySource.ValueType  # 2
     """Applied through this API."""
+    POLICY_SOURCE_FLEET: _PolicySource.ValueType  # 3
+    """Assigned by the fleet aggregator (fabric.aggregator.v1): changed through it; this
+    API may not replace or delete it.
+    """
 
 class PolicySource(_PolicySource, metaclass=_PolicySourceEnumTypeWrapper): ...
 
@@ -47,6 +51,10 @@ POLICY_SOURCE_FILE: PolicySource.ValueType  # 1
 """A file in the agent's policy directory: changed by editing the file."""
 POLICY_SOURCE_API: PolicySource.ValueType  # 2
 """Applied through this API."""
+POLICY_SOURCE_FLEET: PolicySource.ValueType  # 3
+"""Assigned by the fleet aggregator (fabric.aggregator.v1): changed through it; this
+API may not replace or delete it.
+"""
 Global___PolicySource: _TypeAlias = PolicySource  # noqa: Y015
 
 class _PolicyState:

@@ -363,6 +363,7 @@ class GpuSummary(_message.Message):
     NVLINK_LINKS_DOWN_FIELD_NUMBER: _builtins.int
     NVLINK_ERRORS_FIELD_NUMBER: _builtins.int
     NEW_XIDS_FIELD_NUMBER: _builtins.int
+    NVLINK_LINK_ERRORS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     uuid: _builtins.str
     lost: _builtins.bool
@@ -382,6 +383,12 @@ class GpuSummary(_message.Message):
     def new_xids(self) -> _containers.RepeatedCompositeFieldContainer[Global___XidDelta]:
         """XIDs raised since the previous summary."""
 
+    @_builtins.property
+    def nvlink_link_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkErrorDelta]:
+        """The links among nvlink_errors' with errors since the previous summary (only those:
+        a healthy GPU sends none).
+        """
+
     def __init__(
         self,
         *,
@@ -396,10 +403,11 @@ class GpuSummary(_message.Message):
         nvlink_links_down: _abc.Iterable[_builtins.int] | None = ...,
         nvlink_errors: _builtins.int = ...,
         new_xids: _abc.Iterable[Global___XidDelta] | None = ...,
+        nvlink_link_errors: _abc.Iterable[Global___LinkErrorDelta] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_power_watts", b"_power_watts", "_utilization_ratio", b"_utilization_ratio", "power_watts", b"power_watts", "utilization_ratio", b"utilization_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_power_watts", b"_power_watts", "_utilization_ratio", b"_utilization_ratio", "index", b"index", "lost", b"lost", "new_xids", b"new_xids", "nvlink_errors", b"nvlink_errors", "nvlink_links", b"nvlink_links", "nvlink_links_down", b"nvlink_links_down", "nvlink_receive_bytes_per_second", b"nvlink_receive_bytes_per_second", "nvlink_transmit_bytes_per_second", b"nvlink_transmit_bytes_per_second", "power_watts", b"power_watts", "utilization_ratio", b"utilization_ratio", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_power_watts", b"_power_watts", "_utilization_ratio", b"_utilization_ratio", "index", b"index", "lost", b"lost", "new_xids", b"new_xids", "nvlink_errors", b"nvlink_errors", "nvlink_link_errors", b"nvlink_link_errors", "nvlink_links", b"nvlink_links", "nvlink_links_down", b"nvlink_links_down", "nvlink_receive_bytes_per_second", b"nvlink_receive_bytes_per_second", "nvlink_transmit_bytes_per_second", b"nvlink_transmit_bytes_per_second", "power_watts", b"power_watts", "utilization_ratio", b"utilization_ratio", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__power_watts: _TypeAlias = _typing.Literal["power_watts"]  # noqa: Y015
     _WhichOneofArgType__power_watts: _TypeAlias = _typing.Literal["_power_watts", b"_power_watts"]  # noqa: Y015
@@ -411,6 +419,28 @@ class GpuSummary(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__utilization_ratio) -> _WhichOneofReturnType__utilization_ratio | None: ...
 
 Global___GpuSummary: _TypeAlias = GpuSummary  # noqa: Y015
+
+@_typing.final
+class LinkErrorDelta(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINK_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    link: _builtins.int
+    errors: _builtins.int
+    def __init__(
+        self,
+        *,
+        link: _builtins.int = ...,
+        errors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "link", b"link"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkErrorDelta: _TypeAlias = LinkErrorDelta  # noqa: Y015
 
 @_typing.final
 class XidDelta(_message.Message):
@@ -1173,15 +1203,23 @@ class DeletePolicyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
+        """Wait up to this long for the connected nodes to report the removal; nodes that
+        have not by then are PENDING in the response.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1193,7 +1231,9 @@ class DeletePolicyResponse(_message.Message):
 
     NODES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodePolicyStatus]: ...
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodePolicyStatus]:
+        """The nodes that held the policy: APPLIED once they reported its removal."""
+
     def __init__(
         self,
         *,

@@ -1,0 +1,595 @@
+"""The aggregator's fleet: agent sessions, desired state, and where the two meet.
+
+`Fleet` owns everything one aggregator replica knows and is driven by its event loop
+(single-threaded: no locks). Desired state lives in the store; the fleet follows it
+with a watch, so a policy written through any replica reaches the agents connected to
+this one. Node summaries live only in memory (the registry): they are rebuilt within
+one summary interval after a restart, and their history belongs to Prometheus.
+
+Which fleet policies a node holds is decided here and sent down its stream: on
+registration the full set (`Registered.assignments` says how many follow, and the
+agent drops fleet policies not among them), then each change as it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from google.protobuf import timestamp_pb2
+
+from agent.aggregator.events import EventHub
+from agent.aggregator.metrics import STATUS_LABELS, FleetMetrics, event_label
+from agent.aggregator.registry import Clock, Liveness, NodeRecord, NodeRegistry
+from agent.aggregator.store import Assignment, Change, ChangeKind, Store, StoreError
+from agent.aggregator.store.base import check_node_name
+from agent.api import objects
+from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
+from agent.proto.fabric.v1 import qos_service_pb2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+APPLIED, FAILED, PENDING, UNREACHABLE = (
+    pb.NODE_POLICY_STATE_APPLIED,
+    pb.NODE_POLICY_STATE_FAILED,
+    pb.NODE_POLICY_STATE_PENDING,
+    pb.NODE_POLICY_STATE_UNREACHABLE,
+)
+# The longest an orchestrator may make ApplyPolicy or DeletePolicy wait for reports.
+MAX_WAIT_S = 60.0
+# A snapshot request the agent has not answered by then is reported as failed.
+SNAPSHOT_TIMEOUT_S = 10.0
+# Store failures are logged at most once per operation per this many seconds (a store
+# outage at fleet scale would otherwise log every node's every refresh).
+STORE_ERROR_LOG_INTERVAL_S = 10.0
+# Retry delays of the store watch after a failure.
+WATCH_RETRY_MIN_S, WATCH_RETRY_MAX_S = 1.0, 30.0
+
+
+class UnknownNode(LookupError):
+    """No node of that name, here or in the store."""
+
+
+class UnknownPolicy(LookupError):
+    """No fleet policy of that name."""
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A node's last word on one fleet policy."""
+
+    revision: int
+    state: pb.NodePolicyState.ValueType
+    message: str = ""
+
+
+@dataclass
+class AgentSession:
+    """One agent's open stream on this replica."""
+
+    node: str
+    labels: dict[str, str]
+    outbox: asyncio.Queue[pb.AggregatorMessage] = field(default_factory=asyncio.Queue)
+    # Fleet policy name -> the revision sent down this stream.
+    sent: dict[str, int] = field(default_factory=dict)
+    snapshots: dict[int, asyncio.Future[pb.SnapshotReply]] = field(default_factory=dict)
+    # Set when the session ends from this side (a newer stream for the same node).
+    replaced: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def send(self, message: pb.AggregatorMessage) -> None:
+        self.outbox.put_nowait(message)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node as the orchestrator calls show it: this replica's record, or what the
+    store says of a node connected to another replica."""
+
+    name: str
+    labels: Mapping[str, str]
+    status: pb.NodeStatus.ValueType
+    record: NodeRecord | None = None
+
+    def to_proto(self, *, with_summary: bool = True) -> pb.Node:
+        node = pb.Node(name=self.name, labels=dict(self.labels), status=self.status)
+        record = self.record
+        if record is not None:
+            node.last_seen.CopyFrom(_timestamp(record.last_seen_s))
+            node.agent_version = record.agent_version
+            node.capabilities.extend(record.capabilities)
+            if with_summary and record.summary is not None:
+                node.summary.CopyFrom(record.summary)
+        return node
+
+
+class Fleet:
+    """One replica's view of the fleet and its part in enforcing desired state."""
+
+    def __init__(
+        self,
+        store: Store,
+        liveness: Liveness,
+        *,
+        metrics: FleetMetrics | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.store = store
+        self.liveness = liveness
+        self.metrics = metrics or FleetMetrics()
+        self._clock = clock
+        self.events = EventHub(self._labels_of)
+        self.registry = NodeRegistry(liveness, clock=clock, on_event=self._on_event)
+        self.sessions: dict[str, AgentSession] = {}
+        self.assignments: dict[str, Assignment] = {}
+        # Node labels as the store has them: every node of the fleet, whichever replica
+        # it is connected to.
+        self.store_labels: dict[str, dict[str, str]] = {}
+        # Policy name -> node -> report, for the revision each node was last sent.
+        self.reports: dict[str, dict[str, NodeReport]] = {}
+        # Policy name -> nodes sent its removal that have not reported it yet.
+        self.removals: dict[str, set[str]] = {}
+        self._objects: dict[str, tuple[int, qos_service_pb2.PolicyObject]] = {}
+        self._reported = asyncio.Event()
+        self._request_ids = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._error_logged: dict[str, float] = {}
+        # Liveness leases in the store outlive a silent node until it is gone.
+        self._lease_ttl_s = max(1, math.ceil(liveness.gone_after_s))
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Load desired state and follow the store; raises StoreError when the store
+        cannot be read at all (a replica without desired state must not serve)."""
+        loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tasks.append(asyncio.create_task(self._follow_store(loaded), name="store-watch"))
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="liveness-sweep"))
+        try:
+            await loaded
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.events.close()
+
+    async def _follow_store(self, loaded: asyncio.Future[None]) -> None:
+        retry_s = WATCH_RETRY_MIN_S
+        while True:
+            try:
+                # Watch first, then list: changes made in between are in the watch.
+                async with self.store.watch() as changes:
+                    assignments = await self.store.list_assignments()
+                    labels = await self.store.list_nodes()
+                    self._replace_desired(assignments, labels)
+                    if not loaded.done():
+                        loaded.set_result(None)
+                    retry_s = WATCH_RETRY_MIN_S
+                    async for change in changes:
+                        self._on_change(change)
+                return
+            except StoreError as exc:
+                self.metrics.store_errors.labels("watch").inc()
+                if not loaded.done():
+                    loaded.set_exception(exc)
+                    return
+                log.error("store watch failed, retrying in %.0fs: %s", retry_s, exc)
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, WATCH_RETRY_MAX_S)
+
+    async def _sweep_loop(self) -> None:
+        period_s = min(0.5, self.liveness.summary_interval_s / 2)
+        while True:
+            await asyncio.sleep(period_s)
+            self.sweep()
+
+    def sweep(self) -> None:
+        self.registry.sweep()
+        for status, count in self.registry.status_counts().items():
+            self.metrics.nodes.labels(STATUS_LABELS[status]).set(count)
+        self.metrics.streams.set(len(self.sessions))
+        self.metrics.assignments.set(len(self.assignments))
+        self.metrics.event_watchers.set(len(self.events))
+
+    # --- desired state from the store ---
+
+    def _replace_desired(
+        self, assignments: Iterable[Assignment], labels: Mapping[str, dict[str, str]]
+    ) -> None:
+        """Converge on a full listing (at start and after a watch failure)."""
+        self.store_labels = {node: dict(value) for node, value in labels.items()}
+        fresh = {a.name: a for a in assignments}
+        for name in list(self.assignments):
+            if name not in fresh:
+                self._assignment_removed(name)
+        for assignment in fresh.values():
+            self._assignment_changed(assignment)
+
+    def _on_change(self, change: Change) -> None:
+        if change.kind is ChangeKind.NODE_LABELS:
+            if change.labels is None:
+                self.store_labels.pop(change.key, None)
+            else:
+                self.store_labels[change.key] = dict(change.labels)
+        elif change.assignment is not None:
+            self._assignment_changed(change.assignment)
+        elif change.key in self.assignments:
+            self._assignment_removed(change.key)
+
+    def _assignment_changed(self, assignment: Assignment) -> None:
+        known = self.assignments.get(assignment.name)
+        if known is not None and known.revision >= assignment.revision:
+            return  # this replica's own write, already fanned out
+        self.assignments[assignment.name] = assignment
+        self.removals.pop(assignment.name, None)
+        for session in self.sessions.values():
+            self._sync(session, assignment.name)
+
+    def _assignment_removed(self, name: str) -> None:
+        if self.assignments.pop(name, None) is None:
+            return
+        self._objects.pop(name, None)
+        self.reports.pop(name, None)
+        for session in self.sessions.values():
+            self._sync(session, name)
+
+    def _sync(self, session: AgentSession, name: str) -> None:
+        """Send `session` the assignment or removal that makes it hold what it should."""
+        assignment = self.assignments.get(name)
+        wanted = assignment is not None and assignment.matches(session.labels)
+        if assignment is not None and wanted:
+            if session.sent.get(name) != assignment.revision:
+                self._send_assignment(session, assignment)
+        elif name in session.sent:
+            del session.sent[name]
+            self.reports.get(name, {}).pop(session.node, None)
+            self.removals.setdefault(name, set()).add(session.node)
+            session.send(pb.AggregatorMessage(removal=pb.PolicyRemoval(name=name)))
+
+    def _send_assignment(self, session: AgentSession, assignment: Assignment) -> None:
+        message = pb.PolicyAssignment(
+            name=assignment.name, object=self._object_of(assignment), revision=assignment.revision
+        )
+        session.sent[assignment.name] = assignment.revision
+        reports = self.reports.setdefault(assignment.name, {})
+        reports[session.node] = NodeReport(assignment.revision, PENDING, "sent, no report yet")
+        session.send(pb.AggregatorMessage(assignment=message))
+
+    def _object_of(self, assignment: Assignment) -> qos_service_pb2.PolicyObject:
+        """The message form of a stored policy, converted once per revision."""
+        cached = self._objects.get(assignment.name)
+        if cached is None or cached[0] != assignment.revision:
+            obj = objects.object_from_document(dict(assignment.policy))
+            cached = (assignment.revision, obj)
+            self._objects[assignment.name] = cached
+        return cached[1]
+
+    # --- agent streams ---
+
+    async def attach(self, register: pb.Register) -> AgentSession:
+        """A registered agent's stream: a newer stream for the node replaces an older one.
+        The registration, then every fleet policy for the node, are queued to it."""
+        node = register.node_name
+        check_node_name(node)
+        labels = dict(register.labels)
+        previous = self.sessions.get(node)
+        if previous is not None:
+            log.info("node %s connected again: closing its previous stream", node)
+            self.detach(previous)
+            previous.replaced.set()
+        session = AgentSession(node, labels)
+        # No await from here to the last send: a store change cannot slip in between the
+        # count in `registered` and the assignments that follow it.
+        matching = [a for a in self.assignments.values() if a.matches(labels)]
+        session.send(pb.AggregatorMessage(registered=pb.Registered(assignments=len(matching))))
+        for assignment in sorted(matching, key=lambda a: a.name):
+            self._send_assignment(session, assignment)
+        self.sessions[node] = session
+        self.registry.register(register)
+        self.metrics.registrations.inc()
+        self.metrics.streams.set(len(self.sessions))
+        # Labels are desired state (other replicas select on them); liveness too.
+        if self.store_labels.get(node) != labels:
+            self.store_labels[node] = labels
+            await self._best_effort("set node labels", self.store.set_node_labels(node, labels))
+        await self._best_effort("node alive", self.store.node_alive(node, self._lease_ttl_s))
+        return session
+
+    def detach(self, session: AgentSession) -> None:
+        """The stream ended. The node's record stays: liveness turns it stale, then gone,
+        unless it connects again."""
+        if self.sessions.get(session.node) is session:
+            del self.sessions[session.node]
+            self.metrics.streams.set(len(self.sessions))
+        for future in session.snapshots.values():
+            if not future.done():
+                future.set_result(pb.SnapshotReply(error="the agent's stream closed"))
+        session.snapshots.clear()
+
+    async def receive(self, session: AgentSession, message: pb.AgentMessage) -> None:
+        which = message.WhichOneof("kind")
+        if which == "summary":
+            self.summary(session, message.summary)
+            alive = self.store.node_alive(session.node, self._lease_ttl_s)
+            await self._best_effort("node alive", alive)
+        elif which == "policy_report":
+            self.report(session, message.policy_report)
+        elif which == "snapshot":
+            future = session.snapshots.pop(message.snapshot.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(message.snapshot)
+        elif which == "register":
+            raise ValueError("register: only the stream's first message may register")
+
+    def summary(self, session: AgentSession, summary: pb.NodeSummary) -> None:
+        self.registry.summary(session.node, summary)
+        self.metrics.summaries.inc()
+        if summary.HasField("sampled_at"):
+            delay_s = self._clock() - summary.sampled_at.ToNanoseconds() / 1e9
+            self.metrics.summary_delay.observe(max(0.0, delay_s))
+
+    def report(self, session: AgentSession, report: pb.PolicyReport) -> None:
+        name, node = report.name, session.node
+        if report.outcome == pb.POLICY_OUTCOME_REMOVED:
+            self.metrics.policy_reports.labels("removed").inc()
+            self.removals.get(name, set()).discard(node)
+            self._emit_policy(node, name, "removed")
+            self._notify_reports()
+            return
+        if report.outcome not in (pb.POLICY_OUTCOME_APPLIED, pb.POLICY_OUTCOME_FAILED):
+            return
+        applied = report.outcome == pb.POLICY_OUTCOME_APPLIED
+        self.metrics.policy_reports.labels("applied" if applied else "failed").inc()
+        if session.sent.get(name) != report.revision:
+            return  # about a revision since replaced or removed
+        state = APPLIED if applied else FAILED
+        previous = self.reports.setdefault(name, {}).get(node)
+        self.reports[name][node] = NodeReport(report.revision, state, report.message)
+        if previous is None or previous.state != state or previous.message != report.message:
+            what = "applied" if applied else f"failed: {report.message}"
+            self._emit_policy(node, name, f"revision {report.revision} {what}")
+        self._notify_reports()
+
+    async def snapshot(self, node: str, timeout_s: float = SNAPSHOT_TIMEOUT_S) -> pb.SnapshotReply:
+        """The node's agent's current snapshot through its stream; the reply's error says
+        why there is none."""
+        session = self.sessions.get(node)
+        if session is None:
+            where = "connected to another replica" if node in self.store_labels else "offline"
+            record = self.registry.get(node)
+            if record is not None:
+                where = STATUS_LABELS[record.status] + ", no open stream on this replica"
+            return pb.SnapshotReply(error=f"node {node} is {where}")
+        self._request_ids += 1
+        request_id = self._request_ids
+        future: asyncio.Future[pb.SnapshotReply] = asyncio.get_running_loop().create_future()
+        session.snapshots[request_id] = future
+        request = pb.SnapshotRequest(request_id=request_id)
+        session.send(pb.AggregatorMessage(snapshot_request=request))
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return pb.SnapshotReply(error=f"node {node} did not answer within {timeout_s:g}s")
+        finally:
+            session.snapshots.pop(request_id, None)
+
+    # --- orchestrator calls ---
+
+    async def apply(
+        self, assignment: Assignment, *, validate_only: bool, wait_s: float
+    ) -> tuple[int, list[pb.NodePolicyStatus]]:
+        """Store a fleet policy, send it to this replica's matching agents, wait up to
+        `wait_s` for their reports; the revision and every matching node's status."""
+        if validate_only:
+            nodes = await self._matching(assignment.selector)
+            statuses = [
+                pb.NodePolicyStatus(node=n.name, state=PENDING, message="validate only: not sent")
+                for n in nodes
+            ]
+            return 0, statuses
+        started = time.monotonic()
+        stored = await self._store("put assignment", self.store.put_assignment(assignment))
+        self._assignment_changed(stored)
+        waiting = self._awaiting(stored.name, stored.revision)
+        if await self._wait(lambda: not waiting(), wait_s) and self.reports.get(stored.name):
+            self.metrics.fanout.observe(time.monotonic() - started)
+        return stored.revision, await self._statuses(stored)
+
+    async def delete(self, name: str, *, wait_s: float) -> list[pb.NodePolicyStatus]:
+        """Delete a fleet policy and wait up to `wait_s` for its holders to report the
+        removal. UnknownPolicy when there is none."""
+        assignment = self.assignments.get(name)
+        if not await self._store("delete assignment", self.store.delete_assignment(name)):
+            raise UnknownPolicy(f"no fleet policy named {name!r}")
+        self._assignment_removed(name)
+        sent_to = set(self.removals.get(name, set()))
+        await self._wait(lambda: not (self.removals.get(name, set()) & sent_to), wait_s)
+        statuses: list[pb.NodePolicyStatus] = []
+        left = self.removals.get(name, set())
+        views: dict[str, NodeView] = {}
+        if assignment is not None:
+            views = {view.name: view for view in await self._matching(assignment.selector)}
+        for node in sorted(sent_to | set(views)):
+            view = views.get(node)
+            elsewhere = (
+                view is not None and view.record is None and view.status == pb.NODE_STATUS_CONNECTED
+            )
+            if node in left:
+                status = pb.NodePolicyStatus(
+                    node=node, state=PENDING, message="removal sent, no report yet"
+                )
+            elif node in sent_to:
+                status = pb.NodePolicyStatus(node=node, state=APPLIED, message="removed")
+            elif elsewhere:
+                # As in ApplyPolicy: the replica holding its stream sends the removal.
+                status = pb.NodePolicyStatus(
+                    node=node,
+                    state=PENDING,
+                    message="connected to another replica, which removes it",
+                )
+            else:
+                status = pb.NodePolicyStatus(
+                    node=node,
+                    state=UNREACHABLE,
+                    message="not connected here: removed when it registers",
+                )
+            statuses.append(status)
+        return statuses
+
+    async def nodes(
+        self, selector: Mapping[str, str], statuses: Iterable[pb.NodeStatus.ValueType] = ()
+    ) -> list[NodeView]:
+        wanted = set(statuses)
+        return [
+            view for view in await self._matching(selector) if not wanted or view.status in wanted
+        ]
+
+    async def node(self, name: str) -> NodeView:
+        record = self.registry.get(name)
+        if record is not None:
+            return self._local_view(record)
+        labels = self.store_labels.get(name)
+        if labels is None:
+            raise UnknownNode(f"no node named {name!r}")
+        live = await self._store("list live nodes", self.store.live_nodes())
+        return NodeView(name, labels, _remote_status(name, live))
+
+    # --- helpers ---
+
+    def _local_view(self, record: NodeRecord) -> NodeView:
+        return NodeView(record.name, record.labels, record.status, record)
+
+    async def _matching(self, selector: Mapping[str, str]) -> list[NodeView]:
+        """Every node matching `selector`, by name: this replica's records, then the
+        store's other nodes with their status from the store's liveness leases."""
+        views = {r.name: self._local_view(r) for r in self.registry.nodes(selector)}
+        remote = [
+            name
+            for name, labels in self.store_labels.items()
+            if name not in views
+            and self.registry.get(name) is None
+            and all(labels.get(k) == v for k, v in selector.items())
+        ]
+        if remote:
+            live = await self._store("list live nodes", self.store.live_nodes())
+            for name in remote:
+                views[name] = NodeView(name, self.store_labels[name], _remote_status(name, live))
+        return [views[name] for name in sorted(views)]
+
+    async def _statuses(self, assignment: Assignment) -> list[pb.NodePolicyStatus]:
+        statuses = []
+        reports = self.reports.get(assignment.name, {})
+        for view in await self._matching(assignment.selector):
+            session = self.sessions.get(view.name)
+            report = reports.get(view.name)
+            if session is not None:
+                state, message = PENDING, "sent, no report yet"
+                if report is not None and report.revision == assignment.revision:
+                    state, message = report.state, report.message
+            elif view.record is not None:
+                status = STATUS_LABELS[view.status]
+                state, message = UNREACHABLE, f"{status}: gets the policy when it reconnects"
+            elif view.status == pb.NODE_STATUS_CONNECTED:
+                state, message = PENDING, "connected to another replica, which sends it"
+            else:
+                state, message = UNREACHABLE, "not connected: gets the policy when it registers"
+            statuses.append(pb.NodePolicyStatus(node=view.name, state=state, message=message))
+        return statuses
+
+    def _awaiting(self, name: str, revision: int) -> Callable[[], bool]:
+        """Whether any of this replica's connected nodes sent `revision` has not reported."""
+
+        def waiting() -> bool:
+            for node, report in self.reports.get(name, {}).items():
+                if (
+                    report.revision == revision
+                    and report.state == PENDING
+                    and node in self.sessions
+                ):
+                    return True
+            return False
+
+        return waiting
+
+    async def _wait(self, done: Callable[[], bool], wait_s: float) -> bool:
+        """Wait until `done()` or `wait_s` passes; whether it is done."""
+        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            event = self._reported
+            try:
+                await asyncio.wait_for(event.wait(), left)
+            except TimeoutError:
+                return done()
+        return True
+
+    def _notify_reports(self) -> None:
+        self._reported.set()
+        self._reported = asyncio.Event()
+
+    def _labels_of(self, node: str) -> Mapping[str, str]:
+        record = self.registry.get(node)
+        if record is not None:
+            return record.labels
+        return self.store_labels.get(node, {})
+
+    def _on_event(self, event: pb.Event) -> None:
+        self.metrics.events.labels(event_label(event.kind)).inc()
+        self.events.publish(event)
+
+    def _emit_policy(self, node: str, name: str, message: str) -> None:
+        event = pb.Event(
+            kind=pb.EVENT_KIND_POLICY_STATUS,
+            node=node,
+            time=_timestamp(self._clock()),
+            subject=name,
+            message=message,
+        )
+        self._on_event(event)
+
+    async def _store(self, operation: str, call: Awaitable[T]) -> T:
+        """A store call, its failure counted and logged (throttled) before it is raised."""
+        try:
+            return await call
+        except StoreError as exc:
+            self.metrics.store_errors.labels(operation).inc()
+            now = time.monotonic()
+            if now - self._error_logged.get(operation, -math.inf) >= STORE_ERROR_LOG_INTERVAL_S:
+                self._error_logged[operation] = now
+                log.error(
+                    "%s (further failures of this operation logged every %.0fs)",
+                    exc,
+                    STORE_ERROR_LOG_INTERVAL_S,
+                )
+            raise
+
+    async def _best_effort(self, operation: str, call: Awaitable[object]) -> None:
+        """A store write the agents' streams must not depend on (labels, liveness): a
+        failure is counted and logged by `_store`, and the stream goes on; the next
+        registration or refresh writes again."""
+        with contextlib.suppress(StoreError):
+            await self._store(operation, call)
+
+
+def _remote_status(name: str, live: set[str]) -> pb.NodeStatus.ValueType:
+    return pb.NODE_STATUS_CONNECTED if name in live else pb.NODE_STATUS_UNREACHABLE
+
+
+def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(unix_s * 1e9))
+    return stamp

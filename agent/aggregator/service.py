@@ -1,0 +1,301 @@
+"""`fabric.aggregator.v1.AggregatorService` on grpc.aio: thin over `Fleet`.
+
+One servicer per listener, each with its access rules: the unix socket may do
+everything; TCP without mTLS may read and hold agent streams; TCP with mTLS binds each
+agent stream to a node name in the client certificate and keeps mutations for the
+allowed identities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+
+from agent.aggregator.events import WatcherLimitError
+from agent.aggregator.fleet import (
+    MAX_WAIT_S,
+    SNAPSHOT_TIMEOUT_S,
+    AgentSession,
+    Fleet,
+    UnknownNode,
+    UnknownPolicy,
+)
+from agent.aggregator.registry import QueryError
+from agent.aggregator.store import Assignment, DocumentTooLarge, StoreError
+from agent.aggregator.store.base import check_labels, check_node_name
+from agent.api import objects
+from agent.api.qos import invalid_status, model_from_request, rich_status
+from agent.api.security import Authorizer, client_identities
+from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
+from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
+from agent.qos.policy import PolicyError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name
+# An agent that opens a stream must register within this long.
+REGISTER_TIMEOUT_S = 10.0
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+DEFAULT_TOP_LIMIT, MAX_TOP_LIMIT = 10, 1000
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a listener's callers may do."""
+
+    # Who may call ApplyPolicy and DeletePolicy.
+    mutations: Authorizer
+    # mTLS: an agent may only register under a name its certificate carries.
+    bind_node_names: bool
+
+
+class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
+    def __init__(self, fleet: Fleet, access: Access) -> None:
+        self._fleet = fleet
+        self._access = access
+
+    # --- agents ---
+
+    async def Connect(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[pb.AgentMessage],
+        context: grpc.aio.ServicerContext[pb.AgentMessage, pb.AggregatorMessage],
+    ) -> None:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), REGISTER_TIMEOUT_S)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        if first.WhichOneof("kind") != "register":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be register"
+            )
+        register = first.register
+        try:
+            check_node_name(register.node_name)
+            check_labels("register", register.labels)
+        except ValueError as exc:
+            self._fleet.metrics.refused.labels("invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register: {exc}")
+        if self._access.bind_node_names:
+            names = client_identities(context)
+            if register.node_name not in names:
+                self._fleet.metrics.refused.labels("identity").inc()
+                log.warning(
+                    "refused agent stream: node name %r is not in its certificate (%s)",
+                    register.node_name,
+                    ", ".join(names) or "no identity",
+                )
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"node name {register.node_name!r} is not in this client's certificate "
+                    f"({', '.join(names) or 'no identity'}): an agent reports only for itself",
+                )
+        session = await self._fleet.attach(register)
+        writer = asyncio.create_task(_write(session.outbox, context))
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        replaced = asyncio.create_task(session.replaced.wait())
+        tasks: set[asyncio.Task[object]] = {writer, reader, replaced}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            self._fleet.detach(session)
+        if replaced in done:
+            await context.abort(grpc.StatusCode.ABORTED, "replaced by a newer stream of this node")
+        for task in done:
+            failure = None if task.cancelled() else task.exception()
+            if isinstance(failure, ValueError):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure))
+            if failure is not None:
+                raise failure
+        # The agent closed its side: the stream ends with OK.
+
+    async def _read(
+        self, session: AgentSession, request_iterator: AsyncIterator[pb.AgentMessage]
+    ) -> None:
+        async for message in request_iterator:
+            await self._fleet.receive(session, message)
+
+    # --- orchestrators: reads ---
+
+    async def ListNodes(
+        self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ListNodesResponse:
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = await _page_after(request.page_token, context)
+        views = await self._call(context, self._fleet.nodes(request.selector, request.statuses))
+        start = 0
+        if after:
+            start = next((i for i, v in enumerate(views) if v.name > after), len(views))
+        page = views[start : start + size]
+        response = pb.ListNodesResponse(nodes=[v.to_proto() for v in page])
+        if start + size < len(views):
+            response.next_page_token = _page_token(page[-1].name)
+        return response
+
+    async def GetNode(
+        self, request: pb.GetNodeRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetNodeResponse:
+        try:
+            view = await self._call(context, self._fleet.node(request.name))
+        except UnknownNode as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        response = pb.GetNodeResponse(node=view.to_proto())
+        if request.full_snapshot:
+            remaining = context.time_remaining()
+            timeout_s = SNAPSHOT_TIMEOUT_S if remaining is None else max(0.1, remaining - 0.1)
+            reply = await self._fleet.snapshot(request.name, min(timeout_s, SNAPSHOT_TIMEOUT_S))
+            response.snapshot = reply.snapshot
+            response.snapshot_error = reply.error
+        return response
+
+    async def QueryTop(
+        self, request: pb.QueryTopRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.QueryTopResponse:
+        entity = request.entity or pb.TOP_ENTITY_NODE
+        limit = min(request.limit or DEFAULT_TOP_LIMIT, MAX_TOP_LIMIT)
+        window_s = _seconds(request.window) if request.HasField("window") else None
+        try:
+            top = self._fleet.registry.top(
+                entity, request.metric, limit, window_s=window_s, selector=request.selector
+            )
+        except QueryError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        entries = [pb.TopEntry(node=node, entity=key, value=value) for node, key, value in top]
+        return pb.QueryTopResponse(entries=entries)
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
+        try:
+            subscription = self._fleet.events.subscribe(request.kinds, request.selector)
+        except WatcherLimitError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        self._fleet.metrics.event_watchers.set(len(self._fleet.events))
+        try:
+            while (item := await subscription.next()) is not None:
+                event, missed = item
+                yield pb.WatchEventsResponse(event=event, missed=missed)
+        finally:
+            subscription.close()
+            self._fleet.metrics.event_watchers.set(len(self._fleet.events))
+
+    # --- orchestrators: mutations ---
+
+    async def ApplyPolicy(
+        self, request: pb.ApplyPolicyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ApplyPolicyResponse:
+        await self._authorize(context)
+        try:
+            model = model_from_request(request.object)
+        except PolicyError as exc:
+            await context.abort_with_status(invalid_status(exc))
+        _, document = objects.document_from_object(request.object)
+        try:
+            assignment = Assignment(model.metadata.name, document, dict(request.selector))
+        except ValueError as exc:
+            await _abort_field(context, "selector", str(exc))
+        wait_s = _seconds(request.wait) if request.HasField("wait") else 0.0
+        if not 0 <= wait_s <= MAX_WAIT_S:
+            await _abort_field(context, "wait", f"must be between 0 and {MAX_WAIT_S:g}s")
+        try:
+            revision, nodes = await self._call(
+                context,
+                self._fleet.apply(assignment, validate_only=request.validate_only, wait_s=wait_s),
+            )
+        except DocumentTooLarge as exc:
+            await _abort_field(context, "object", str(exc))
+        log.info(
+            "fleet policy %s revision %d for selector %s: %d node(s)",
+            assignment.name,
+            revision,
+            _selector_text(assignment.selector),
+            len(nodes),
+        )
+        return pb.ApplyPolicyResponse(revision=revision, nodes=nodes)
+
+    async def DeletePolicy(
+        self, request: pb.DeletePolicyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.DeletePolicyResponse:
+        await self._authorize(context)
+        wait_s = _seconds(request.wait) if request.HasField("wait") else 0.0
+        if not 0 <= wait_s <= MAX_WAIT_S:
+            await _abort_field(context, "wait", f"must be between 0 and {MAX_WAIT_S:g}s")
+        try:
+            nodes = await self._call(context, self._fleet.delete(request.name, wait_s=wait_s))
+        except UnknownPolicy as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        log.info("fleet policy %s deleted: %d node(s) held it", request.name, len(nodes))
+        return pb.DeletePolicyResponse(nodes=nodes)
+
+    # --- helpers ---
+
+    async def _authorize(self, context: grpc.aio.ServicerContext[object, object]) -> None:
+        refused = self._access.mutations.refusal(context)
+        if refused is not None:
+            await context.abort(*refused)
+
+    async def _call(
+        self, context: grpc.aio.ServicerContext[object, object], call: Awaitable[T]
+    ) -> T:
+        """A fleet call; a failed store is UNAVAILABLE (the client may retry)."""
+        try:
+            return await call
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"desired-state store: {exc}")
+
+
+async def _write(
+    outbox: asyncio.Queue[pb.AggregatorMessage],
+    context: grpc.aio.ServicerContext[pb.AgentMessage, pb.AggregatorMessage],
+) -> None:
+    while True:
+        await context.write(await outbox.get())
+
+
+async def _abort_field(
+    context: grpc.aio.ServicerContext[object, object], field: str, reason: str
+) -> NoReturn:
+    detail = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=reason)
+        ]
+    )
+    await context.abort_with_status(
+        rich_status(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}", detail)
+    )
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+# Page tokens are opaque to clients: the last name of the previous page, encoded.
+def _page_token(last_name: str) -> str:
+    return base64.urlsafe_b64encode(last_name.encode()).decode()
+
+
+async def _page_after(token: str, context: grpc.aio.ServicerContext[object, object]) -> str:
+    if not token:
+        return ""
+    try:
+        name = base64.urlsafe_b64decode(token.encode()).decode()
+        check_node_name(name)
+    except (ValueError, UnicodeDecodeError):
+        await _abort_field(context, "page_token", "not a token from a previous response")
+    return name
+
+
+def _selector_text(selector: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "(every node)"
