@@ -134,13 +134,15 @@ class Fleet:
         self.store_labels: dict[str, dict[str, str]] = {}
         # Policy name -> node -> report, for the revision each node was last sent.
         self.reports: dict[str, dict[str, NodeReport]] = {}
-        # Policy name -> nodes sent its removal that have not reported it yet.
-        self.removals: dict[str, set[str]] = {}
+        # Policy name -> nodes that reported its removal since it was last assigned.
+        self.removed: dict[str, set[str]] = {}
         self._objects: dict[str, tuple[int, qos_service_pb2.PolicyObject]] = {}
         self._reported = asyncio.Event()
         self._request_ids = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._error_logged: dict[str, float] = {}
+        # Whether the store watch is following desired state now (health reports it).
+        self.store_ok = False
         # Liveness leases in the store outlive a silent node until it is gone.
         self._lease_ttl_s = max(1, math.ceil(liveness.gone_after_s))
 
@@ -174,6 +176,7 @@ class Fleet:
                     assignments = await self.store.list_assignments()
                     labels = await self.store.list_nodes()
                     self._replace_desired(assignments, labels)
+                    self.store_ok = True
                     if not loaded.done():
                         loaded.set_result(None)
                     retry_s = WATCH_RETRY_MIN_S
@@ -181,6 +184,7 @@ class Fleet:
                         self._on_change(change)
                 return
             except StoreError as exc:
+                self.store_ok = False
                 self.metrics.store_errors.labels("watch").inc()
                 if not loaded.done():
                     loaded.set_exception(exc)
@@ -233,7 +237,7 @@ class Fleet:
         if known is not None and known.revision >= assignment.revision:
             return  # this replica's own write, already fanned out
         self.assignments[assignment.name] = assignment
-        self.removals.pop(assignment.name, None)
+        self.removed.pop(assignment.name, None)
         for session in self.sessions.values():
             self._sync(session, assignment.name)
 
@@ -255,7 +259,6 @@ class Fleet:
         elif name in session.sent:
             del session.sent[name]
             self.reports.get(name, {}).pop(session.node, None)
-            self.removals.setdefault(name, set()).add(session.node)
             session.send(pb.AggregatorMessage(removal=pb.PolicyRemoval(name=name)))
 
     def _send_assignment(self, session: AgentSession, assignment: Assignment) -> None:
@@ -344,7 +347,7 @@ class Fleet:
         name, node = report.name, session.node
         if report.outcome == pb.POLICY_OUTCOME_REMOVED:
             self.metrics.policy_reports.labels("removed").inc()
-            self.removals.get(name, set()).discard(node)
+            self.removed.setdefault(name, set()).add(node)
             self._emit_policy(node, name, "removed")
             self._notify_reports()
             return
@@ -411,13 +414,21 @@ class Fleet:
         """Delete a fleet policy and wait up to `wait_s` for its holders to report the
         removal. UnknownPolicy when there is none."""
         assignment = self.assignments.get(name)
+        # Before the delete: the store's watch may deliver it, and agents report the
+        # removal, while the delete is awaited.
+        sent_to = {node for node, session in self.sessions.items() if name in session.sent}
+        self.removed.pop(name, None)
         if not await self._store("delete assignment", self.store.delete_assignment(name)):
             raise UnknownPolicy(f"no fleet policy named {name!r}")
         self._assignment_removed(name)
-        sent_to = set(self.removals.get(name, set()))
-        await self._wait(lambda: not (self.removals.get(name, set()) & sent_to), wait_s)
+
+        def outstanding() -> set[str]:
+            return {n for n in sent_to if n in self.sessions} - self.removed.get(name, set())
+
+        await self._wait(lambda: not outstanding(), wait_s)
+        left = outstanding()
+        removed = self.removed.get(name, set())
         statuses: list[pb.NodePolicyStatus] = []
-        left = self.removals.get(name, set())
         views: dict[str, NodeView] = {}
         if assignment is not None:
             views = {view.name: view for view in await self._matching(assignment.selector)}
@@ -430,7 +441,7 @@ class Fleet:
                 status = pb.NodePolicyStatus(
                     node=node, state=PENDING, message="removal sent, no report yet"
                 )
-            elif node in sent_to:
+            elif node in removed:
                 status = pb.NodePolicyStatus(node=node, state=APPLIED, message="removed")
             elif elsewhere:
                 # As in ApplyPolicy: the replica holding its stream sends the removal.

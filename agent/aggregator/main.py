@@ -50,6 +50,7 @@ log = logging.getLogger("agent.aggregator")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 AGGREGATOR_SOCKET = "the aggregator's unix socket"
 # A summary of a large node is a few KiB and a snapshot reply tens of KiB; the limit is
 # what a full snapshot of the largest node may need.
@@ -198,6 +199,18 @@ class AggregatorServer:
         allowed = len(self.config.grpc_allowed_identities)
         return f"mTLS: agents bound to their certificate's name, {allowed} identities may mutate"
 
+    async def follow_store_health(self, period_s: float = 1.0) -> None:
+        """The service is SERVING while the store watch follows desired state: a replica
+        cut off from etcd would hand out stale policies, so balancers should skip it."""
+        serving = True
+        while True:
+            if self.fleet.store_ok != serving:
+                serving = self.fleet.store_ok
+                status = health_pb2.HealthCheckResponse.SERVING if serving else _NOT_SERVING
+                log.warning("desired-state store %s", "followed again" if serving else "lost")
+                await self.health.set(SERVICE_NAME, status)
+            await asyncio.sleep(period_s)
+
     def reload_tls(self) -> bool:
         return self.certificates is not None and self.certificates.reload()
 
@@ -249,8 +262,10 @@ async def serve(config: AggregatorConfig) -> None:
             loop.add_signal_handler(
                 signal.SIGHUP, lambda: loop.run_in_executor(None, server.reload_tls)
             )
+            store_health = asyncio.create_task(server.follow_store_health())
             notifier.ready(f"serving {len(fleet.assignments)} fleet policies")
             await stopping.wait()
+            store_health.cancel()
             log.info("stopping")
             notifier.stopping()
             await server.stop()

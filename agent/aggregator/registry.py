@@ -289,8 +289,14 @@ class NodeRegistry:
     def _events_of(
         self, node: str, previous: pb.NodeSummary | None, summary: pb.NodeSummary, now: float
     ) -> None:
-        before = {g.index: g for g in previous.gpus} if previous is not None else {}
+        before: dict[int, pb.GpuSummary] | None = None
         for gpu in summary.gpus:
+            # The usual GPU (not lost, no link down, no XID) raises nothing: skip the
+            # lookups, which cost more than the rest of a summary's handling here.
+            if not (gpu.lost or gpu.nvlink_links_down or gpu.new_xids):
+                continue
+            if before is None:
+                before = {g.index: g for g in previous.gpus} if previous is not None else {}
             old = before.get(gpu.index)
             if gpu.lost and (old is None or not old.lost):
                 self._emit(pb.EVENT_KIND_GPU_LOST, node, f"gpu {gpu.index}", gpu.uuid, now)
@@ -323,7 +329,11 @@ def _deltas_of(summary: pb.NodeSummary) -> dict[tuple[str, str, str], float]:
             deltas[(kind, key, metric)] = deltas.get((kind, key, metric), 0.0) + value
             deltas[("node", "", metric)] = deltas.get(("node", "", metric), 0.0) + value
 
+    # Healthy devices have no deltas: each check below skips the calls that would add
+    # nothing (a summary arrives from every node every interval).
     for gpu in summary.gpus:
+        if not (gpu.nvlink_errors or gpu.new_xids or gpu.nvlink_link_errors):
+            continue
         add("gpu", str(gpu.index), "nvlink_errors", gpu.nvlink_errors)
         add("gpu", str(gpu.index), "xids", sum(x.count for x in gpu.new_xids))
         # Per link only: the GPU's total above already counts them for the node.
@@ -331,8 +341,10 @@ def _deltas_of(summary: pb.NodeSummary) -> dict[tuple[str, str, str], float]:
             key = ("nvlink", f"{gpu.index}/{link.link}", "nvlink_errors")
             deltas[key] = deltas.get(key, 0.0) + link.errors
     for nic in summary.nics:
-        add("nic", nic.device, "nic_errors", nic.errors)
-        add("nic", nic.device, "nic_drops", nic.drops)
+        if nic.errors or nic.drops:
+            add("nic", nic.device, "nic_errors", nic.errors)
+            add("nic", nic.device, "nic_drops", nic.drops)
     for cls in summary.qos_classes:
-        add("qos", f"{cls.policy}/{cls.class_name}", "qos_drops", cls.drops)
+        if cls.drops:
+            add("qos", f"{cls.policy}/{cls.class_name}", "qos_drops", cls.drops)
     return deltas

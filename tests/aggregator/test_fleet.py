@@ -424,3 +424,54 @@ def test_a_replica_whose_store_cannot_be_read_does_not_start() -> None:
         await store.close()
 
     run(scenario())
+
+
+class FlakyWatch(FailingLiveness):
+    """A SQLite store whose first watch fails when `cut` is set, as a watch on an etcd
+    that went away does; later watches work."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.cut = asyncio.Event()
+        self.watches = 0
+
+    async def node_alive(self, node: str, ttl_s: int) -> None:
+        await self._store.node_alive(node, ttl_s)
+
+    def watch(self) -> Any:
+        self.watches += 1
+        if self.watches > 1:
+            return self._store.watch()
+        cut = self.cut
+
+        @asynccontextmanager
+        async def failing() -> AsyncIterator[AsyncIterator[Any]]:
+            async def changes() -> AsyncIterator[Any]:
+                await cut.wait()
+                raise StoreError("etcd://test", "watch", "connection lost")
+                yield  # an async generator
+
+            yield changes()
+
+        return failing()
+
+
+def test_a_lost_store_watch_is_retried_and_catches_up_on_what_it_missed() -> None:
+    async def scenario() -> None:
+        store: Any = FlakyWatch(open_store("sqlite://:memory:"))
+        async with fleet_on(store) as fleet:
+            a = await fleet.attach(register("node-a"))
+            drain(a)
+            assert fleet.store_ok
+
+            store.cut.set()
+            await soon(lambda: not fleet.store_ok)
+            # Written while this replica is not watching: the relisting finds it.
+            await store.put_assignment(assignment())
+            await soon(lambda: fleet.store_ok, timeout_s=5)
+
+            assert fleet.metrics.store_errors.labels("watch")._value.get() == 1
+            await soon(lambda: not a.outbox.empty())
+            assert kinds(drain(a)) == ["assignment"]
+
+    run(scenario())
