@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import time
@@ -459,13 +460,35 @@ class Fleet:
             statuses.append(status)
         return statuses
 
-    async def nodes(
-        self, selector: Mapping[str, str], statuses: Iterable[pb.NodeStatus.ValueType] = ()
-    ) -> list[NodeView]:
+    async def page(
+        self,
+        selector: Mapping[str, str],
+        statuses: Iterable[pb.NodeStatus.ValueType],
+        after: str,
+        limit: int,
+    ) -> tuple[list[NodeView], bool]:
+        """Up to `limit` matching nodes named after `after`, in name order, and whether
+        more follow. Costs the page, not the fleet: a listing of 10,000 nodes in pages
+        does not build 10,000 views per page."""
         wanted = set(statuses)
-        return [
-            view for view in await self._matching(selector) if not wanted or view.status in wanted
-        ]
+        remote = sorted(
+            name
+            for name, labels in self.store_labels.items()
+            if name > after
+            and self.registry.get(name) is None
+            and all(labels.get(k) == v for k, v in selector.items())
+        )
+        live = await self._store("list live nodes", self.store.live_nodes()) if remote else set()
+        local = (self._local_view(r) for r in self.registry.after(after) if r.matches(selector))
+        others = (NodeView(n, self.store_labels[n], _remote_status(n, live)) for n in remote)
+        page: list[NodeView] = []
+        for view in heapq.merge(local, others, key=lambda v: v.name):
+            if wanted and view.status not in wanted:
+                continue
+            if len(page) == limit:
+                return page, True
+            page.append(view)
+        return page, False
 
     async def node(self, name: str) -> NodeView:
         record = self.registry.get(name)

@@ -9,6 +9,7 @@ those are rare, so a healthy fleet stores almost nothing beyond its latest summa
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import time
 from collections import deque
@@ -144,6 +145,8 @@ class NodeRegistry:
         self._clock = clock
         self._on_event = on_event
         self._nodes: dict[str, NodeRecord] = {}
+        # Node names in order, for pages of a listing without sorting the fleet each time.
+        self._names: list[str] = []
 
     # --- agents ---
 
@@ -154,6 +157,7 @@ class NodeRegistry:
         if record is None:
             record = NodeRecord(message.node_name, dict(message.labels))
             self._nodes[record.name] = record
+            bisect.insort(self._names, record.name)
         record.labels = dict(message.labels)
         record.agent_version = message.agent_version
         record.capabilities = tuple(message.capabilities)
@@ -209,6 +213,11 @@ class NodeRegistry:
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    def after(self, name: str) -> Iterator[NodeRecord]:
+        """Every node whose name sorts after `name`, in name order."""
+        for index in range(bisect.bisect_right(self._names, name), len(self._names)):
+            yield self._nodes[self._names[index]]
 
     def status_counts(self) -> dict[pb.NodeStatus.ValueType, int]:
         counts = dict.fromkeys((CONNECTED, STALE, UNREACHABLE), 0)

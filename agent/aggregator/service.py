@@ -134,13 +134,11 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
     ) -> pb.ListNodesResponse:
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = await _page_after(request.page_token, context)
-        views = await self._call(context, self._fleet.nodes(request.selector, request.statuses))
-        start = 0
-        if after:
-            start = next((i for i, v in enumerate(views) if v.name > after), len(views))
-        page = views[start : start + size]
+        page, more = await self._call(
+            context, self._fleet.page(request.selector, request.statuses, after, size)
+        )
         response = pb.ListNodesResponse(nodes=[v.to_proto() for v in page])
-        if start + size < len(views):
+        if more:
             response.next_page_token = _page_token(page[-1].name)
         return response
 

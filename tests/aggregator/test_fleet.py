@@ -290,13 +290,19 @@ def test_nodes_merge_this_replicas_records_with_the_stores_other_nodes() -> None
             await fleet.store.node_alive("node-c", 60)
             await soon(lambda: len(fleet.store_labels) == 3)
 
-            views = await fleet.nodes({"pool": "training"})
+            views, more = await fleet.page({"pool": "training"}, [], "", 10)
             assert [(v.name, v.status) for v in views] == [
                 ("node-a", pb.NODE_STATUS_CONNECTED),
                 ("node-b", pb.NODE_STATUS_UNREACHABLE),
             ]
-            connected = await fleet.nodes({}, [pb.NODE_STATUS_CONNECTED])
+            assert not more
+            connected, _ = await fleet.page({}, [pb.NODE_STATUS_CONNECTED], "", 10)
             assert [v.name for v in connected] == ["node-a", "node-c"]
+            # Pages merge this replica's nodes and the store's in name order.
+            first, more = await fleet.page({}, [], "", 2)
+            rest, last = await fleet.page({}, [], first[-1].name, 2)
+            assert ([v.name for v in first], more) == (["node-a", "node-b"], True)
+            assert ([v.name for v in rest], last) == (["node-c"], False)
             assert (await fleet.node("node-c")).to_proto().status == pb.NODE_STATUS_CONNECTED
             with pytest.raises(UnknownNode):
                 await fleet.node("node-z")
