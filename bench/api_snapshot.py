@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the agent package
 
-from agent_overhead import cpu_seconds, free_port  # noqa: E402
+from agent_overhead import cpu_seconds, free_port, terminate  # noqa: E402
 
 from agent.proto.fabric.v1 import telemetry_service_pb2 as pb  # noqa: E402
 from agent.proto.fabric.v1.telemetry_service_pb2_grpc import TelemetryServiceStub  # noqa: E402
@@ -120,12 +119,7 @@ def running_agent(interval: str = "1s") -> Iterator[RunningAgent]:
             wait_for_snapshot(agent)
             yield agent
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            terminate(process, 15)
 
 
 def wait_for_snapshot(agent: RunningAgent, timeout_s: float = 30.0) -> None:
