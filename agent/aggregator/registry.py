@@ -44,6 +44,17 @@ class Liveness:
     def stale_after_s(self) -> float:
         return self.summary_interval_s * self.stale_after_missed
 
+    def interval_for(self, registered_s: float) -> float:
+        """A node's summary interval: the one it registered with when longer than the
+        fleet's (an agent sampling every 5 s is not late every second)."""
+        return max(self.summary_interval_s, registered_s)
+
+    def thresholds(self, registered_s: float) -> tuple[float, float]:
+        """(stale after, gone after) seconds of silence for a node's interval."""
+        interval_s = self.interval_for(registered_s)
+        stale_s = interval_s * self.stale_after_missed
+        return stale_s, max(self.gone_after_s, stale_s + interval_s)
+
     def __post_init__(self) -> None:
         if self.summary_interval_s <= 0 or self.stale_after_missed < 1:
             raise ValueError("summary interval must be positive and stale_after_missed >= 1")
@@ -62,6 +73,8 @@ class NodeRecord:
     capabilities: tuple[str, ...] = ()
     status: pb.NodeStatus.ValueType = CONNECTED
     last_seen_s: float = 0.0
+    # The summary interval the agent registered with (0: not given).
+    interval_s: float = 0.0
     summary: pb.NodeSummary | None = None
     # (time, {(entity kind, entity, metric): delta}) for the summaries with any delta.
     deltas: deque[tuple[float, dict[tuple[str, str, str], float]]] = field(default_factory=deque)
@@ -161,6 +174,7 @@ class NodeRegistry:
         record.labels = dict(message.labels)
         record.agent_version = message.agent_version
         record.capabilities = tuple(message.capabilities)
+        record.interval_s = message.summary_interval.ToNanoseconds() / 1e9
         record.status = CONNECTED
         record.last_seen_s = now
         self._emit(pb.EVENT_KIND_NODE_REGISTERED, record.name, "", "registered", now)
@@ -191,14 +205,17 @@ class NodeRegistry:
         changed = []
         for record in self._nodes.values():
             silent_s = now - record.last_seen_s
-            if record.status == CONNECTED and silent_s > self.liveness.stale_after_s:
+            if record.status == UNREACHABLE or silent_s <= self.liveness.stale_after_s:
+                continue  # the usual case: no per-node thresholds to work out
+            stale_after_s, gone_after_s = self.liveness.thresholds(record.interval_s)
+            if record.status == CONNECTED and silent_s > stale_after_s:
                 record.status = STALE
-                missed = int(silent_s / self.liveness.summary_interval_s)
+                missed = int(silent_s / self.liveness.interval_for(record.interval_s))
                 self._emit(
                     pb.EVENT_KIND_NODE_STALE, record.name, "", f"{missed} summaries missed", now
                 )
                 changed.append((record.name, STALE))
-            if record.status == STALE and silent_s > self.liveness.gone_after_s:
+            if record.status == STALE and silent_s > gone_after_s:
                 record.status = UNREACHABLE
                 self._emit(
                     pb.EVENT_KIND_NODE_GONE, record.name, "", f"silent for {silent_s:.0f}s", now

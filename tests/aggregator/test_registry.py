@@ -86,6 +86,25 @@ def test_silent_node_goes_stale_then_gone_and_comes_back() -> None:
     assert events[1].message == "3 summaries missed"
 
 
+def test_a_node_with_a_longer_interval_is_judged_by_its_own() -> None:
+    clock, events = Clock(), []
+    reg = registry(clock, events)
+    slow = pb.Register(node_name="slow", agent_version="0.1.0")
+    slow.summary_interval.FromSeconds(12)
+    reg.register(slow)
+    register(reg, "fast")
+
+    clock.now += 10.0  # one summary of "slow" late at most; "fast" missed ten
+    assert reg.sweep() == [("fast", pb.NODE_STATUS_STALE)]
+    clock.now += 26.5  # 36.5 s: "slow" missed three of its 12 s summaries
+    assert reg.sweep() == [("slow", pb.NODE_STATUS_STALE), ("fast", pb.NODE_STATUS_UNREACHABLE)]
+    clock.now += 11.0  # gone after 48 s: three intervals and one more, past the fleet's 30 s
+    assert reg.sweep() == []
+    clock.now += 1.0
+    assert reg.sweep() == [("slow", pb.NODE_STATUS_UNREACHABLE)]
+    assert [e.message for e in events if e.node == "slow"][1] == "3 summaries missed"
+
+
 def test_liveness_thresholds_are_checked() -> None:
     with pytest.raises(ValueError, match="must be longer than stale"):
         Liveness(summary_interval_s=10.0, stale_after_missed=3, gone_after_s=30.0)
