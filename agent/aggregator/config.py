@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.aggregator.registry import Liveness
-from agent.aggregator.store import open_store
+from agent.aggregator.store import parse_store_url
 from agent.config import (
     Duration,
     Identities,
@@ -71,7 +71,7 @@ class AggregatorConfig(BaseModel):
     @classmethod
     def _check_store(cls, value: str) -> str:
         try:
-            open_store(value)
+            parse_store_url(value)
         except ConfigError as exc:
             raise ValueError(exc.reason) from None
         return value

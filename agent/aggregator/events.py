@@ -11,6 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
 
+from agent.aggregator.store.base import selector_matches
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 
 # Events kept per subscriber: minutes of a busy fleet's events (an XID storm on a few
@@ -46,7 +47,7 @@ class EventSubscription:
     def wants(self, event: pb.Event, labels: Mapping[str, str]) -> bool:
         if self.kinds and event.kind not in self.kinds:
             return False
-        return all(labels.get(key) == value for key, value in self.selector.items())
+        return selector_matches(self.selector, labels)
 
     def offer(self, event: pb.Event) -> None:
         if len(self._queue) >= self._size:

@@ -29,7 +29,7 @@ from agent.aggregator.events import EventHub
 from agent.aggregator.metrics import STATUS_LABELS, FleetMetrics, event_label
 from agent.aggregator.registry import Clock, Liveness, NodeRecord, NodeRegistry
 from agent.aggregator.store import Assignment, Change, ChangeKind, Store, StoreError
-from agent.aggregator.store.base import check_node_name
+from agent.aggregator.store.base import check_node_name, selector_matches
 from agent.api import objects
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.v1 import qos_service_pb2
@@ -476,7 +476,7 @@ class Fleet:
             for name, labels in self.store_labels.items()
             if name > after
             and self.registry.get(name) is None
-            and all(labels.get(k) == v for k, v in selector.items())
+            and selector_matches(selector, labels)
         )
         live = await self._store("list live nodes", self.store.live_nodes()) if remote else set()
         local = (self._local_view(r) for r in self.registry.after(after) if r.matches(selector))
@@ -506,21 +506,10 @@ class Fleet:
         return NodeView(record.name, record.labels, record.status, record)
 
     async def _matching(self, selector: Mapping[str, str]) -> list[NodeView]:
-        """Every node matching `selector`, by name: this replica's records, then the
+        """Every node matching `selector`, by name: this replica's records and the
         store's other nodes with their status from the store's liveness leases."""
-        views = {r.name: self._local_view(r) for r in self.registry.nodes(selector)}
-        remote = [
-            name
-            for name, labels in self.store_labels.items()
-            if name not in views
-            and self.registry.get(name) is None
-            and all(labels.get(k) == v for k, v in selector.items())
-        ]
-        if remote:
-            live = await self._store("list live nodes", self.store.live_nodes())
-            for name in remote:
-                views[name] = NodeView(name, self.store_labels[name], _remote_status(name, live))
-        return [views[name] for name in sorted(views)]
+        views, _ = await self.page(selector, (), "", len(self.registry) + len(self.store_labels))
+        return views
 
     async def _statuses(self, assignment: Assignment) -> list[pb.NodePolicyStatus]:
         statuses = []

@@ -99,12 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides: dict[str, Any] = {
-        flag.removeprefix("--").replace("-", "_"): getattr(
-            args, flag.removeprefix("--").replace("-", "_")
-        )
-        for flag in _FLAGS
-    }
+    keys = (flag.removeprefix("--").replace("-", "_") for flag in _FLAGS)
+    overrides: dict[str, Any] = {key: getattr(args, key) for key in keys}
     try:
         config = load_model(AggregatorConfig, args.config, overrides)
     except ConfigError as exc:

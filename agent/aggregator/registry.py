@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
+from agent.aggregator.store.base import selector_matches
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 
 CONNECTED, STALE, UNREACHABLE = (
@@ -80,7 +81,7 @@ class NodeRecord:
     deltas: deque[tuple[float, dict[tuple[str, str, str], float]]] = field(default_factory=deque)
 
     def matches(self, selector: Mapping[str, str]) -> bool:
-        return all(self.labels.get(key) == value for key, value in selector.items())
+        return selector_matches(selector, self.labels)
 
 
 # Metrics of QueryTop: (entity kind, metric) -> how to read it from the latest summary.
@@ -250,10 +251,9 @@ class NodeRegistry:
         """Matching nodes by name."""
         wanted = set(statuses)
         return [
-            self._nodes[name]
-            for name in sorted(self._nodes)
-            if self._nodes[name].matches(selector)
-            and (not wanted or self._nodes[name].status in wanted)
+            record
+            for record in self.after("")
+            if record.matches(selector) and (not wanted or record.status in wanted)
         ]
 
     def top(

@@ -204,9 +204,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             assignment = Assignment(model.metadata.name, document, dict(request.selector))
         except ValueError as exc:
             await _abort_field(context, "selector", str(exc))
-        wait_s = _seconds(request.wait) if request.HasField("wait") else 0.0
-        if not 0 <= wait_s <= MAX_WAIT_S:
-            await _abort_field(context, "wait", f"must be between 0 and {MAX_WAIT_S:g}s")
+        wait_s = await _wait_seconds(request, context)
         try:
             revision, nodes = await self._call(
                 context,
@@ -227,9 +225,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         self, request: pb.DeletePolicyRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.DeletePolicyResponse:
         await self._authorize(context)
-        wait_s = _seconds(request.wait) if request.HasField("wait") else 0.0
-        if not 0 <= wait_s <= MAX_WAIT_S:
-            await _abort_field(context, "wait", f"must be between 0 and {MAX_WAIT_S:g}s")
+        wait_s = await _wait_seconds(request, context)
         try:
             nodes = await self._call(context, self._fleet.delete(request.name, wait_s=wait_s))
         except UnknownPolicy as exc:
@@ -273,6 +269,17 @@ async def _abort_field(
     await context.abort_with_status(
         rich_status(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}", detail)
     )
+
+
+async def _wait_seconds(
+    request: pb.ApplyPolicyRequest | pb.DeletePolicyRequest,
+    context: grpc.aio.ServicerContext[object, object],
+) -> float:
+    """A mutation's `wait` (0 when unset); INVALID_ARGUMENT past MAX_WAIT_S."""
+    wait_s = _seconds(request.wait) if request.HasField("wait") else 0.0
+    if not 0 <= wait_s <= MAX_WAIT_S:
+        await _abort_field(context, "wait", f"must be between 0 and {MAX_WAIT_S:g}s")
+    return wait_s
 
 
 def _seconds(duration: duration_pb2.Duration) -> float:

@@ -34,11 +34,16 @@ __all__ = [
     "Store",
     "StoreError",
     "open_store",
+    "parse_store_url",
 ]
 
 _SOURCE = "--store"
 _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 _PREFIX = re.compile(r"^/([A-Za-z0-9._-]+/)*$")
+
+
+# A checked store URL's way to open it.
+Opener = Callable[[], Store]
 
 
 def open_store(url: str) -> Store:
@@ -47,29 +52,38 @@ def open_store(url: str) -> Store:
     Opening does not connect: the first operation does, and raises StoreError when the
     backend cannot be reached.
     """
+    return parse_store_url(url)()
+
+
+def parse_store_url(url: str) -> Opener:
+    """Check `url` (ConfigError naming what is wrong) without opening anything."""
     scheme, sep, rest = url.partition("://")
-    openers: dict[str, Callable[[str, str], Store]] = {
-        "sqlite": _open_sqlite,
-        "etcd": _open_etcd,
+    parsers: dict[str, Callable[[str, str], Opener]] = {
+        "sqlite": _sqlite,
+        "etcd": _etcd,
     }
-    if not sep or scheme not in openers:
-        raise ConfigError(_SOURCE, url, f"scheme must be one of {', '.join(sorted(openers))}")
-    return openers[scheme](url, rest)
+    if not sep or scheme not in parsers:
+        raise ConfigError(_SOURCE, url, f"scheme must be one of {', '.join(sorted(parsers))}")
+    return parsers[scheme](url, rest)
 
 
-def _open_sqlite(url: str, rest: str) -> Store:
-    from agent.aggregator.store.sqlite import SqliteStore
-
-    if rest == ":memory:":
-        return SqliteStore(url, ":memory:")
-    if not rest.startswith("/") or rest.endswith("/") or "?" in rest or "#" in rest:
+def _sqlite(url: str, rest: str) -> Opener:
+    if rest != ":memory:" and (
+        not rest.startswith("/") or rest.endswith("/") or "?" in rest or "#" in rest
+    ):
         raise ConfigError(
             _SOURCE, url, "want sqlite:///absolute/path/to/state.db or sqlite://:memory:"
         )
-    return SqliteStore(url, rest)
+
+    def opener() -> Store:
+        from agent.aggregator.store.sqlite import SqliteStore
+
+        return SqliteStore(url, rest)
+
+    return opener
 
 
-def _open_etcd(url: str, rest: str) -> Store:
+def _etcd(url: str, rest: str) -> Opener:
     from agent.aggregator.store.etcd import DEFAULT_PREFIX, DEFAULT_TIMEOUT_S, EtcdStore
 
     location, _, query = rest.partition("?")
@@ -92,7 +106,7 @@ def _open_etcd(url: str, rest: str) -> Store:
         raise ConfigError(_SOURCE, url, f"timeout_s {timeout!r}: want whole seconds >= 1")
 
     host, port = _grpc_target(url, endpoints)
-    return EtcdStore(url, host, port, prefix=prefix, timeout_s=int(timeout))
+    return lambda: EtcdStore(url, host, port, prefix=prefix, timeout_s=int(timeout))
 
 
 def _grpc_target(url: str, endpoints: list[tuple[str, int]]) -> tuple[str, int]:

@@ -69,6 +69,12 @@ def check_node_name(node: str) -> None:
         raise ValueError(f"node name {node!r}: not a host name")
 
 
+def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Whether `labels` carry every label of `selector` with its value (an empty
+    selector matches everything): the one rule of fleet policies, listings and events."""
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
 def check_labels(what: str, labels: Mapping[str, str]) -> None:
     """Raise ValueError unless `labels` maps non-empty strings to strings."""
     for key, value in labels.items():
@@ -102,7 +108,7 @@ class Assignment:
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         """Whether a node with `labels` is selected."""
-        return all(labels.get(key) == value for key, value in self.selector.items())
+        return selector_matches(self.selector, labels)
 
 
 class ChangeKind(enum.Enum):
