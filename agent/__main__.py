@@ -1,3 +1,3 @@
-from agent.cli.main import main
+from agent.node.cli.main import main
 
 raise SystemExit(main())

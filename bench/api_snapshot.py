@@ -198,11 +198,11 @@ def one_run(calls: int, section_calls: int, warmup: int) -> dict[str, object]:
 def in_process_costs(repeats: int = 200) -> dict[str, float]:
     """Median ms per step on a snapshot of the simulated node built in this process."""
     os.environ.setdefault("FAKE_NVML_SCENARIO", str(SCENARIO))
-    from agent.api import convert, telemetry
-    from agent.collectors.base import SharedResources, Tick
-    from agent.config import AgentConfig
-    from agent.runtime import build_collectors
-    from agent.snapshot import Snapshot
+    from agent.node.api import convert, telemetry
+    from agent.node.collectors.base import SharedResources, Tick
+    from agent.node.config import AgentConfig
+    from agent.node.runtime import build_collectors
+    from agent.node.snapshot import Snapshot
 
     shared = SharedResources()
     try:

@@ -1,15 +1,15 @@
-"""CPU per link dump: pyroute2's decode against agent.netlink's, at 30 and 200 links.
+"""CPU per link dump: pyroute2's decode against agent.node.netlink's, at 30 and 200 links.
 
 Makes a throwaway network namespace with N veth links (N/2 pairs, plus lo), and times
-one dump of every link, converted to `agent.netlink.Link`, per call:
+one dump of every link, converted to `agent.node.netlink.Link`, per call:
   pyroute2 full       IPRoute.get_links(): every attribute decoded
   pyroute2 4 attrs    the same request, with a message class that names only IFLA_IFNAME,
                       IFLA_MTU, IFLA_OPERSTATE and IFLA_STATS64
   pyroute2 no attrs   the same request, a message class without attributes: pyroute2's
                       request machinery alone, before any attribute is read
-  agent.netlink       NetlinkLinkDumper, links unchanged: a counters dump (RTM_GETSTATS)
+  agent.node.netlink       NetlinkLinkDumper, links unchanged: a counters dump (RTM_GETSTATS)
                       on a plain socket, struct-parsed, joined to the cached link dump
-  agent.netlink, changed   the same when a link event has arrived: the link dump
+  agent.node.netlink, changed   the same when a link event has arrived: the link dump
                       (RTM_GETLINK, stats skipped) is redone first
 CPU time of the process (time.process_time_ns), median and p95 over --calls calls.
 Needs root (namespaces); the namespace is deleted on exit, whatever happens.
@@ -36,7 +36,7 @@ from pyroute2.netlink import nlmsg
 from pyroute2.netlink.rtnl import RTM_NEWLINK
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from agent.netlink import Link, LinkStats, NetlinkLinkDumper
+from agent.node.netlink import Link, LinkStats, NetlinkLinkDumper
 
 
 class FourAttributes(nlmsg):  # type: ignore[misc]
@@ -130,13 +130,13 @@ def bench(links: int, calls: int) -> list[tuple[str, float, float, int]]:
             iproute.close()
         dumper = NetlinkLinkDumper(netns=netns)
         try:
-            rows.append(("agent.netlink", *cpu_ms(dumper.dump_links, calls)))
+            rows.append(("agent.node.netlink", *cpu_ms(dumper.dump_links, calls)))
 
             def after_a_link_event() -> Sequence[Link]:
                 dumper._attributes = None  # as a link event does
                 return dumper.dump_links()
 
-            rows.append(("agent.netlink, changed", *cpu_ms(after_a_link_event, calls)))
+            rows.append(("agent.node.netlink, changed", *cpu_ms(after_a_link_event, calls)))
         finally:
             dumper.close()
     return rows

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from agent.qos import ifb, tc
-from agent.qos.htb import HtbClass, HtbTree, U32Filter, U32Match
-from agent.qos.units import PortRange
+from agent.common.policy.units import PortRange
+from agent.node.qos import ifb, tc
+from agent.node.qos.htb import HtbClass, HtbTree, U32Filter, U32Match
 
 MBIT = 10**6
 

@@ -7,7 +7,7 @@ one end), deleted at the end whatever happens. The tree: root qdisc `fa:`, class
 (`match ip dport N 0xffff`, two per leaf): 258 kernel objects. Per repetition and path:
 build it from nothing, check the kernel has exactly the desired tree, change one class's
 rate, check again, delete the tree (not timed). Times are wall clock (perf_counter):
-- agent: `agent.qos.tc.apply(plan(desired, None))` for the build and
+- agent: `agent.node.qos.tc.apply(plan(desired, None))` for the build and
   `apply(plan(changed, current))` for the change, the plans made beforehand from the
   tree the caller holds (passed as `before`, the rollback target, as the reconciler
   does); the change once more as `reconcile(changed)` (read, plan, apply: what one
@@ -33,9 +33,9 @@ from functools import partial
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
-from agent.qos.htb import HtbClass, HtbTree, U32Filter, U32Match, burst_for_rate, plan
-from agent.qos.tc import apply, read_tree, reconcile, remove_tree
-from agent.qos.units import PortRange
+from agent.common.policy.units import PortRange
+from agent.node.qos.htb import HtbClass, HtbTree, U32Filter, U32Match, burst_for_rate, plan
+from agent.node.qos.tc import apply, read_tree, reconcile, remove_tree
 
 MBIT = 10**6
 LEAVES = 64

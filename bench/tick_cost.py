@@ -20,11 +20,11 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.collectors.base import SharedResources, Tick
-from agent.config import AgentConfig
-from agent.exporter import SnapshotMetrics, TextEncoder, snapshot_families
-from agent.runtime import build_collectors
-from agent.snapshot import Snapshot
+from agent.node.collectors.base import SharedResources, Tick
+from agent.node.config import AgentConfig
+from agent.node.exporter import SnapshotMetrics, TextEncoder, snapshot_families
+from agent.node.runtime import build_collectors
+from agent.node.snapshot import Snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pyroute2_netns
 
-from agent.collectors.base import CollectorContext, SharedResources
-from agent.config import AgentConfig
-from agent.qos.tc import TcCapabilities, detect_capabilities
-from agent.runtime import build_collectors
-from agent.sampler import Sampler
+from agent.node.collectors.base import CollectorContext, SharedResources
+from agent.node.config import AgentConfig
+from agent.node.qos.tc import TcCapabilities, detect_capabilities
+from agent.node.runtime import build_collectors
+from agent.node.sampler import Sampler
 from tests import fakenvml as fakenvml_driver
+from tests.pki import Ca, Pki
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -281,3 +282,19 @@ def simulated_sampler(
     finally:
         sampler.close()
         shared.close()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    ca = Ca(directory, "fabric-ca")
+    other_ca = Ca(directory, "other-ca")
+    return Pki(
+        ca=ca,
+        other_ca=other_ca,
+        server=ca.issue("agent", server=True, dns=["localhost"], ips=["127.0.0.1"]),
+        allowed=ca.issue("fabric-aggregator"),
+        other=ca.issue("intruder"),
+        stranger=other_ca.issue("fabric-aggregator-elsewhere"),
+    )

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.exporter import TextEncoder
-from agent.families import Family
+from agent.node.exporter import TextEncoder
+from agent.node.families import Family
 
 
 def exposed(families: Iterable[Family]) -> dict[str, float]:

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.collectors.base import Tick
-from agent.families import CounterFamily, Family
+from agent.node.collectors.base import Tick
+from agent.node.families import CounterFamily, Family
 
 
 @dataclass(frozen=True, slots=True)

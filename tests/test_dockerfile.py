@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT
+
 DOCKERFILE = ROOT / "Dockerfile"
 
 
@@ -43,7 +44,7 @@ def test_runtime_stage_installs_the_package_and_kernel_tools() -> None:
 def test_pyproject_declares_both_console_scripts() -> None:
     text = (ROOT / "pyproject.toml").read_text()
 
-    assert 'fabric-agent = "agent.cli.main:main"' in text
+    assert 'fabric-agent = "agent.node.cli.main:main"' in text
     assert 'fabricctl = "agent.ctl.main:main"' in text
 
 

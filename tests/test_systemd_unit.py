@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from agent.aggregator.config import AggregatorConfig
-from agent.config import load_model
+from agent.common.config import load_model
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "fabric-agent.service"
 AGGREGATOR_UNIT = ROOT / "systemd" / "fabric-aggregator.service"
 

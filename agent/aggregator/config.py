@@ -1,7 +1,7 @@
 """`fabric-aggregator run` configuration: one validated, frozen object with every default.
 
 Sources as for the agent: the defaults below, a YAML file (`--config`), flags. The
-listener options have the agent's names and rules (agent/config.py): the unix socket
+listener options have the agent's names and rules (agent/node/config.py): the unix socket
 serves everything; TCP without mTLS serves reads and agent streams; mutations over TCP
 need mTLS and an allowed identity, and with mTLS an agent may only register under a
 node name its certificate carries.
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from agent.aggregator.registry import Liveness
 from agent.aggregator.store import parse_store_url
-from agent.config import (
+from agent.common.config import (
     Duration,
     Identities,
     check_allowed_identities,
@@ -28,7 +28,7 @@ from agent.config import (
     grpc_listen_address,
     parse_listen_address,
 )
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 
 DEFAULT_STORE = "sqlite:///var/lib/fabric-aggregator/state.db"
 

@@ -30,7 +30,7 @@ from agent.aggregator.metrics import STATUS_LABELS, FleetMetrics, event_label
 from agent.aggregator.registry import Clock, Liveness, NodeRecord, NodeRegistry
 from agent.aggregator.store import Assignment, Change, ChangeKind, Store, StoreError
 from agent.aggregator.store.base import check_node_name, selector_matches
-from agent.api import objects
+from agent.common.policy import documents as objects
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.v1 import qos_service_pb2
 

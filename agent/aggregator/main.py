@@ -31,8 +31,12 @@ from agent.aggregator.fleet import Fleet
 from agent.aggregator.metrics import FleetMetrics
 from agent.aggregator.service import SERVICE_NAME, Access, AggregatorServicer
 from agent.aggregator.store import StoreError, open_store
-from agent.api.channel import SERVER_KEEPALIVE_OPTIONS
-from agent.api.security import (
+from agent.common.channel import SERVER_KEEPALIVE_OPTIONS
+from agent.common.config import configure_logging, load_model
+from agent.common.errors import ConfigError, ListenError
+from agent.common.listeners import claim_socket_path, restrict_socket
+from agent.common.sdnotify import Notifier
+from agent.common.security import (
     AllowAll,
     AllowedClients,
     ReadOnly,
@@ -40,11 +44,7 @@ from agent.api.security import (
     TlsError,
     TlsFiles,
 )
-from agent.api.server import claim_socket_path, restrict_socket
-from agent.config import configure_logging, load_model
-from agent.errors import ConfigError, ListenError
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
-from agent.sdnotify import Notifier
 
 log = logging.getLogger("agent.aggregator")
 

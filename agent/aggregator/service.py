@@ -31,12 +31,13 @@ from agent.aggregator.fleet import (
 from agent.aggregator.registry import QueryError
 from agent.aggregator.store import Assignment, DocumentTooLarge, StoreError
 from agent.aggregator.store.base import check_labels, check_node_name
-from agent.api import objects
-from agent.api.qos import invalid_status, model_from_request, rich_status
-from agent.api.security import Authorizer, client_identities
+from agent.common.policy import documents as objects
+from agent.common.policy.documents import model_from_request
+from agent.common.policy.model import PolicyError
+from agent.common.security import Authorizer, client_identities
+from agent.common.status import invalid_status, rich_status
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
-from agent.qos.policy import PolicyError
 
 log = logging.getLogger(__name__)
 

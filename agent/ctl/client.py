@@ -17,7 +17,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status.rpc_status import from_call
 
-from agent.api.channel import CLIENT_KEEPALIVE_OPTIONS, CLIENT_MAX_RECEIVE_BYTES
+from agent.common.channel import CLIENT_KEEPALIVE_OPTIONS, CLIENT_MAX_RECEIVE_BYTES
 
 EXIT_OK, EXIT_CHANGES, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -25,7 +25,7 @@ DEFAULT_AGENT = "unix:///run/fabric-agent/agent.sock"
 # Deadline of each unary RPC; streams have none.
 DEFAULT_TIMEOUT_S = 10.0
 # Keepalive pings (the contract with the agent's minimum ping interval lives in
-# agent/api/channel.py) and the receive limit matching the agent's send limit: above
+# agent/common/channel.py) and the receive limit matching the agent's send limit: above
 # gRPC's 4 MiB default, so a large node's snapshot does not fail on the client first.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     *CLIENT_KEEPALIVE_OPTIONS,

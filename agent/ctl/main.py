@@ -39,7 +39,7 @@ from pathlib import Path
 import grpc
 
 from agent import __version__
-from agent.config import parse_duration
+from agent.common.config import parse_duration
 from agent.ctl import fleet, health, policy, telemetry
 from agent.ctl.client import (
     DEFAULT_AGENT,

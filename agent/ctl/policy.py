@@ -19,8 +19,8 @@ import grpc
 import yaml
 from google.protobuf import duration_pb2
 
-from agent.api.objects import ObjectError, name_of, object_from_document
-from agent.config import parse_duration
+from agent.common.config import parse_duration
+from agent.common.policy.documents import ObjectError, name_of, object_from_document
 from agent.ctl.client import (
     EXIT_CHANGES,
     EXIT_INVALID,

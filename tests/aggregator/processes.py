@@ -37,12 +37,13 @@ from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.aggregator.v1.aggregator_service_pb2_grpc import AggregatorServiceStub
 from agent.proto.fabric.v1 import qos_service_pb2
 from agent.proto.fabric.v1.qos_service_pb2_grpc import QosServiceStub
+from tests import ROOT
 from tests.conftest import free_port
 from tests.exposition import series
 
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parents[2]
+
 SCENARIO = ROOT / "tests/fakenvml/scenarios/hgx-h200-8gpu.json"
 SYSFS = ROOT / "tests/fixtures/sysfs"
 # Liveness short enough for a test: a summary every 200 ms, stale after 3 missed (0.6 s),

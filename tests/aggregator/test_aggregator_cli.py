@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent.aggregator.config import AggregatorConfig
-from agent.config import load_model
-from agent.errors import ConfigError
+from agent.common.config import load_model
+from agent.common.errors import ConfigError
+from tests import ROOT
 from tests.conftest import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_the_documented_ports_and_store() -> None:

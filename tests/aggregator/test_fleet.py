@@ -18,7 +18,7 @@ from agent.aggregator.registry import Liveness
 from agent.aggregator.store import Assignment, Store, StoreError, open_store
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from tests.aggregator.conftest import run
-from tests.qos import api_policy_document
+from tests.node.qos import api_policy_document
 
 LIVENESS = Liveness(summary_interval_s=1.0, stale_after_missed=3, gone_after_s=30.0)
 

@@ -14,16 +14,16 @@ import pytest
 from google.protobuf import duration_pb2
 
 from agent import __version__
-from agent.api.objects import object_from_document
+from agent.common.policy.documents import object_from_document
+from agent.node.qos.tc import TcCapabilities
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.aggregator.v1.aggregator_service_pb2_grpc import AggregatorServiceStub
 from agent.proto.fabric.v1 import telemetry_service_pb2
-from agent.qos.tc import TcCapabilities
 from tests.aggregator.conftest import EtcdServer
 from tests.aggregator.processes import Agent, Aggregator, ClientTls, Lab, ServerTls
-from tests.api.conftest import Ca, Issued
 from tests.conftest import netns_unavailable
-from tests.qos import api_policy_document
+from tests.node.qos import api_policy_document
+from tests.pki import Ca, Issued
 
 POLICY = "fleet-net"
 TRAINING = {"pool": "training"}

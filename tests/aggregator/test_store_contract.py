@@ -20,7 +20,7 @@ from agent.aggregator.store import (
     StoreError,
     open_store,
 )
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 from tests.aggregator.conftest import EtcdServer, run
 from tests.conftest import free_port
 

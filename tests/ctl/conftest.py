@@ -32,10 +32,9 @@ from agent.proto.fabric.v1 import (
     telemetry_service_pb2,
     telemetry_service_pb2_grpc,
 )
-from tests.api.conftest import Ca
+from tests import ROOT
 from tests.conftest import VethPair, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.pki import Ca
 
 # A valid two-class policy document, as fabricctl reads it from a file.
 POLICY = {

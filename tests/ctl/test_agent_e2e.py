@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import VethPair
 from tests.ctl.conftest import ROOT, RealAgent, run_fabricctl
-from tests.qos import api_policy_document
+from tests.node.qos import api_policy_document
 
 
 def test_telemetry_json_against_agent(sim_agent: RealAgent) -> None:

@@ -17,12 +17,11 @@ from google.protobuf import json_format, timestamp_pb2
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 
-from agent.api.objects import object_from_document
+from agent.common.policy.documents import object_from_document
 from agent.ctl import client
 from agent.ctl.main import main
 from agent.ctl.output import human_duration, table
 from agent.proto.fabric.v1 import qos_service_pb2, qos_service_pb2_grpc, telemetry_service_pb2
-from tests.api.conftest import Ca
 from tests.ctl.conftest import (
     POLICY,
     ROOT,
@@ -36,6 +35,7 @@ from tests.ctl.conftest import (
     run_fabricctl,
     snapshot,
 )
+from tests.pki import Ca
 
 ASSIGNMENT = {
     "apiVersion": "fabric.qos/v1alpha1",

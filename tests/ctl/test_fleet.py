@@ -20,14 +20,13 @@ import yaml
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2
 
-from agent.api.objects import object_from_document
+from agent.common.policy.documents import object_from_document
 from agent.ctl import fleet
 from agent.ctl.client import UsageError
 from agent.ctl.main import main
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc
 from agent.proto.fabric.v1 import telemetry_service_pb2
-from tests.api.conftest import Ca
 from tests.conftest import free_port
 from tests.ctl.conftest import (
     POLICY,
@@ -38,6 +37,7 @@ from tests.ctl.conftest import (
     precondition_failed,
     snapshot,
 )
+from tests.pki import Ca
 
 
 class FakeAggregator(aggregator_service_pb2_grpc.AggregatorServiceServicer, _Recorder):

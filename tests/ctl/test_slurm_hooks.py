@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.api.objects import object_from_document
+from agent.common.policy.documents import object_from_document
 from tests.conftest import VethPair
 from tests.ctl.conftest import ROOT, RealAgent, run_fabricctl
 

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from agent.collectors.base import Tick
+from agent.node.collectors.base import Tick
 
 HERE = Path(__file__).resolve().parent
 LIBRARY = HERE / "libnvidia-ml.so.1"

@@ -22,7 +22,7 @@ from agent.aggregator.store.base import (
     Store,
     StoreError,
 )
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",

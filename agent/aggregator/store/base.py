@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.errors import FabricError
+from agent.common.errors import FabricError
 
 # etcd refuses requests over 1.5 MiB; a third of that leaves room for the request's own
 # framing and keeps every stored value far from the limit whichever backend holds it.

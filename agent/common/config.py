@@ -1,0 +1,209 @@
+"""Configuration machinery every program shares: durations and listen addresses,
+the gRPC listener options (their TLS rules live here once, for the agent and the
+aggregator), logging, and loading a validated model from a YAML file and flags.
+
+Sources, later ones winning: a model's defaults, a YAML file (`--config`), flags. YAML
+keys are the flag names with `_` for `-`. Every error names its source (file or `command
+line`) and key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ValidationError, ValidationInfo
+
+from agent.common.errors import ConfigError
+from agent.common.security import TlsError, read_certificates, read_key_for
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """'250ms', '1s', '1.5m', or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_S[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 1s, 2m)")
+
+
+def parse_listen_address(value: object) -> tuple[str, int]:
+    """'HOST:PORT', '[v6]:PORT' or ':PORT' (all addresses) -> (host, port)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an address (use HOST:PORT)")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not an address (use HOST:PORT)")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost" and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+            raise ValueError(f"{host!r} is not an IP address or host name") from None
+    return host, port
+
+
+def _identities(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a list of client identities or a comma-separated string")
+    return tuple(str(name).strip() for name in value if str(name).strip())
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+# grpc_listen's value that turns the TCP listener off.
+GRPC_LISTEN_OFF = "none"
+
+
+# --- the gRPC listener options, shared by the agent's and the aggregator's configs ---
+#
+# The TLS options are checked in field order, each against the ones before it, so an
+# error names the option to fix. A field that failed is missing from `info.data`; the
+# checks that need it are skipped (its own error is reported). Each is a pydantic
+# validator body: `field_validator(name)(check)` in the model.
+
+
+def grpc_listen_address(value: str) -> tuple[str, int] | None:
+    """A grpc_listen value's (host, port); None when it is none (no TCP listener)."""
+    if value == GRPC_LISTEN_OFF:
+        return None
+    return parse_listen_address(value)
+
+
+def configure_logging(level: str) -> None:
+    """The daemons' log format, to stderr (the journal adds its own timestamps)."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def check_grpc_listen(cls: type, value: str) -> str:
+    if value.strip().lower() == GRPC_LISTEN_OFF:
+        return GRPC_LISTEN_OFF
+    parse_listen_address(value)
+    return value
+
+
+def check_tls_cert(cls: type, value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    if info.data.get("grpc_listen") == GRPC_LISTEN_OFF:
+        raise ValueError("set, but grpc_listen is none: TLS is for the TCP listener")
+    tls_check(lambda: read_certificates(value, "grpc_tls_cert"))
+    return value
+
+
+def check_tls_key(cls: type, value: Path | None, info: ValidationInfo) -> Path | None:
+    if "grpc_tls_cert" not in info.data:
+        return value
+    cert = info.data["grpc_tls_cert"]
+    if cert is None and value is not None:
+        raise ValueError("set without grpc_tls_cert: set both or neither")
+    if cert is not None and value is None:
+        raise ValueError("missing: grpc_tls_cert is set; set both or neither")
+    if cert is not None and value is not None:
+        tls_check(lambda: read_key_for(cert, value))
+    return value
+
+
+def check_client_ca(cls: type, value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None or "grpc_tls_cert" not in info.data:
+        return value
+    if info.data["grpc_tls_cert"] is None:
+        raise ValueError(
+            "set without grpc_tls_cert and grpc_tls_key: client certificates are "
+            "checked in the TLS handshake, which needs a server certificate"
+        )
+    tls_check(lambda: read_certificates(value, "grpc_client_ca"))
+    return value
+
+
+def check_allowed_identities(
+    cls: type, value: tuple[str, ...], info: ValidationInfo
+) -> tuple[str, ...]:
+    if value and info.data.get("grpc_client_ca", "failed") is None:
+        # Without verified client certificates an identity is only a claim.
+        raise ValueError(
+            "set without grpc_client_ca: mutations over TCP need mTLS (grpc_tls_cert, "
+            "grpc_tls_key and grpc_client_ca)"
+        )
+    return value
+
+
+def check_log_level(cls: type, value: str) -> str:
+    if value.lower() not in {"debug", "info", "warning", "error"}:
+        raise ValueError("must be one of debug, info, warning, error")
+    return value.lower()
+
+
+Identities = Annotated[tuple[str, ...], BeforeValidator(_identities)]
+
+
+def tls_check(check: Callable[[], object]) -> None:
+    """Run a TLS file check, its error as the field's validation error."""
+    try:
+        check()
+    except TlsError as exc:
+        raise ValueError(exc.reason) from exc
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_model(model: type[ModelT], path: Path | None, overrides: Mapping[str, Any]) -> ModelT:
+    """Build a config model from an optional YAML file and flag overrides (None = unset);
+    ConfigError names the source (file or command line), the key and the reason."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(source, "-", f"cannot read: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, "-", f"not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, "-", "must be a mapping of option: value")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    values.update(flags)
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "-"
+            where = "command line" if key.split(".")[0] in flags else source
+            reason = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                reason = "unknown option"
+            problems.append(ConfigError(where, key, reason))
+        first = problems[0]
+        if len(problems) == 1:
+            raise first from None
+        raise ConfigError(
+            first.source, first.key, "; ".join([first.reason, *(str(p) for p in problems[1:])])
+        ) from None

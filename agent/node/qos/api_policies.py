@@ -1,0 +1,256 @@
+"""Policies and assignments applied through the API, kept beside the policy files.
+
+The operator's files stay authoritative: an API object may not take a file policy's name
+or the interface a file policy owns. API objects persist in `api-policies.json` in the
+state directory (written atomically), so a restarted agent keeps enforcing them, and
+each may carry a lease: an absolute expiry on the wall clock, so a lease runs out across
+restarts too, and an orchestrator that crashed (a job whose epilog never ran) does not
+leave its QoS behind.
+
+An assignment (`QosAssignment`) adds match entries to one class of a policy. Before a
+pass they are merged into that policy; an entry whose cgroup does not exist yet is left
+out until it does (a job's cgroup may appear after its prolog ran), and the assignment
+reports itself pending meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from agent.common.errors import FabricError
+from agent.common.policy.model import (
+    LoadedPolicy,
+    Match,
+    PolicyObject,
+    QosAssignment,
+    validate_object,
+)
+from agent.node.qos.state import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+API_FILE = "api-policies.json"
+VERSION = 1
+# What AppliedPolicy.file and LoadedPolicy.file say for an API object.
+API_SOURCE = "<api>"
+# Leases shorter than a reconcile pass are noise; longer than a month are no lease.
+MIN_LEASE_S = 1.0
+MAX_LEASE_S = 30 * 24 * 3600.0
+
+ENFORCED, PENDING, FAILED = "enforced", "pending", "failed"
+# Who applied an API object: a local API client, or the fleet aggregator. Each changes
+# only its own objects, so an orchestrator on the node cannot undo a fleet assignment
+# and the aggregator's resync never removes a job's assignment.
+ORIGIN_API, ORIGIN_FLEET = "api", "fleet"
+
+
+class NotFoundError(FabricError):
+    """No API object of that name."""
+
+
+@dataclass(frozen=True)
+class Precondition:
+    """Why the node refuses an object as it is: what kind of problem, about what."""
+
+    kind: str  # OWNERSHIP | INTERFACE | CGROUP | KERNEL | SOURCE
+    subject: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.description}"
+
+
+class RefusedError(FabricError):
+    """The object is valid but this node cannot take it now (FAILED_PRECONDITION)."""
+
+    def __init__(self, problems: Sequence[Precondition]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+
+class LeaseError(FabricError):
+    """A lease TTL out of range, or a renewal without a TTL to renew with."""
+
+
+def check_lease_ttl(ttl_s: float | None) -> None:
+    if ttl_s is not None and not MIN_LEASE_S <= ttl_s <= MAX_LEASE_S:
+        raise LeaseError(f"lease TTL must be between 1s and 30d, got {ttl_s:g}s")
+
+
+@dataclass(frozen=True)
+class ApiEntry:
+    """One API object: its document (YAML names) and its lease."""
+
+    name: str
+    kind: str
+    document: Mapping[str, Any]
+    applied_at: float
+    lease_ttl_s: float | None = None
+    # Unix time the lease runs out; None: no lease.
+    expires_at: float | None = None
+    origin: str = ORIGIN_API
+
+    def model(self) -> PolicyObject:
+        return validate_object(self.document, f"{API_FILE}:{self.name}")
+
+    def renewed(self, now: float, ttl_s: float) -> ApiEntry:
+        return replace(self, lease_ttl_s=ttl_s, expires_at=now + ttl_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "document": dict(self.document),
+            "applied_at": self.applied_at,
+            "lease_ttl_s": self.lease_ttl_s,
+            "expires_at": self.expires_at,
+            "origin": self.origin,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ApiEntry:
+        ttl, expires = data.get("lease_ttl_s"), data.get("expires_at")
+        return cls(
+            name=str(data["name"]),
+            kind=str(data["kind"]),
+            document=dict(data["document"]),
+            applied_at=float(data["applied_at"]),
+            lease_ttl_s=None if ttl is None else float(ttl),
+            expires_at=None if expires is None else float(expires),
+            origin=str(data.get("origin", ORIGIN_API)),
+        )
+
+
+def new_entry(
+    obj: PolicyObject, now: float, ttl_s: float | None, origin: str = ORIGIN_API
+) -> ApiEntry:
+    document = obj.model_dump(mode="json", by_alias=True, exclude_none=True)
+    expires = None if ttl_s is None else now + ttl_s
+    return ApiEntry(obj.metadata.name, obj.kind, document, now, ttl_s, expires, origin)
+
+
+def check_origin(entry: ApiEntry | None, origin: str) -> None:
+    """RefusedError (OWNERSHIP) when `entry` exists and belongs to the other origin."""
+    if entry is None or entry.origin == origin:
+        return
+    owner = "the fleet aggregator" if entry.origin == ORIGIN_FLEET else "the node's API"
+    reason = f"applied by {owner}: change or delete it there"
+    raise RefusedError([Precondition("OWNERSHIP", entry.name, reason)])
+
+
+class ApiPolicyStore:
+    """The API objects by name, persisted in `state_dir/api-policies.json`. Not
+    thread-safe: the reconciler's lock guards it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / API_FILE
+        self._entries: dict[str, ApiEntry] = self._load()
+
+    def _load(self) -> dict[str, ApiEntry]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise FabricError(f"{self.path}: cannot read API policies: {exc}") from None
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            raise FabricError(f"{self.path}: not a version {VERSION} API policy file")
+        entries: dict[str, ApiEntry] = {}
+        for item in data.get("objects", []):
+            try:
+                entry = ApiEntry.from_json(item)
+                entry.model()
+            except (KeyError, TypeError, ValueError, FabricError) as exc:
+                # One unusable entry must not cost the others their enforcement.
+                log.error("%s: API policy entry unusable, dropped: %s", self.path, exc)
+                continue
+            entries[entry.name] = entry
+        return entries
+
+    def save(self) -> None:
+        objects = [self._entries[name].to_json() for name in sorted(self._entries)]
+        write_json_atomic(self.path, {"version": VERSION, "objects": objects})
+
+    def get(self, name: str) -> ApiEntry | None:
+        return self._entries.get(name)
+
+    def put(self, entry: ApiEntry) -> None:
+        self._entries[entry.name] = entry
+
+    def remove(self, name: str) -> ApiEntry | None:
+        return self._entries.pop(name, None)
+
+    def entries(self) -> list[ApiEntry]:
+        return [self._entries[name] for name in sorted(self._entries)]
+
+    def expired(self, now: float) -> list[ApiEntry]:
+        return [e for e in self.entries() if e.expires_at is not None and e.expires_at <= now]
+
+    def next_expiry(self) -> float | None:
+        times = [e.expires_at for e in self._entries.values() if e.expires_at is not None]
+        return min(times) if times else None
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """Policies with their assignments merged in, and each assignment's state."""
+
+    policies: list[LoadedPolicy]
+    states: dict[str, tuple[str, str]]
+    # Policy name -> the assignments merged into it.
+    merged: dict[str, tuple[str, ...]]
+
+
+def merge_assignments(
+    policies: Sequence[LoadedPolicy],
+    assignments: Sequence[QosAssignment],
+    cgroup_exists: Callable[[str], bool],
+) -> MergeResult:
+    """Append each assignment's match entries to its class, in assignment-name order.
+
+    An entry naming a cgroup that does not exist is left out (nftables resolves a cgroup
+    path when the table is loaded, so a missing one would fail the whole table).
+    """
+    by_name = {loaded.policy.metadata.name: loaded for loaded in policies}
+    extra: dict[str, dict[str, list[Match]]] = {}
+    states: dict[str, tuple[str, str]] = {}
+    merged: dict[str, list[str]] = {}
+    for assignment in sorted(assignments, key=lambda a: a.metadata.name):
+        name, spec = assignment.metadata.name, assignment.spec
+        target = by_name.get(spec.policy)
+        if target is None:
+            states[name] = (PENDING, f"no enforced policy named {spec.policy!r}")
+            continue
+        if spec.class_name not in {c.name for c in target.policy.spec.classes}:
+            reason = f"policy {spec.policy!r} has no class {spec.class_name!r}"
+            states[name] = (PENDING, reason)
+            continue
+        active = [m for m in spec.match if m.cgroup is None or cgroup_exists(m.cgroup)]
+        if not active:
+            missing = ", ".join(str(m.cgroup) for m in spec.match)
+            states[name] = (PENDING, f"waiting for cgroup {missing}")
+            continue
+        extra.setdefault(spec.policy, {}).setdefault(spec.class_name, []).extend(active)
+        merged.setdefault(spec.policy, []).append(name)
+        left_out = len(spec.match) - len(active)
+        message = f"{left_out} match entries wait for their cgroup" if left_out else ""
+        states[name] = (ENFORCED, message)
+    result = []
+    for loaded in policies:
+        additions = extra.get(loaded.policy.metadata.name)
+        if not additions:
+            result.append(loaded)
+            continue
+        policy = loaded.policy
+        classes = tuple(
+            c.model_copy(update={"match": (*c.match, *additions.get(c.name, ()))})
+            for c in policy.spec.classes
+        )
+        policy_spec = policy.spec.model_copy(update={"classes": classes})
+        result.append(replace(loaded, policy=policy.model_copy(update={"spec": policy_spec})))
+    return MergeResult(result, states, {k: tuple(v) for k, v in merged.items()})

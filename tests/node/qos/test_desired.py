@@ -1,0 +1,123 @@
+"""From a policy to the HTB tree: structure, stable class minors, and onto the kernel."""
+
+from __future__ import annotations
+
+from agent.common.policy.model import QosPolicy, load_policies, load_policy_file
+from agent.common.policy.units import PortRange
+from agent.node.qos import tc
+from agent.node.qos.desired import FIRST_LEAF_MINOR, ROOT_MINOR, allocate_minors, build_tree
+from agent.node.qos.htb import Action, U32Match, plan
+from tests import ROOT
+from tests.conftest import VethPair
+
+POLICIES = ROOT / "policies"
+GBIT = 10**9
+
+
+def training() -> QosPolicy:
+    (loaded,) = load_policy_file(POLICIES / "training-node.yaml")
+    return loaded.policy
+
+
+def policy(text: str) -> QosPolicy:
+    (loaded,) = load_policies(text, "test.yaml")
+    return loaded.policy
+
+
+def test_training_node_tree() -> None:
+    desired = build_tree(training())
+    tree = desired.tree
+
+    assert tree.device == "eth0"
+    root = tree.classes[0]
+    assert (root.minor, root.parent_minor, root.rate_bps, root.ceil_bps) == (
+        ROOT_MINOR, None, 100 * GBIT, 100 * GBIT,
+    )  # fmt: skip
+    assert desired.minors == {
+        "collectives": 0x10, "checkpoint": 0x11, "data-loading": 0x12, "best-effort": 0x13,
+    }  # fmt: skip
+    leaves = {c.name: c for c in tree.classes[1:]}
+    assert (leaves["collectives"].rate_bps, leaves["collectives"].ceil_bps) == (
+        60 * GBIT,
+        100 * GBIT,
+    )
+    assert leaves["collectives"].prio == 0 and leaves["best-effort"].prio == 7
+    assert leaves["best-effort"].ceil_bps == 100 * GBIT  # ceil defaults to the bandwidth
+    assert tree.default_minor == 0x13
+    # Ports match IPv4 and IPv6; the storage subnet is IPv4 only; cgroup entries are left
+    # to nftables.
+    assert [(f.pref, f.flow_minor, f.match) for f in tree.filters] == [
+        (100, 0x10, U32Match(protocol="ip", dport=PortRange(29500, 29599))),
+        (101, 0x10, U32Match(protocol="ipv6", dport=PortRange(29500, 29599))),
+        (102, 0x11, U32Match(protocol="ip", dst="10.40.0.0/16", ip_proto=6,
+                             dport=PortRange.single(2049))),
+    ]  # fmt: skip
+
+
+def test_port_lists_multiply_out() -> None:
+    text = """
+apiVersion: fabric.qos/v1alpha1
+kind: QosPolicy
+metadata: {name: p}
+spec:
+  interface: eth1
+  direction: egress
+  bandwidth: 1Gbit
+  defaultClass: rest
+  classes:
+    - name: rpc
+      priority: 0
+      rate: 50%
+      match:
+        - {srcCidr: 10.0.0.0/8, srcPorts: ["8000", "8443"], dstPorts: ["1-1023"], protocol: udp}
+    - {name: rest, priority: 7, rate: 10%}
+"""
+    tree = build_tree(policy(text)).tree
+
+    assert [(f.match.sport, f.match.dport, f.match.ip_proto) for f in tree.filters] == [
+        (PortRange(8000, 8000), PortRange(1, 1023), 17),
+        (PortRange(8443, 8443), PortRange(1, 1023), 17),
+    ]
+    assert tree.classes[1].rate_bps == 500_000_000
+
+
+def test_minors_are_stable_across_class_changes() -> None:
+    first = allocate_minors(["a", "b", "c"], {})
+    without_b = allocate_minors(["a", "c"], first)
+    with_d = allocate_minors(["a", "c", "d"], without_b)
+
+    assert first == {"a": FIRST_LEAF_MINOR, "b": FIRST_LEAF_MINOR + 1, "c": FIRST_LEAF_MINOR + 2}
+    assert without_b == {"a": FIRST_LEAF_MINOR, "c": FIRST_LEAF_MINOR + 2}
+    assert with_d["d"] == FIRST_LEAF_MINOR + 1  # the lowest free minor
+
+
+def test_one_class_edit_is_one_change() -> None:
+    before = build_tree(training())
+    text = (POLICIES / "training-node.yaml").read_text().replace("rate: 20Gbit", "rate: 15Gbit")
+
+    after = build_tree(policy(text), previous_minors=before.minors)
+    changes = plan(after.tree, before.tree)
+
+    assert len(changes) == 1
+    assert changes[0].action is Action.CHANGE
+    assert str(changes[0]).startswith('~ class fa:11 "checkpoint" rate 20Gbit -> 15Gbit')
+
+
+def test_policy_tree_onto_the_kernel(shaped_pair: VethPair) -> None:
+    text = (
+        (POLICIES / "training-node.yaml")
+        .read_text()
+        .replace("interface: eth0", f"interface: {shaped_pair.device}")
+    )
+    text = text.replace("bandwidth: 100Gbit", "bandwidth: 1Gbit")
+    for old, new in (("60Gbit", "600Mbit"), ("100Gbit", "1Gbit"), ("20Gbit", "200Mbit"),
+                     ("80Gbit", "800Mbit"), ("15Gbit", "150Mbit"), ("60Gbit", "600Mbit"),
+                     ("5Gbit", "50Mbit")):  # fmt: skip
+        text = text.replace(f": {old}", f": {new}")
+    desired = build_tree(policy(text)).tree
+
+    first = tc.reconcile(desired, netns=shaped_pair.netns)
+    second = tc.reconcile(desired, netns=shaped_pair.netns)
+
+    assert first and second == []
+    assert tc.read_tree(shaped_pair.device, netns=shaped_pair.netns) == desired
