@@ -16,7 +16,8 @@ from pyroute2 import netns as pyroute2_netns
 
 from agent.node.collectors.base import CollectorContext, SharedResources
 from agent.node.config import AgentConfig
-from agent.node.qos.tc import TcCapabilities, detect_capabilities
+from agent.node.qos.kernel import TcCapabilities
+from agent.node.qos.tc import detect_capabilities
 from agent.node.runtime import build_collectors
 from agent.node.sampler import Sampler
 from tests import fakenvml as fakenvml_driver

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from types import FrameType
 
 from agent.common.errors import ConfigError
-from agent.common.policy.model import detect_cgroup2_root
 from agent.common.sdnotify import Notifier, watchdog_interval_s
 from agent.node.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer, TcpSettings
 from agent.node.api.telemetry import SnapshotHub
@@ -18,7 +17,8 @@ from agent.node.collectors.base import Collector, CollectorContext, SharedResour
 from agent.node.collectors.qos import RECONCILER_KEY
 from agent.node.config import AgentConfig
 from agent.node.exporter import ExpositionCache, MetricsServer
-from agent.node.qos.reconciler import QosSettings, Reconciler
+from agent.node.qos.pipeline import QosSettings
+from agent.node.qos.reconciler import Reconciler
 from agent.node.sampler import Sampler
 from agent.node.snapshot import Snapshot
 from agent.node.uplink.stream import ReconcilerPolicies, Uplink, UplinkSettings, UplinkTls
@@ -31,15 +31,6 @@ QOS_RECONCILER = RECONCILER_KEY
 # The watchdog is fed only while the sampling loop has ticked within this many intervals:
 # a tick is bounded by the collector timeout, so a longer silence means the loop hangs.
 WATCHDOG_STALE_TICKS = 3
-
-
-def qos_settings(config: AgentConfig) -> QosSettings:
-    return QosSettings(
-        policy_dir=config.policy_dir,
-        state_dir=config.state_dir,
-        take_over=config.take_over,
-        cgroup_root=config.cgroup_root or detect_cgroup2_root(),
-    )
 
 
 def uplink_settings(config: AgentConfig, collectors: Sequence[Collector]) -> UplinkSettings:
@@ -87,7 +78,7 @@ class Agent:
         self._shared = SharedResources()
         # Before the collectors: the qos collector reports on the reconciler's policies.
         self.reconciler = self._shared.get(
-            QOS_RECONCILER, lambda: Reconciler(qos_settings(config)), Reconciler.close
+            QOS_RECONCILER, lambda: Reconciler(QosSettings.from_config(config)), Reconciler.close
         )
         collectors = build_collectors(config, self._shared)
         self.sampler = Sampler(

@@ -38,16 +38,17 @@ from agent.common.status import (
 from agent.node.api import convert
 from agent.node.api.telemetry import SnapshotSource
 from agent.node.collectors.qos import QosClassSample
-from agent.node.qos.api_policies import (
+from agent.node.qos.api_objects import (
     ENFORCED,
     FAILED,
     PENDING,
+    ApiOutcome,
     LeaseError,
     NotFoundError,
+    PolicyView,
     RefusedError,
 )
-from agent.node.qos.reconciler import ApiOutcome, PolicyView
-from agent.node.qos.tc import KernelStateConflict
+from agent.node.qos.kernel import KernelStateConflict
 from agent.proto.fabric.v1 import qos_service_pb2, qos_service_pb2_grpc
 
 log = logging.getLogger(__name__)

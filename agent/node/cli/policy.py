@@ -1,10 +1,12 @@
-"""`fabric-agent policy validate|plan FILE...`: check QoS policy files and show what
-applying them would change in the kernel; neither changes anything.
+"""`fabric-agent policy validate|plan|status`: check QoS policy files, show what the
+daemon would change in the kernel, and what its classes carry; none changes anything.
 
 validate prints `FILE: ok (N classes on IFACE DIRECTION)` per valid policy on stdout and
 every violation on stderr; exit 0 all valid, 2 any violation (bad input).
-plan prints the traffic-control changes per policy and for the agent's nftables table,
-like `kubectl diff`: exit 0 no changes, 1 changes, 2 error.
+plan takes the node as the daemon sees it (its config: policy directory, state, API
+objects and assignments, --take-over, --cgroup-root) and prints the changes of the
+daemon's own plan path (agent.node.qos.pipeline), like `kubectl diff`: exit 0 no
+changes, 1 changes, 2 error. FILE arguments stand in for the policy directory.
 status prints, per class of every policy the agent applied, its rate and ceiling, the
 throughput measured over a second, drops and overlimits.
 """
@@ -14,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 
-from agent.common.errors import FabricError
+from agent.common.errors import ConfigError, FabricError
 from agent.common.policy.model import (
     QosPolicy,
     check_host,
@@ -26,17 +28,23 @@ from agent.common.policy.model import (
     load_policy_files,
 )
 from agent.common.policy.units import format_bps
-from agent.node.qos import nftrules, tc
-from agent.node.qos.nftables import Nftables
-from agent.node.qos.reconciler import plan_changes
-from agent.node.qos.state import QosState, StateError, load_state
+from agent.node.cli.flags import add_config_flags, config_overrides
+from agent.node.config import load_config
+from agent.node.qos.api_objects import API_SOURCE, ApiPolicyStore
+from agent.node.qos.files import policy_files, read_files
+from agent.node.qos.kernel import QosKernel
+from agent.node.qos.netlink_kernel import NetlinkKernel
+from agent.node.qos.pipeline import QosSettings, plan_pass
+from agent.node.qos.planner import Plan
+from agent.node.qos.state import StateError, load_state
 
 EXIT_OK, EXIT_CHANGES, EXIT_INVALID = 0, 1, 2
-DEFAULT_STATE_DIR = Path("/var/lib/fabric-agent")
+# What `policy plan` reads from the daemon's configuration.
+PLAN_FLAGS = ("--policy-dir", "--state-dir", "--take-over", "--cgroup-root")
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `policy validate` under the top-level command group."""
+    """Register `policy validate|plan|status` under the top-level command group."""
     policy = commands.add_parser("policy", help="work with QoS policy files")
     actions = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     validate = actions.add_parser(
@@ -59,27 +67,22 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     plan_parser = actions.add_parser(
         "plan",
-        help="the kernel changes applying these policies would make "
-        "(exit 0 none, 1 changes, 2 error)",
+        help="the kernel changes the daemon would make, with its config, state and API "
+        "objects (exit 0 none, 1 changes, 2 error)",
     )
-    plan_parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
     plan_parser.add_argument(
-        "--state-dir",
+        "files",
+        nargs="*",
         type=Path,
-        default=DEFAULT_STATE_DIR,
-        help="the agent's state directory, for the class handles it uses "
-        "(default /var/lib/fabric-agent)",
+        metavar="FILE",
+        help="policy files in place of the policy directory (default: the directory)",
     )
+    add_config_flags(plan_parser, only=PLAN_FLAGS)
 
     status_parser = actions.add_parser(
         "status", help="per class of every applied policy: rate, ceil, throughput, drops"
     )
-    status_parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=DEFAULT_STATE_DIR,
-        help="the agent's state directory (default /var/lib/fabric-agent)",
-    )
+    add_config_flags(status_parser, only=("--state-dir",))
     status_parser.add_argument(
         "--over",
         type=float,
@@ -91,81 +94,83 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed `policy ...` command line."""
-    if args.policy_command == "plan":
-        return plan(args.files, args.state_dir)
-    if args.policy_command == "status":
-        return status(args.state_dir, over_s=args.over)
-    return validate(args.files, offline=args.offline, cgroup_root=args.cgroup_root)
+    if args.policy_command == "validate":
+        return validate(args.files, offline=args.offline, cgroup_root=args.cgroup_root)
+    try:
+        config = load_config(args.config, config_overrides(args))
+    except ConfigError as exc:
+        print(f"fabric-agent: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    settings = QosSettings.from_config(config)
+    kernel = NetlinkKernel(settings.netns)
+    try:
+        if args.policy_command == "plan":
+            return plan(settings, kernel, args.files)
+        return status(settings.state_dir, kernel, over_s=args.over)
+    finally:
+        kernel.close()
 
 
-def plan(files: list[Path], state_dir: Path = DEFAULT_STATE_DIR) -> int:
-    """Print, per policy, the changes between what it needs and what the kernel has (its
-    HTB tree, the ingress redirect for ingress policies), then the agent's nftables table;
-    change nothing. Class handles come from the agent's state, as the daemon keeps them."""
-    loaded, violations = load_policy_files(files)
-    if violations:
-        for violation in violations:
+def plan(settings: QosSettings, kernel: QosKernel, files: Sequence[Path] = ()) -> int:
+    """Print, per policy, the changes the daemon's next pass would make (its ingress
+    redirect, its HTB tree), the policies it would take down, and its nftables table;
+    change nothing."""
+    read = read_files(
+        list(files) or policy_files(settings.policy_dir),
+        interface_exists=kernel.interface_exists,
+        cgroup_root=settings.cgroup_root,
+    )
+    if read.violations:
+        for violation in read.violations:
             print(violation, file=sys.stderr)
         return EXIT_INVALID
     try:
-        state = load_state(state_dir)
-    except StateError as exc:
+        state = load_state(settings.state_dir)
+        api = ApiPolicyStore(settings.state_dir)
+    except (StateError, FabricError) as exc:
         print(f"fabric-agent: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    leaf_kind = tc.detect_capabilities().leaf_kind
-    changed = failed = False
-    with_minors = []
-    for item in loaded:
-        policy, spec = item.policy, item.policy.spec
-        name = policy.metadata.name
-        header = f"policy {name} ({item.file}) on {spec.interface} {spec.direction}"
-        try:
-            lines, minors = plan_changes(
-                policy,
-                previous_minors=state.minors(name),
-                leaf_kind=leaf_kind,
-                take_over=spec.take_over,
-            )
-        except tc.TcError as exc:
-            print(f"{header}: {exc}", file=sys.stderr)
+    now = time.time()
+    # Leases that ran out go at the daemon's next pass, before it plans.
+    entries = {e.name: e for e in api.entries() if e.expires_at is None or e.expires_at > now}
+    planned = plan_pass(read.policies, entries, state, kernel, settings)
+    for name, problem in sorted(planned.admission.refused.items()):
+        print(f"API object {name}: not enforced: {problem}", file=sys.stderr)
+    return _print_plan(planned.plan)
+
+
+def _print_plan(plan: Plan) -> int:
+    failed = bool(plan.errors) or plan.nft.error is not None
+    for name, error in sorted(plan.errors.items()):
+        print(f"policy {name}: {error}", file=sys.stderr)
+    for item in plan.policies:
+        desired = item.desired
+        source = "API" if desired.file == API_SOURCE else desired.file
+        header = f"policy {item.name} ({source}) on {desired.interface} {desired.direction}"
+        if item.error is not None:
+            print(f"{header}: {item.error}", file=sys.stderr)
             failed = True
             continue
-        with_minors.append((policy, minors))
-        count = len(lines)
-        print(f"{header}: {count or 'no'} change{'' if count == 1 else 's'}")
-        for line in lines:
-            print(f"  {line}")
-        changed = changed or bool(lines)
-    try:
-        nft_change = _plan_nft(with_minors, state)
-    except FabricError as exc:
-        print(f"nftables table: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    if nft_change:
-        print(f"nftables table {nftrules.TABLE_FAMILY} {nftrules.TABLE_NAME}: {nft_change}")
-        changed = True
+        _print_steps(header, [line for step in item.steps for line in step.lines()])
+    for removal in plan.removals:
+        applied = removal.applied
+        header = f"policy {removal.name} (no longer wanted) on {applied.device}"
+        _print_steps(header, [line for step in removal.steps for line in step.lines()])
+    if plan.nft.error is not None:
+        print(f"nftables table: {plan.nft.error}", file=sys.stderr)
+    elif plan.nft.step is not None:
+        for line in plan.nft.step.lines():
+            print(line)
     if failed:
         return EXIT_INVALID
-    return EXIT_CHANGES if changed else EXIT_OK
+    return EXIT_OK if plan.empty else EXIT_CHANGES
 
 
-def _plan_nft(policies: list[tuple[QosPolicy, Mapping[str, int]]], state: QosState) -> str | None:
-    """What loading the agent's nftables table for `policies` would do, or None."""
-    cgroup_root = detect_cgroup2_root() or Path("/sys/fs/cgroup")
-    body = nftrules.render_table(policies, cgroup_root=cgroup_root)
-    family, table = nftrules.TABLE_FAMILY, nftrules.TABLE_NAME
-    with Nftables() as nft:
-        listing = nft.list_table(family, table)
-    rules = sum(1 for line in body.splitlines() if line.strip() and not line.strip().startswith(
-        ("chain", "type", "}")
-    ))  # fmt: skip
-    if not body.strip():
-        return "- delete (no policy needs it)" if listing is not None else None
-    if listing is None:
-        return f"+ load ({rules} rules)"
-    if body == state.nft_body and listing == state.nft_listing:
-        return None
-    return f"~ reload ({rules} rules)"
+def _print_steps(header: str, lines: Sequence[str]) -> None:
+    count = len(lines)
+    print(f"{header}: {count or 'no'} change{'' if count == 1 else 's'}")
+    for line in lines:
+        print(f"  {line}")
 
 
 def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = None) -> int:
@@ -188,7 +193,7 @@ def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = Non
     return EXIT_INVALID if violations else EXIT_OK
 
 
-def status(state_dir: Path, *, over_s: float = 1.0) -> int:
+def status(state_dir: Path, kernel: QosKernel, *, over_s: float = 1.0) -> int:
     """A table per applied policy class; exit 0, or 1 when the kernel cannot be read."""
     try:
         state = load_state(state_dir)
@@ -200,10 +205,10 @@ def status(state_dir: Path, *, over_s: float = 1.0) -> int:
         return EXIT_OK
     rows: list[tuple[str, ...]] = []
     try:
-        first = {p.device: tc.class_stats(p.device) for p in state.policies.values()}
+        first = {p.device: kernel.class_stats(p.device) for p in state.policies.values()}
         time.sleep(over_s)
-        second = {p.device: tc.class_stats(p.device) for p in state.policies.values()}
-    except tc.TcError as exc:
+        second = {p.device: kernel.class_stats(p.device) for p in state.policies.values()}
+    except FabricError as exc:
         print(f"fabric-agent: {exc}", file=sys.stderr)
         return EXIT_CHANGES
     for applied in sorted(state.policies.values(), key=lambda p: p.name):

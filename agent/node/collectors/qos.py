@@ -17,7 +17,8 @@ from agent.common.errors import FabricError
 from agent.node.collectors.base import CollectorContext, Tick, register
 from agent.node.errors import CollectorError
 from agent.node.families import CounterFamily, Family, GaugeFamily
-from agent.node.qos import tc
+from agent.node.qos.kernel import QosKernel
+from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.reconciler import Reconciler
 from agent.node.qos.state import StateError, load_state
 
@@ -66,33 +67,37 @@ class QosCollector:
     def __init__(self, context: CollectorContext) -> None:
         self._context = context
         self._previous: dict[tuple[str, int], tuple[int, float]] = {}
+        self._own_kernel: NetlinkKernel | None = None
 
     def _reconciler(self) -> Reconciler | None:
         found = self._context.shared.find(RECONCILER_KEY)
         return found if isinstance(found, Reconciler) else None
 
-    def _shaped(self, reconciler: Reconciler | None) -> tuple[list[_Shaped], str | None]:
+    def _shaped(self, reconciler: Reconciler | None) -> tuple[list[_Shaped], QosKernel]:
+        """The shaped classes and the kernel that holds them: the reconciler's, or (a
+        one-off `fabric-agent sample`) the persisted state's on this host's kernel."""
         if reconciler is not None:
-            shaped = [
-                _Shaped(m.policy.metadata.name, m.device, m.minors) for m in reconciler.managed
-            ]
-            return shaped, reconciler.settings.netns
+            shaped = [_Shaped(m.name, m.device, m.minors) for m in reconciler.managed]
+            return shaped, reconciler.kernel
         try:
             state = load_state(self._context.config.state_dir)
         except StateError as exc:
             raise CollectorError(str(exc)) from exc
-        return [_Shaped(p.name, p.device, p.minors) for p in state.policies.values()], None
+        if self._own_kernel is None:
+            self._own_kernel = NetlinkKernel()
+        shaped = [_Shaped(p.name, p.device, p.minors) for p in state.policies.values()]
+        return shaped, self._own_kernel
 
     def collect(self, tick: Tick) -> tuple[Any, ...]:
         reconciler = self._reconciler()
-        shaped, netns = self._shaped(reconciler)
+        shaped, kernel = self._shaped(reconciler)
         now = time.monotonic()
         samples: list[Any] = []
         failures: list[str] = []
         previous, self._previous = self._previous, {}
         for item in shaped:
             try:
-                stats = tc.class_stats(item.device, netns=netns)
+                stats = kernel.class_stats(item.device)
             except FabricError as exc:
                 failures.append(f"{item.device}: {exc}")
                 continue
@@ -196,7 +201,8 @@ class QosCollector:
         yield from (expirations, policies)
 
     def close(self) -> None:
-        pass
+        if self._own_kernel is not None:
+            self._own_kernel.close()
 
 
 @register("qos")

@@ -1,4 +1,10 @@
-"""From a policy to the HTB tree the agent wants on its interface.
+"""From the policies to enforce to the kernel objects the agent wants: one pure function,
+`desired_state`, that every way in (the daemon's pass, `fabric-agent policy plan`, the
+API's dry runs) goes through.
+
+Per policy: the HTB tree on its interface (ingress policies: on the interface's IFB
+device, with the redirect to it); for all policies together: the body of the agent's
+nftables table.
 
 Class minors are stable: a class keeps the minor it had (the caller passes the last
 applied allocation), new classes take the lowest free minor from `FIRST_LEAF_MINOR`, so
@@ -18,10 +24,15 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+from typing import Any
 
-from agent.common.policy.model import EffectiveClass, Match, QosPolicy
+from agent.common.errors import FabricError
+from agent.common.policy.model import EffectiveClass, LoadedPolicy, Match, QosPolicy
 from agent.common.policy.units import PortRange
+from agent.node.qos import nftrules
 from agent.node.qos.htb import AGENT_ROOT_MAJOR, HtbClass, HtbTree, U32Filter, U32Match
+from agent.node.qos.kernel import NFT_DEVICE, ifb_name
 
 ROOT_MINOR = 1
 FIRST_LEAF_MINOR = 0x10
@@ -39,6 +50,117 @@ class DesiredTree:
     policy: str
     tree: HtbTree
     minors: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class DesiredPolicy:
+    """What one policy needs in the kernel, and what the agent records once it is there."""
+
+    policy: QosPolicy
+    # Where it came from: a file's path, or agent.node.qos.api_objects.API_SOURCE.
+    file: str
+    # The device its tree lives on: the interface, or its IFB device for ingress.
+    device: str
+    tree: HtbTree
+    minors: Mapping[str, int]
+    # The policy as enforced (assignments merged in) and as its source gave it, when
+    # assignments changed it (None: the same).
+    document: Mapping[str, Any]
+    base: Mapping[str, Any] | None
+    take_over: bool
+
+    @property
+    def name(self) -> str:
+        return self.policy.metadata.name
+
+    @property
+    def interface(self) -> str:
+        return self.policy.spec.interface
+
+    @property
+    def direction(self) -> str:
+        return self.policy.spec.direction
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """Every policy's kernel objects, the nftables table's body, and why a policy (or the
+    table, under `NFT_DEVICE`) could not be expressed."""
+
+    policies: tuple[DesiredPolicy, ...]
+    nft_body: str
+    errors: Mapping[str, str]
+
+    def policy(self, name: str) -> DesiredPolicy | None:
+        return next((p for p in self.policies if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How policies become kernel objects on this node."""
+
+    # The leaf qdisc under every class (fq_codel where the kernel has it).
+    leaf_kind: str = "pfifo"
+    # The cgroup2 mount that policies' cgroup paths are relative to.
+    cgroup_root: Path = nftrules.NFT_CGROUP_BASE
+    # Where nft looks cgroup paths up (the cgroup2 mount or a directory above it).
+    nft_cgroup_base: Path = nftrules.NFT_CGROUP_BASE
+    # Replace root qdiscs the agent does not own, whatever the policies say.
+    take_over: bool = False
+
+
+def desired_state(
+    policies: Sequence[LoadedPolicy],
+    *,
+    previous_minors: Mapping[str, Mapping[str, int]],
+    bases: Mapping[str, Mapping[str, Any]],
+    options: KernelOptions,
+) -> DesiredState:
+    """The kernel objects `policies` need. `previous_minors` keeps each class on the minor
+    it had (by policy, then class name); `bases` are the documents of policies that
+    assignments changed, as their source gave them. Pure: reads nothing.
+
+    A policy that cannot be built is left out with its reason in `errors`; the others
+    are not affected."""
+    built: list[DesiredPolicy] = []
+    errors: dict[str, str] = {}
+    for loaded in policies:
+        policy = loaded.policy
+        name = policy.metadata.name
+        spec = policy.spec
+        device = ifb_name(spec.interface) if spec.direction == "ingress" else spec.interface
+        try:
+            desired = build_tree(
+                policy,
+                device=device,
+                leaf_kind=options.leaf_kind,
+                previous_minors=previous_minors.get(name),
+            )
+        except ValueError as exc:
+            errors[name] = f"cannot be built: {exc}"
+            continue
+        built.append(
+            DesiredPolicy(
+                policy=policy,
+                file=loaded.file,
+                device=device,
+                tree=desired.tree,
+                minors=desired.minors,
+                document=policy.model_dump(mode="json", by_alias=True, exclude_none=True),
+                base=bases.get(name),
+                take_over=spec.take_over or options.take_over,
+            )
+        )
+    body = ""
+    try:
+        body = nftrules.render_table(
+            [(p.policy, p.minors) for p in built],
+            cgroup_root=options.cgroup_root,
+            nft_cgroup_base=options.nft_cgroup_base,
+        )
+    except FabricError as exc:
+        errors[NFT_DEVICE] = str(exc)
+    return DesiredState(tuple(built), body, errors)
 
 
 def allocate_minors(names: Sequence[str], previous: Mapping[str, int]) -> dict[str, int]:

@@ -5,8 +5,8 @@ An interface's ingress has no queue to shape, so the agent puts an `ingress` qdi
 (`ffff:`) on it with one u32 match-all filter whose action is `mirred egress redirect`
 to an IFB device (`ifb_name(interface)`); packets leave the IFB through its root qdisc
 and re-enter the stack as if received by the interface. The tree for an ingress policy
-is `agent.node.qos.desired.build_tree(policy, device=ifb_name(interface))`, applied with
-`agent.node.qos.tc.reconcile`. Shaping there cannot win back link bandwidth already spent:
+is built for `ifb_name(interface)` and applied like any other (agent.node.qos.netlink_kernel).
+Shaping there cannot win back link bandwidth already spent:
 it slows the senders (TCP backs off on the drops and delay), it does not stop a flood.
 
 Netlink through pyroute2 only. The kernel keeps no owner label, so the agent recognises
@@ -17,18 +17,20 @@ else's, and the agent then leaves the hook alone (KernelStateConflict).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.node.qos.htb import format_handle
-from agent.node.qos.tc import KernelStateConflict, TcError, _index, _iproute, _sel_bytes
+from agent.node.qos.kernel import (
+    INGRESS_HANDLE,
+    IngressConflict,
+    IngressRedirect,
+    TcError,
+    ifb_name,
+)
+from agent.node.qos.tc import _index, _iproute, _sel_bytes
 
-IFNAMSIZ = 15  # usable characters of a Linux interface name
-IFB_PREFIX = "ifb-"
-INGRESS_HANDLE = 0xFFFF0000
 TC_H_INGRESS = 0xFFFFFFF1  # the parent of an ingress or clsact qdisc
 TC_H_MIN_INGRESS = 0xFFF2  # clsact's ingress hook (ffff:fff2) ...
 TC_H_MIN_EGRESS = 0xFFF3  # ... and egress hook
@@ -39,60 +41,6 @@ REDIRECT_PREF = 0xFA
 _REDIRECT_CLASSID = 0x10001
 _TCA_EGRESS_REDIR = 1  # mirred eaction
 _TC_ACT_STOLEN = 4
-
-
-class IngressConflict(KernelStateConflict):
-    """The interface's ingress hook carries filters the agent did not put there."""
-
-    def __init__(self, device: str, kind: str, foreign_filters: int) -> None:
-        TcError.__init__(
-            self,
-            f"{device}: {kind} qdisc {format_handle(INGRESS_HANDLE >> 16)} carries "
-            f"{foreign_filters} filter(s) that are not the agent's; refusing to redirect "
-            "ingress beside them",
-        )
-        self.device = device
-        self.kind = kind
-        self.handle = INGRESS_HANDLE
-        self.foreign_filters = foreign_filters
-
-
-@dataclass(frozen=True)
-class IngressRedirect:
-    """What the kernel has of the agent's redirect on `interface` (for drift checks).
-
-    `qdisc` is the kind on `ffff:` ("ingress", "clsact", another kind, or None);
-    `redirect_to` the device the agent's filter sends to (None: no such filter);
-    `foreign_filters` the other filters on the ingress hook."""
-
-    interface: str
-    ifb: str
-    ifb_present: bool
-    ifb_up: bool
-    qdisc: str | None
-    redirect_to: str | None
-    foreign_filters: int
-
-    @property
-    def complete(self) -> bool:
-        """The redirect works as `ensure_ingress_redirect` leaves it."""
-        return (
-            self.ifb_present
-            and self.ifb_up
-            and self.qdisc in ("ingress", "clsact")
-            and self.redirect_to == self.ifb
-        )
-
-
-def ifb_name(interface: str) -> str:
-    """The IFB device for `interface`: "ifb-" + the name, or, where that exceeds the
-    kernel's 15 characters, "ifb-" + its first 5 characters + 6 hex digits of its hash
-    (deterministic, so every agent run finds the same device)."""
-    name = IFB_PREFIX + interface
-    if len(name) <= IFNAMSIZ:
-        return name
-    digest = hashlib.blake2s(interface.encode(), digest_size=3).hexdigest()
-    return f"{IFB_PREFIX}{interface[: IFNAMSIZ - len(IFB_PREFIX) - 6]}{digest}"
 
 
 # --- reading ---

@@ -16,11 +16,11 @@ import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from pyroute2 import netns as pyroute2_netns
 
-from agent.common.errors import FabricError
+from agent.node.qos.kernel import NftError
 
 LIBRARY = "libnftables.so.1"
 
@@ -29,24 +29,6 @@ _NFT_CTX_DEFAULT = 0
 _NFT_CTX_OUTPUT_JSON = 1 << 4
 
 T = TypeVar("T")
-
-
-class NftError(FabricError):
-    """nftables refused a command; the message carries its own error text."""
-
-
-class NftablesBackend(Protocol):
-    """What the QoS reconciler needs from nftables."""
-
-    def run(self, commands: str, *, json_output: bool = False) -> str: ...
-
-    def list_table(self, family: str, name: str) -> dict[str, Any] | None: ...
-
-    def replace_table(self, family: str, name: str, body: str) -> None: ...
-
-    def delete_table(self, family: str, name: str) -> bool: ...
-
-    def close(self) -> None: ...
 
 
 class Nftables:

@@ -100,6 +100,7 @@ def render_table(
     policies: Sequence[tuple[QosPolicy, Mapping[str, int]]],
     *,
     cgroup_root: Path,
+    nft_cgroup_base: Path = NFT_CGROUP_BASE,
     root_major: int = AGENT_ROOT_MAJOR,
 ) -> str:
     """The body of `table inet fabric_agent` for these policies and their class minors
@@ -113,7 +114,7 @@ def render_table(
     for policy, minors in sorted(policies, key=lambda item: item[0].metadata.name):
         if policy.spec.direction != "egress":
             continue
-        renderer = _PolicyRenderer(policy, minors, cgroup_root, root_major)
+        renderer = _PolicyRenderer(policy, minors, cgroup_root, nft_cgroup_base, root_major)
         for hook, prefix, local in (("output", "local", True), ("forward", "routed", False)):
             rules = renderer.rules(local=local)
             if not rules:
@@ -149,11 +150,17 @@ def _quote(value: str, field: str) -> str:
 
 class _PolicyRenderer:
     def __init__(
-        self, policy: QosPolicy, minors: Mapping[str, int], cgroup_root: Path, root_major: int
+        self,
+        policy: QosPolicy,
+        minors: Mapping[str, int],
+        cgroup_root: Path,
+        nft_cgroup_base: Path,
+        root_major: int,
     ) -> None:
         self._classes = policy.effective_classes()
         self._minors = minors
         self._cgroup_root = cgroup_root
+        self._nft_cgroup_base = nft_cgroup_base
         self._root_major = root_major
         self._name = policy.metadata.name
         missing = [c.name for c in self._classes if c.name not in minors]
@@ -251,11 +258,11 @@ class _PolicyRenderer:
     def _cgroup(self, cgroup: str, field: str) -> str:
         directory = self._cgroup_root / cgroup
         try:
-            path = directory.relative_to(NFT_CGROUP_BASE)
+            path = directory.relative_to(self._nft_cgroup_base)
         except ValueError:
             raise NftRenderError(
                 f"policy {self._name!r}: {field}: the cgroup2 mount {self._cgroup_root} is "
-                f"not below {NFT_CGROUP_BASE}, where nft looks cgroups up"
+                f"not below {self._nft_cgroup_base}, where nft looks cgroups up"
             ) from None
         level = len(Path(cgroup).parts)
         return (

@@ -17,7 +17,6 @@ import socket
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -36,7 +35,6 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.tcmsg import cls_u32, tcmsg
 
-from agent.common.errors import FabricError
 from agent.common.policy.units import PortRange
 from agent.node.qos.htb import (
     AGENT_ROOT_MAJOR,
@@ -56,6 +54,13 @@ from agent.node.qos.htb import (
     plan,
     port_blocks,
 )
+from agent.node.qos.kernel import (
+    ClassStats,
+    KernelStateConflict,
+    TcApplyError,
+    TcCapabilities,
+    TcError,
+)
 
 TC_H_ROOT = 0xFFFFFFFF
 # Offsets from the network header (u32 matches there).
@@ -63,43 +68,6 @@ _IPV4 = {"dscp": 1, "ip_proto": 9, "src": 12, "dst": 16, "sport": 20, "dport": 2
 _IPV6 = {"dscp": 0, "ip_proto": 6, "src": 8, "dst": 24, "sport": 40, "dport": 42}
 
 ByteMap = dict[int, tuple[int, int]]  # offset -> (value, mask), masks never 0
-
-
-class TcError(FabricError):
-    """A traffic-control operation failed; the message names the device."""
-
-
-class KernelStateConflict(TcError):
-    """The device's root qdisc is someone else's; the agent will not replace it unasked."""
-
-    def __init__(self, device: str, kind: str, handle: int) -> None:
-        super().__init__(
-            f"{device}: root qdisc is {kind} {format_handle(handle >> 16)}, "
-            "not the agent's; refusing to replace it (a policy's spec.takeOver: true would)"
-        )
-        self.device = device
-        self.kind = kind
-        self.handle = handle
-
-
-class TcApplyError(TcError):
-    """A change of a plan failed; the tree was rolled back to what it was unless
-    `rollback_error` says why that failed too."""
-
-    def __init__(
-        self, change: Change, errno_code: int, reason: str, rollback_error: str | None = None
-    ) -> None:
-        text = f"{change.device}: `{change}` failed: {reason} (errno {errno_code}); "
-        text += (
-            f"rollback failed too: {rollback_error}"
-            if rollback_error
-            else "rolled back to the previous tree"
-        )
-        super().__init__(text)
-        self.change = change
-        self.errno = errno_code
-        self.reason = reason
-        self.rollback_error = rollback_error
 
 
 # --- u32 match encoding ---
@@ -699,18 +667,6 @@ def _restore(device: str, root_major: int, previous: HtbTree | None, netns: str 
     _execute(plan(previous, current), netns)
 
 
-def reconcile(
-    desired: HtbTree, *, netns: str | None = None, take_over: bool = False
-) -> list[Change]:
-    """Read, plan, apply; returns the changes made (empty when already in place)."""
-    actual = read_tree(
-        desired.device, netns=netns, root_major=desired.root_major, take_over=take_over
-    )
-    changes = plan(desired, actual)
-    apply(changes, netns=netns, before=actual)
-    return changes
-
-
 def remove_tree(
     device: str, *, netns: str | None = None, root_major: int = AGENT_ROOT_MAJOR
 ) -> bool:
@@ -727,20 +683,6 @@ def remove_tree(
 
 
 # --- statistics ---
-
-
-@dataclass(frozen=True)
-class ClassStats:
-    """Counters of one class since it was created. `rate_bps` only when the kernel runs a
-    rate estimator on the class (none unless asked for), else None."""
-
-    minor: int
-    bytes: int
-    packets: int
-    drops: int
-    overlimits: int
-    backlog_bytes: int
-    rate_bps: int | None
 
 
 def class_stats(
@@ -786,25 +728,6 @@ def class_stats(
 
 
 # --- capabilities ---
-
-
-@dataclass(frozen=True)
-class TcCapabilities:
-    """What this kernel can do for QoS, probed in a private namespace."""
-
-    htb: bool
-    pfifo: bool
-    fq_codel: bool
-    u32: bool
-    ingress: bool
-    clsact: bool
-    mirred: bool
-    ifb: bool
-
-    @property
-    def leaf_kind(self) -> str:
-        """The leaf qdisc to use: fq_codel where there is one."""
-        return "fq_codel" if self.fq_codel else "pfifo"
 
 
 def _probe(action: Any) -> bool:

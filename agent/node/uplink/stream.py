@@ -35,7 +35,7 @@ from agent.common.policy.model import PolicyError
 from agent.node.api.convert import ALL_SECTIONS
 from agent.node.api.telemetry import SnapshotSource, get_snapshot_response
 from agent.node.collectors.gpu import GpuCollector, GpuSample
-from agent.node.qos.api_policies import ORIGIN_FLEET, NotFoundError
+from agent.node.qos.api_objects import ORIGIN_FLEET, NotFoundError
 from agent.node.snapshot import Snapshot
 from agent.node.uplink.summary import SummaryBuilder
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb

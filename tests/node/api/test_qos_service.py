@@ -1,5 +1,5 @@
-"""fabric.v1.QosService over a real gRPC server on a unix socket, with the reconciler on
-a real kernel in a test namespace: error codes and their details, leases, listing and
+"""fabric.v1.QosService over a real gRPC server on a unix socket, with the reconciler and
+the qos collector on the fake kernel: error codes and their details, leases, listing and
 status, and property-based fuzzing of policy input that must never crash the agent or
 touch the kernel when it is rejected."""
 
@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +26,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.common.policy.documents import object_from_document
-from agent.node.qos.api_policies import API_FILE
+from agent.node.api.server import QOS_SERVICE, ApiServer
+from agent.node.api.telemetry import SnapshotHub
+from agent.node.collectors.base import SharedResources
+from agent.node.collectors.qos import RECONCILER_KEY
+from agent.node.config import AgentConfig
+from agent.node.qos.api_objects import API_FILE
+from agent.node.qos.reconciler import Reconciler
+from agent.node.runtime import build_collectors
+from agent.node.sampler import Sampler
 from agent.proto.fabric.v1 import qos_service_pb2 as pb
 from agent.proto.fabric.v1.qos_service_pb2_grpc import QosServiceStub
-from tests import ROOT
-from tests.conftest import VethPair
+from tests.node.qos import DEVICE, SPARE, fake_settings
 from tests.node.qos import api_policy_document as document
-from tests.node.qos.test_reconciler import ip_netns, write
+from tests.node.qos.fake_kernel import FakeKernel
+from tests.node.qos.test_reconciler import write
+
+INTERVAL_S = 0.2
 
 
 def apply_request(doc: dict[str, Any], **fields: Any) -> pb.ApplyPolicyRequest:
@@ -48,22 +57,21 @@ def seconds(value: float) -> duration_pb2.Duration:
 
 @dataclasses.dataclass
 class Node:
-    """A real agent in the pair's first namespace, and a client on its unix socket."""
+    """An agent's QoS side in this process (reconcile loop, qos collector, API server on
+    a unix socket) over the fake kernel, and a client on the socket."""
 
     stub: QosServiceStub
-    pair: VethPair
+    fake: FakeKernel
     spare: str
     state_dir: Path
-    process: subprocess.Popen[bytes]
+    loops: list[threading.Thread]
 
     def kernel(self) -> str:
-        """Everything the agent could have changed in the namespace."""
-        parts = []
-        for device in (self.pair.device, self.spare):
-            for what in ("qdisc", "class", "filter"):
-                parts.append(ip_netns(self.pair.netns, "tc", what, "show", "dev", device))
-        parts.append(ip_netns(self.pair.netns, "nft", "list", "ruleset"))
-        return "\n".join(parts)
+        """Everything the agent could have changed."""
+        return self.fake.dump()
+
+    def alive(self) -> bool:
+        return all(loop.is_alive() for loop in self.loops)
 
     def api_objects(self) -> list[str]:
         """Names in the agent's persisted API policies."""
@@ -74,53 +82,56 @@ class Node:
 
 
 @pytest.fixture
-def node(shaped_pair: VethPair, tmp_path: Path) -> Iterator[Node]:
-    """The file policy `node` on the pair's device, a spare interface for API policies,
-    and the agent serving QosService on its unix socket."""
-    spare = f"{shaped_pair.device[:11]}-sp"
-    netns = shaped_pair.netns
-    subprocess.run(
-        ["ip", "-n", netns, "link", "add", spare, "type", "veth", "peer", "name", f"{spare}x"],
-        check=True,
+def node(tmp_path: Path) -> Iterator[Node]:
+    """The file policy `node` on DEVICE, the spare interface for API policies, and the
+    QoS side of an agent serving QosService on its unix socket."""
+    dirs = (tmp_path / "policies", tmp_path / "state")
+    dirs[0].mkdir()
+    cgroups = tmp_path / "cgroup"
+    cgroups.mkdir()
+    write(dirs[0], DEVICE)
+    fake = FakeKernel([DEVICE, SPARE])
+    reconciler = Reconciler(fake_settings(dirs, cgroups), fake)
+    shared = SharedResources()
+    shared.get(RECONCILER_KEY, lambda: reconciler, Reconciler.close)
+    config = AgentConfig(collectors=("qos",), state_dir=dirs[1], policy_dir=dirs[0])
+    sampler = Sampler(
+        build_collectors(config, shared),
+        node_name="test",
+        interval_s=INTERVAL_S,
+        timeout_s=INTERVAL_S * 0.8,
     )
-    subprocess.run(["ip", "-n", netns, "link", "set", spare, "up"], check=True)
-    policy_dir, state_dir = tmp_path / "policies", tmp_path / "state"
-    policy_dir.mkdir()
-    write(policy_dir, shaped_pair.device)
+    hub = SnapshotHub(INTERVAL_S)
     directory = tempfile.mkdtemp(prefix="fabric-qos-")
-    socket_path = f"{directory}/agent.sock"
-    log = (tmp_path / "agent.log").open("wb")
-    process = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m", "agent", "run",
-         "--collectors", "host,qos", "--interval", "200ms", "--metrics-listen", "127.0.0.1:0",
-         "--policy-dir", str(policy_dir), "--state-dir", str(state_dir),
-         "--grpc-socket", socket_path, "--grpc-listen", "127.0.0.1:0",
-         "--reconcile-interval", "5s"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    channel = grpc.insecure_channel(f"unix:{socket_path}")
-    stub = QosServiceStub(channel)
+    server = ApiServer(
+        Path(directory) / "agent.sock",
+        hub,
+        qos_backend=reconciler,
+        readiness={QOS_SERVICE: reconciler.first_pass},
+    )
+    stop = threading.Event()
+    loops = [
+        threading.Thread(target=reconciler.run, args=(stop, 5.0), daemon=True),
+        threading.Thread(target=sampler.run, args=(stop, hub.publish), daemon=True),
+    ]
+    server.start()
+    for loop in loops:
+        loop.start()
+    channel = grpc.insecure_channel(f"unix:{directory}/agent.sock")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, (tmp_path / "agent.log").read_text()
-            try:
-                listed = stub.ListPolicies(pb.ListPoliciesRequest(), timeout=2)
-                if listed.policies and listed.policies[0].state == pb.POLICY_STATE_ENFORCED:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "agent not serving QoS within 30s"
-            time.sleep(0.1)
-        yield Node(stub, shaped_pair, spare, state_dir, process)
-        assert process.poll() is None, "the agent died"
+        assert reconciler.first_pass.wait(10), "no reconcile pass within 10 s"
+        yield Node(QosServiceStub(channel), fake, SPARE, dirs[1], loops)
+        assert all(loop.is_alive() for loop in loops), "a loop died"
     finally:
         channel.close()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
+        stop.set()
+        reconciler.wake.set()
+        for loop in loops:
+            loop.join(10)
+        server.stop()
+        sampler.close()
+        shared.close()
         shutil.rmtree(directory, ignore_errors=True)
-        subprocess.run(["ip", "-n", netns, "link", "del", spare], check=False)
 
 
 def details(exc: grpc.RpcError, kind: type[Any]) -> Any:
@@ -203,6 +214,8 @@ def test_apply_list_status_renew_delete(node: Node) -> None:
     assert second.next_page_token == ""
 
     # Counters come from the agent's samples: the second tick after the apply has a rate.
+    bulk_minor = node.fake.tree(node.spare).classes[1].minor  # type: ignore[union-attr]
+    node.fake.count(node.spare, bulk_minor, bytes_=10**6, packets=700)
     deadline = time.monotonic() + 10
     while True:
         status = node.stub.GetPolicyStatus(pb.GetPolicyStatusRequest(name="job-net"))
@@ -216,6 +229,7 @@ def test_apply_list_status_renew_delete(node: Node) -> None:
     assert by_class["bulk"].rate_bps == 300_000_000 and by_class["bulk"].ceil_bps == 10**9
     assert by_class["bulk"].device == node.spare and by_class["bulk"].minor >= 0x10
     assert by_class["bulk"].HasField("throughput_bps")
+    assert by_class["bulk"].sent_bytes == 10**6
 
     renewed = node.stub.RenewLease(pb.RenewLeaseRequest(name="job-net", lease_ttl=seconds(900)))
     assert renewed.policy.lease_ttl.seconds == 900
@@ -340,7 +354,7 @@ def test_fuzzed_policies_never_crash_the_agent_nor_change_the_kernel_on_rejectio
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
-    @given(doc=_fuzz_document(node.pair.device, node.spare), ttl=st.sampled_from([None, 60.0]))
+    @given(doc=_fuzz_document(DEVICE, node.spare), ttl=st.sampled_from([None, 60.0]))
     def one(doc: dict[str, Any], ttl: float | None) -> None:
         request = apply_request(doc)
         if ttl is not None:
@@ -365,14 +379,15 @@ def test_fuzzed_policies_never_crash_the_agent_nor_change_the_kernel_on_rejectio
     # Still serving, nothing left behind.
     listed = node.stub.ListPolicies(pb.ListPoliciesRequest()).policies
     assert [(p.name, p.state) for p in listed] == [("node", pb.POLICY_STATE_ENFORCED)]
-    assert node.process.poll() is None
+    assert node.alive()
     assert node.api_objects() == []
     assert outcomes.get("INVALID_ARGUMENT", 0) > 0
 
 
 def test_leased_policy_disappears_with_its_classes_after_its_ttl(
-    node: Node, tmp_path: Path
+    node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.node.qos.reconciler")
     before = node.kernel()
     node.stub.ApplyPolicy(apply_request(document(node.spare), lease_ttl=seconds(1)))
     assert node.kernel() != before
@@ -385,8 +400,9 @@ def test_leased_policy_disappears_with_its_classes_after_its_ttl(
     assert node.kernel() == before
     assert [p.name for p in node.stub.ListPolicies(pb.ListPoliciesRequest()).policies] == ["node"]
     assert node.api_objects() == []
-    log = (tmp_path / "agent.log").read_text()
-    assert "lease of API QosPolicy job-net ran out (TTL 1s, not renewed): removing it" in log
+    assert (
+        "lease of API QosPolicy job-net ran out (TTL 1s, not renewed): removing it" in caplog.text
+    )
 
 
 def test_a_hundred_problems_fit_in_the_trailers(node: Node) -> None:

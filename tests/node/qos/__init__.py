@@ -1,5 +1,7 @@
-"""Tests of agent/qos: `make()` builds a reconciler on a test namespace;
-`api_policy_document()` is the policy API tests apply."""
+"""Tests of agent/node/qos. The QoS logic runs against `FakeKernel` (tests/node/qos/
+fake_kernel.py) on the interfaces `DEVICE` and `SPARE`; `make()` builds a reconciler on
+the real kernel of a test namespace for the tests that are about the kernel.
+`api_policy_document()` is the policy the API tests apply."""
 
 from __future__ import annotations
 
@@ -7,8 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.policy.model import detect_cgroup2_root
-from agent.node.qos.reconciler import QosSettings, Reconciler
+from agent.node.qos.htb import Change, HtbTree, plan
+from agent.node.qos.kernel import QosKernel, TreeChanges
+from agent.node.qos.netlink_kernel import NetlinkKernel
+from agent.node.qos.pipeline import QosSettings
+from agent.node.qos.reconciler import Reconciler
 from tests.conftest import VethPair
+
+# The fake kernel's interfaces: a file policy's, and a spare one for API policies.
+DEVICE, SPARE = "fab0", "fab1"
 
 
 def make(pair: VethPair, dirs: tuple[Path, Path]) -> Reconciler:
@@ -18,6 +27,30 @@ def make(pair: VethPair, dirs: tuple[Path, Path]) -> Reconciler:
         policy_dir, state_dir, cgroup_root=detect_cgroup2_root(), netns=pair.netns
     )
     return Reconciler(settings)
+
+
+def fake_settings(dirs: tuple[Path, Path], cgroups: Path) -> QosSettings:
+    """Settings for a reconciler on the fake kernel: (policy dir, state dir) `dirs`, and
+    `cgroups` as the cgroup2 mount."""
+    return QosSettings(dirs[0], dirs[1], cgroup_root=cgroups, nft_cgroup_base=cgroups)
+
+
+def put_tree(kernel: QosKernel, desired: HtbTree) -> list[Change]:
+    """Make the kernel hold `desired`: read, plan, apply; the changes it took."""
+    actual = kernel.read_tree(desired.device)
+    changes = plan(desired, actual)
+    if changes:
+        kernel.apply(TreeChanges(desired.device, tuple(changes), actual))
+    return changes
+
+
+def netlink_put(desired: HtbTree, netns: str) -> list[Change]:
+    """`put_tree` on the real kernel of namespace `netns`."""
+    kernel = NetlinkKernel(netns)
+    try:
+        return put_tree(kernel, desired)
+    finally:
+        kernel.close()
 
 
 def api_policy_document(device: str, name: str = "job-net", **spec: Any) -> dict[str, Any]:
@@ -43,4 +76,14 @@ def api_policy_document(device: str, name: str = "job-net", **spec: Any) -> dict
             ],
             **spec,
         },
+    }
+
+
+def assignment_document(name: str, cgroup: str, policy: str, cls: str) -> dict[str, Any]:
+    """A QosAssignment of `cgroup` to class `cls` of `policy`, as a document."""
+    return {
+        "apiVersion": "fabric.qos/v1alpha1",
+        "kind": "QosAssignment",
+        "metadata": {"name": name},
+        "spec": {"policy": policy, "className": cls, "match": [{"cgroup": cgroup}]},
     }

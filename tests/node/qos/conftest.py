@@ -1,4 +1,5 @@
-"""Fixtures of the QoS tests."""
+"""Fixtures of the QoS tests: a reconciler on the fake kernel, its directories and its
+cgroup tree."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.node.qos.reconciler import Reconciler
-from tests.conftest import VethPair
-from tests.node.qos import make
+from tests.node.qos import DEVICE, SPARE, fake_settings
+from tests.node.qos.fake_kernel import FakeKernel
 
 
 @pytest.fixture
@@ -21,9 +22,23 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def reconciler(shaped_pair: VethPair, dirs: tuple[Path, Path]) -> Iterator[Reconciler]:
-    """`make(shaped_pair, dirs)`, closed after the test."""
-    instance = make(shaped_pair, dirs)
+def cgroups(tmp_path: Path) -> Path:
+    """A cgroup2 tree of the test's own: a directory the fake kernel's reconciler takes
+    as the cgroup2 mount (and where nft would look cgroups up)."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def kernel() -> FakeKernel:
+    return FakeKernel([DEVICE, SPARE])
+
+
+@pytest.fixture
+def reconciler(kernel: FakeKernel, dirs: tuple[Path, Path], cgroups: Path) -> Iterator[Reconciler]:
+    """A reconciler on the fake kernel, closed after the test."""
+    instance = Reconciler(fake_settings(dirs, cgroups), kernel)
     try:
         yield instance
     finally:

@@ -9,6 +9,7 @@ from agent.node.qos.desired import FIRST_LEAF_MINOR, ROOT_MINOR, allocate_minors
 from agent.node.qos.htb import Action, U32Match, plan
 from tests import ROOT
 from tests.conftest import VethPair
+from tests.node.qos import netlink_put
 
 POLICIES = ROOT / "policies"
 GBIT = 10**9
@@ -116,8 +117,8 @@ def test_policy_tree_onto_the_kernel(shaped_pair: VethPair) -> None:
         text = text.replace(f": {old}", f": {new}")
     desired = build_tree(policy(text)).tree
 
-    first = tc.reconcile(desired, netns=shaped_pair.netns)
-    second = tc.reconcile(desired, netns=shaped_pair.netns)
+    first = netlink_put(desired, shaped_pair.netns)
+    second = netlink_put(desired, shaped_pair.netns)
 
     assert first and second == []
     assert tc.read_tree(shaped_pair.device, netns=shaped_pair.netns) == desired

@@ -14,14 +14,14 @@ import pytest
 
 from agent.node.qos.htb import HtbClass, HtbTree
 from agent.node.qos.ifb import (
-    IFNAMSIZ,
     ensure_ingress_redirect,
-    ifb_name,
     read_ingress_redirect,
     remove_ingress_redirect,
 )
-from agent.node.qos.tc import KernelStateConflict, TcCapabilities, class_stats, reconcile
+from agent.node.qos.kernel import IFNAMSIZ, KernelStateConflict, TcCapabilities, ifb_name
+from agent.node.qos.tc import class_stats
 from tests.conftest import VethPair
+from tests.node.qos import netlink_put
 
 MBIT = 10**6
 
@@ -87,7 +87,7 @@ def test_remove_cleans_everything(ingress_pair: VethPair) -> None:
     ns, dev = ingress_pair.netns, ingress_pair.device
     before = kernel_state(ingress_pair)
     ifb = ensure_ingress_redirect(dev, netns=ns)
-    reconcile(HtbTree(ifb, 0xFA, 0x10, (HtbClass.with_rate(0x10, None, 100 * MBIT),)), netns=ns)
+    netlink_put(HtbTree(ifb, 0xFA, 0x10, (HtbClass.with_rate(0x10, None, 100 * MBIT),)), netns=ns)
 
     removed = remove_ingress_redirect(dev, netns=ns)
 
@@ -192,7 +192,7 @@ def test_ingress_ceiling_holds_within_5_percent(ingress_pair: VethPair) -> None:
         pytest.skip("needs iperf3")
     ns, dev = ingress_pair.netns, ingress_pair.device
     ifb = ensure_ingress_redirect(dev, netns=ns)
-    reconcile(
+    netlink_put(
         HtbTree(
             device=ifb,
             root_major=0xFA,

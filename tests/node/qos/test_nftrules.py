@@ -37,6 +37,7 @@ from agent.node.qos.nftrules import (
 )
 from tests import ROOT
 from tests.conftest import VethPair, netns_unavailable
+from tests.node.qos import netlink_put
 
 POLICIES = ROOT / "policies"
 HYBRID = Path("/sys/fs/cgroup/unified")
@@ -351,7 +352,7 @@ def test_process_in_cgroup_lands_in_its_class(
     root, name = job_cgroup
     p = cgroup_policy(shaped_pair, name)
     desired = build_tree(p)
-    tc.reconcile(desired.tree, netns=shaped_pair.netns)
+    netlink_put(desired.tree, shaped_pair.netns)
     nft = open_nft(shaped_pair.netns)
     try:
         nft.replace_table(

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.common.policy.model import load_policy_file
-from agent.node.qos import tc
+import grpc
+import pytest
+
+from agent.common.policy.documents import object_from_document
+from agent.common.policy.model import detect_cgroup2_root, load_policy_file
 from agent.node.qos.desired import build_tree
-from agent.node.qos.reconciler import QosSettings, Reconciler
+from agent.node.qos.pipeline import QosSettings
+from agent.node.qos.reconciler import Reconciler
+from agent.proto.fabric.v1 import qos_service_pb2 as pb
+from agent.proto.fabric.v1.qos_service_pb2_grpc import QosServiceStub
 from tests import ROOT
 from tests.conftest import VethPair, VethTraffic
+from tests.node.qos import api_policy_document, assignment_document, netlink_put
 
 POLICY = """\
 apiVersion: fabric.qos/v1alpha1
@@ -32,12 +45,29 @@ spec:
 """
 
 
-def plan(netns: str, *files: Path, state: Path | None = None) -> subprocess.CompletedProcess[str]:
-    state = state or files[0].parent / "no-state"
+def plan(
+    netns: str,
+    *files: Path,
+    state: Path | None = None,
+    policy_dir: Path | None = None,
+    options: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """`fabric-agent policy plan` in the namespace: of `files`, or of `policy_dir`."""
+    state = state or (files[0] if files else Path("/nonexistent")).parent / "no-state"
+    where = ["--policy-dir", str(policy_dir)] if policy_dir is not None else []
     return subprocess.run(
         ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m", "agent", "policy",
-         "plan", "--state-dir", str(state), *map(str, files)],
+         "plan", "--state-dir", str(state), *where, *options, *map(str, files)],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def add_tbf_root(pair: VethPair) -> None:
+    """Someone else's root qdisc (tbf 1:) on the pair's device."""
+    subprocess.run(
+        ["ip", "netns", "exec", pair.netns, "tc", "qdisc", "add", "dev", pair.device, "root",
+         "handle", "1:", "tbf", "rate", "1mbit", "burst", "32kbit", "latency", "400ms"],
+        check=True, capture_output=True,
     )  # fmt: skip
 
 
@@ -52,7 +82,7 @@ def test_plan_shows_changes_then_none(shaped_pair: VethPair, tmp_path: Path) -> 
 
     before = plan(shaped_pair.netns, path)
     (loaded,) = load_policy_file(path)
-    tc.reconcile(build_tree(loaded.policy).tree, netns=shaped_pair.netns)
+    netlink_put(build_tree(loaded.policy).tree, shaped_pair.netns)
     after = plan(shaped_pair.netns, path)
     edited = plan(shaped_pair.netns, write_policy(tmp_path, shaped_pair.device, "400Mbit"))
 
@@ -68,12 +98,7 @@ def test_plan_shows_changes_then_none(shaped_pair: VethPair, tmp_path: Path) -> 
 
 
 def test_foreign_root_qdisc_is_an_error(shaped_pair: VethPair, tmp_path: Path) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", shaped_pair.netns, "tc", "qdisc", "add", "dev",
-         shaped_pair.device, "root", "handle", "1:", "tbf", "rate", "1mbit", "burst", "32kbit",
-         "latency", "400ms"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    add_tbf_root(shaped_pair)
 
     result = plan(shaped_pair.netns, write_policy(tmp_path, shaped_pair.device))
 
@@ -94,8 +119,9 @@ def test_bad_policy_is_an_error(tmp_path: Path, shaped_pair: VethPair) -> None:
 def test_missing_interface_is_an_error(tmp_path: Path, shaped_pair: VethPair) -> None:
     result = plan(shaped_pair.netns, write_policy(tmp_path, "fabnosuch0"))
 
+    # Refused as the daemon refuses it: the policy names no interface of this host.
     assert result.returncode == 2
-    assert "fabnosuch0: no such device" in result.stderr
+    assert "spec.interface: unknown interface 'fabnosuch0' on this host" in result.stderr
 
 
 def test_status_lists_every_class_with_its_throughput(
@@ -161,3 +187,108 @@ def test_plan_covers_the_nftables_table_and_ingress(shaped_pair: VethPair, tmp_p
     assert after.returncode == 0, after.stdout + after.stderr
     assert after.stdout.count(": no changes") == 2
     assert "nftables table" not in after.stdout
+
+
+REMARKED_CLASSES = """\
+    - name: collectives
+      priority: 0
+      rate: 300Mbit
+      dscp: 26
+      match:
+        - {dstPorts: ["29500-29599"], protocol: tcp}
+"""
+
+
+def test_plan_of_a_node_the_daemon_enforces_is_empty(shaped_pair: VethPair, tmp_path: Path) -> None:
+    """A file policy (with nftables rules), an API policy and an assignment whose cgroup
+    exists, enforced by the running daemon: its plan path and `policy plan` agree."""
+    cgroup_root = detect_cgroup2_root()
+    if cgroup_root is None:
+        pytest.skip("needs a cgroup v2 mount")
+    netns, device = shaped_pair.netns, shaped_pair.device
+    spare = f"{device[:11]}-sp"
+    subprocess.run(["ip", "-n", netns, "link", "add", spare, "type", "veth", "peer", "name",
+                    f"{spare}x"], check=True)  # fmt: skip
+    subprocess.run(["ip", "-n", netns, "link", "set", spare, "up"], check=True)
+    job = cgroup_root / f"fabric-plan-{uuid.uuid4().hex[:8]}"
+    job.mkdir()
+    policy_dir, state_dir = tmp_path / "policies", tmp_path / "state"
+    policy_dir.mkdir()
+    (policy_dir / "node.yaml").write_text(
+        POLICY.format(device=device).replace("  classes:\n", "  classes:\n" + REMARKED_CLASSES)
+    )
+    socket_dir = tempfile.mkdtemp(prefix="fabric-plan-")
+    log = (tmp_path / "agent.log").open("wb")
+    daemon = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m", "agent", "run",
+         "--collectors", "host", "--metrics-listen", "127.0.0.1:0", "--grpc-listen", "none",
+         "--grpc-socket", f"{socket_dir}/agent.sock", "--policy-dir", str(policy_dir),
+         "--state-dir", str(state_dir), "--reconcile-interval", "1s"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    channel = grpc.insecure_channel(f"unix:{socket_dir}/agent.sock")
+    stub = QosServiceStub(channel)
+    try:
+        _wait_for(lambda: _states(stub) == {"plan-test": pb.POLICY_STATE_ENFORCED}, daemon)
+        api_policy = api_policy_document(spare, name="job-net")
+        assignment = assignment_document(
+            "slurm-job-7", str(job.relative_to(cgroup_root)), "plan-test", "collectives"
+        )
+        for document in (api_policy, assignment):
+            stub.ApplyPolicy(pb.ApplyPolicyRequest(object=object_from_document(document)))
+        enforced = pb.POLICY_STATE_ENFORCED
+        _wait_for(lambda: set(_states(stub).values()) == {enforced} and len(_states(stub)) == 3,
+                  daemon)  # fmt: skip
+
+        result = plan(netns, state=state_dir, policy_dir=policy_dir)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count(": no changes") == 2  # the file policy and the API one
+        assert "nftables table" not in result.stdout
+        assert "(API) on " + spare in result.stdout
+    finally:
+        channel.close()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        job.rmdir()
+
+
+def _states(stub: QosServiceStub) -> dict[str, int]:
+    try:
+        listed = stub.ListPolicies(pb.ListPoliciesRequest(), timeout=2)
+    except grpc.RpcError:
+        return {}
+    return {p.name: p.state for p in listed.policies}
+
+
+def _wait_for(condition: Callable[[], bool], daemon: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert daemon.poll() is None, "the agent died"
+        assert time.monotonic() < deadline, "not enforced within 30 s"
+        time.sleep(0.1)
+
+
+def test_plan_takes_over_and_finds_cgroups_as_told(shaped_pair: VethPair, tmp_path: Path) -> None:
+    add_tbf_root(shaped_pair)
+    path = write_policy(tmp_path, shaped_pair.device)
+    cgroups = tmp_path / "cgroups"
+    (cgroups / "jobs" / "7").mkdir(parents=True)
+    with_cgroup = tmp_path / "cgroup.yaml"
+    with_cgroup.write_text(
+        path.read_text().replace('{dstPorts: ["5201"], protocol: tcp}', "{cgroup: jobs/7}")
+    )
+
+    refused = plan(shaped_pair.netns, path)
+    taken_over = plan(shaped_pair.netns, path, options=["--take-over", "true"])
+    elsewhere = plan(shaped_pair.netns, with_cgroup, options=["--cgroup-root", str(tmp_path)])
+    found = plan(shaped_pair.netns, with_cgroup, options=["--cgroup-root", str(cgroups)])
+
+    assert refused.returncode == 2 and "root qdisc is tbf 1:" in refused.stderr
+    assert taken_over.returncode == 1, taken_over.stderr
+    assert "+ qdisc fa: htb default 11" in taken_over.stdout
+    assert elsewhere.returncode == 2
+    assert f"cgroup not found: {tmp_path / 'jobs/7'}" in elsewhere.stderr
+    # Found, and refused only by the kernel's root qdisc as before: the cgroup check held.
+    assert found.returncode == 2 and "cgroup not found" not in found.stderr

@@ -1,18 +1,17 @@
-"""The reconciler against a real kernel: apply only differences, correct drift, reject bad
-policies without touching what is enforced, adopt its own state after a restart."""
+"""The reconciler against the fake kernel: apply only differences, correct drift, reject
+bad policies without touching what is enforced, adopt its own state after a restart."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from agent.common.policy.model import load_policy_file
-from agent.node.qos import tc
 from agent.node.qos.desired import build_tree
-from agent.node.qos.reconciler import NFT_DEVICE, Reconciler
+from agent.node.qos.kernel import NFT_DEVICE
+from agent.node.qos.reconciler import Reconciler
 from agent.node.qos.state import load_state
-from tests.conftest import VethPair
-from tests.node.qos import make
+from tests.node.qos import DEVICE, fake_settings
+from tests.node.qos.fake_kernel import FakeKernel
 
 POLICY = """\
 apiVersion: fabric.qos/v1alpha1
@@ -45,16 +44,15 @@ def write(policy_dir: Path, device: str, *, rate: str = "500Mbit", name: str = "
     return path
 
 
-def ip_netns(netns: str, *argv: str) -> str:
-    return subprocess.run(
-        ["ip", "netns", "exec", netns, *argv], check=True, capture_output=True, text=True
-    ).stdout
+def nft_body(kernel: FakeKernel) -> str:
+    listing = kernel.read_nft_table()
+    return "" if listing is None else str(listing)
 
 
 def test_apply_then_nothing_to_do(
-    reconciler: Reconciler, shaped_pair: VethPair, dirs: tuple[Path, Path]
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
 ) -> None:
-    path = write(dirs[0], shaped_pair.device)
+    path = write(dirs[0], DEVICE)
 
     first = reconciler.reconcile()
     second = reconciler.reconcile()
@@ -64,22 +62,20 @@ def test_apply_then_nothing_to_do(
     assert "nftables table reloaded" in first.changes
     assert second.result == "success" and second.changes == ()
     (loaded,) = load_policy_file(path)
-    expected = build_tree(loaded.policy, leaf_kind=reconciler._leaf_kind()).tree
-    assert tc.read_tree(shaped_pair.device, netns=shaped_pair.netns) == expected
-    assert "ip dscp set af31" in ip_netns(shaped_pair.netns, "nft", "list", "ruleset")  # 26
+    expected = build_tree(loaded.policy, leaf_kind=kernel.capabilities().leaf_kind).tree
+    assert kernel.tree(DEVICE) == expected
+    assert "ip dscp set 26" in nft_body(kernel)
     assert load_state(dirs[1]).policies["node"].minors == {
         "collectives": 0x10, "storage": 0x11, "rest": 0x12,
     }  # fmt: skip
     assert reconciler.results["success"] == 2
 
 
-def test_one_class_edit_changes_one_class(
-    reconciler: Reconciler, shaped_pair: VethPair, dirs: tuple[Path, Path]
-) -> None:
-    write(dirs[0], shaped_pair.device)
+def test_one_class_edit_changes_one_class(reconciler: Reconciler, dirs: tuple[Path, Path]) -> None:
+    write(dirs[0], DEVICE)
     reconciler.reconcile()
 
-    write(dirs[0], shaped_pair.device, rate="400Mbit")
+    write(dirs[0], DEVICE, rate="400Mbit")
     result = reconciler.reconcile()
 
     tc_changes = [c for c in result.changes if c.startswith("node: ")]
@@ -89,98 +85,116 @@ def test_one_class_edit_changes_one_class(
 
 
 def test_drift_is_corrected_and_counted(
-    reconciler: Reconciler, shaped_pair: VethPair, dirs: tuple[Path, Path]
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
 ) -> None:
-    write(dirs[0], shaped_pair.device)
+    write(dirs[0], DEVICE)
     reconciler.reconcile()
-    netns, device = shaped_pair.netns, shaped_pair.device
-    for pref in ("102", "103"):  # the storage class's IPv4 and IPv6 filters
-        ip_netns(netns, "tc", "filter", "del", "dev", device, "parent", "fa:", "pref", pref)
-    ip_netns(netns, "tc", "class", "del", "dev", device, "classid", "fa:11")
-    ip_netns(netns, "nft", "delete", "table", "inet", "fabric_agent")
+    for pref in (102, 103):  # the storage class's IPv4 and IPv6 filters
+        kernel.delete_filter(DEVICE, pref)
+    kernel.delete_class(DEVICE, 0x11)
+    kernel.delete_nft_table()
 
     result = reconciler.reconcile()
 
     assert result.result == "success"
-    assert result.drift == {device: 1, NFT_DEVICE: 1}
+    assert result.drift == {DEVICE: 1, NFT_DEVICE: 1}
     assert reconciler.reconcile().changes == ()
-    assert reconciler.drift == {device: 1, NFT_DEVICE: 1}
-    assert "fa:11" in ip_netns(netns, "tc", "class", "show", "dev", device)
+    assert reconciler.drift == {DEVICE: 1, NFT_DEVICE: 1}
+    tree = kernel.tree(DEVICE)
+    assert tree is not None and 0x11 in {c.minor for c in tree.classes}
 
 
 def test_bad_policy_changes_nothing(
-    reconciler: Reconciler, shaped_pair: VethPair, dirs: tuple[Path, Path]
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
 ) -> None:
-    write(dirs[0], shaped_pair.device)
+    write(dirs[0], DEVICE)
     reconciler.reconcile()
-    before = ip_netns(shaped_pair.netns, "tc", "-d", "class", "show", "dev", shaped_pair.device)
+    before = kernel.dump()
     state = (dirs[1] / "qos-state.json").read_text()
 
-    write(dirs[0], shaped_pair.device, rate="2Gbit")
+    write(dirs[0], DEVICE, rate="2Gbit")
     result = reconciler.reconcile()
 
     assert result.result == "invalid"
     assert [str(v) for v in result.violations] == [
         f"{dirs[0] / 'node.yaml'}: spec.classes[0].rate: 2Gbit exceeds bandwidth 1Gbit"
     ]
-    assert (
-        ip_netns(shaped_pair.netns, "tc", "-d", "class", "show", "dev", shaped_pair.device)
-        == before
-    )
+    assert kernel.dump() == before
     assert (dirs[1] / "qos-state.json").read_text() == state
     assert reconciler.results["invalid"] == 1
 
 
-def test_restart_adopts_the_kernel_state(shaped_pair: VethPair, dirs: tuple[Path, Path]) -> None:
-    write(dirs[0], shaped_pair.device)
-    first = make(shaped_pair, dirs)
+def test_restart_adopts_the_kernel_state(
+    kernel: FakeKernel, dirs: tuple[Path, Path], cgroups: Path
+) -> None:
+    write(dirs[0], DEVICE)
+    first = Reconciler(fake_settings(dirs, cgroups), kernel)
     first.reconcile()
     first.close()
+    applied = len(kernel.steps)
 
-    restarted = make(shaped_pair, dirs)
+    restarted = Reconciler(fake_settings(dirs, cgroups), kernel)
     try:
         result = restarted.reconcile()
     finally:
         restarted.close()
 
     assert result.result == "success" and result.changes == ()
+    assert len(kernel.steps) == applied
 
 
 def test_removed_policy_is_taken_down(
-    reconciler: Reconciler, shaped_pair: VethPair, dirs: tuple[Path, Path]
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
 ) -> None:
-    path = write(dirs[0], shaped_pair.device)
+    path = write(dirs[0], DEVICE)
     reconciler.reconcile()
 
     path.unlink()
     result = reconciler.reconcile()
 
-    assert "node: removed from " + shaped_pair.device in result.changes
-    assert tc.read_tree(shaped_pair.device, netns=shaped_pair.netns) is None
-    assert "fabric_agent" not in ip_netns(shaped_pair.netns, "nft", "list", "tables")
+    assert "node: removed from " + DEVICE in result.changes
+    assert kernel.tree(DEVICE) is None
+    assert kernel.read_nft_table() is None
     assert load_state(dirs[1]).policies == {}
 
 
 def test_foreign_root_qdisc_is_an_error_and_left_alone(
-    reconciler: Reconciler, shaped_pair: VethPair, dirs: tuple[Path, Path]
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
 ) -> None:
-    tbf = ["tbf", "rate", "1mbit", "burst", "32kbit", "latency", "400ms"]
-    ip_netns(shaped_pair.netns, "tc", "qdisc", "add", "dev", shaped_pair.device, "root", *tbf)
-    write(dirs[0], shaped_pair.device)
+    kernel.add_foreign_root(DEVICE, "tbf")
+    write(dirs[0], DEVICE)
 
     result = reconciler.reconcile()
 
     assert result.result == "error"
     assert "root qdisc is tbf " in result.errors[0] and "not the agent's" in result.errors[0]
-    assert "tbf" in ip_netns(shaped_pair.netns, "tc", "qdisc", "show", "dev", shaped_pair.device)
+    assert kernel.tree(DEVICE) is None
+    assert kernel.foreign_root(DEVICE) == ("tbf", 5 << 16)
+    assert {v.name: v.state for v in reconciler.policies()}["node"] == "failed"
 
 
-def test_remove_all(reconciler: Reconciler, shaped_pair: VethPair, dirs: tuple[Path, Path]) -> None:
-    write(dirs[0], shaped_pair.device)
+def test_remove_all(reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]) -> None:
+    write(dirs[0], DEVICE)
     reconciler.reconcile()
 
     reconciler.remove_all()
 
-    assert tc.read_tree(shaped_pair.device, netns=shaped_pair.netns) is None
-    assert "fabric_agent" not in ip_netns(shaped_pair.netns, "nft", "list", "tables")
+    assert kernel.tree(DEVICE) is None
+    assert kernel.read_nft_table() is None
     assert load_state(dirs[1]).policies == {}
+
+
+def test_a_policy_moved_to_another_interface_leaves_nothing_on_the_old_one(
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
+) -> None:
+    write(dirs[0], DEVICE)
+    reconciler.reconcile()
+    kernel.add_interface("fab9")
+
+    write(dirs[0], "fab9")
+    result = reconciler.reconcile()
+
+    assert result.result == "success"
+    assert kernel.tree(DEVICE) is None
+    assert kernel.tree("fab9") is not None
+    assert load_state(dirs[1]).policies["node"].device == "fab9"

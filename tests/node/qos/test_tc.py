@@ -18,16 +18,10 @@ import pytest
 
 from agent.common.policy.units import PortRange
 from agent.node.qos.htb import HtbClass, HtbTree, U32Filter, U32Match, plan
-from agent.node.qos.tc import (
-    KernelStateConflict,
-    TcApplyError,
-    TcCapabilities,
-    apply,
-    class_stats,
-    read_tree,
-    reconcile,
-)
+from agent.node.qos.kernel import KernelStateConflict, TcApplyError, TcCapabilities
+from agent.node.qos.tc import apply, class_stats, read_tree
 from tests.conftest import VethPair, VethTraffic
+from tests.node.qos import netlink_put
 
 MBIT = 10**6
 
@@ -61,16 +55,16 @@ def three_classes(pair: VethPair, rate_10: int = 600 * MBIT) -> HtbTree:
 def test_build_and_read_back(shaped_pair: VethPair) -> None:
     desired = three_classes(shaped_pair)
 
-    changes = reconcile(desired, netns=shaped_pair.netns)
+    changes = netlink_put(desired, shaped_pair.netns)
 
     assert changes
     assert read_tree(shaped_pair.device, netns=shaped_pair.netns) == desired
     assert plan(desired, read_tree(shaped_pair.device, netns=shaped_pair.netns)) == []
-    assert reconcile(desired, netns=shaped_pair.netns) == []
+    assert netlink_put(desired, shaped_pair.netns) == []
 
 
 def test_one_rate_change_is_one_class_change(shaped_pair: VethPair) -> None:
-    reconcile(three_classes(shaped_pair), netns=shaped_pair.netns)
+    netlink_put(three_classes(shaped_pair), shaped_pair.netns)
     desired = three_classes(shaped_pair, rate_10=500 * MBIT)
 
     changes = plan(desired, read_tree(shaped_pair.device, netns=shaped_pair.netns))
@@ -83,7 +77,7 @@ def test_one_rate_change_is_one_class_change(shaped_pair: VethPair) -> None:
 
 def test_class_deleted_by_hand_is_planned_back(shaped_pair: VethPair) -> None:
     desired = three_classes(shaped_pair)
-    reconcile(desired, netns=shaped_pair.netns)
+    netlink_put(desired, shaped_pair.netns)
     ns, dev = shaped_pair.netns, shaped_pair.device
     tc(ns, "filter", "del", "dev", dev, "parent", "fa:", "pref", "10", "protocol", "ip", "u32")
     tc(ns, "class", "del", "dev", dev, "classid", "fa:10")
@@ -121,7 +115,7 @@ def test_foreign_root_qdisc_is_a_conflict(shaped_pair: VethPair) -> None:
     before = tc(ns, "qdisc", "show", "dev", dev)
 
     with pytest.raises(KernelStateConflict, match=f"{dev}: root qdisc is tbf 5:"):
-        reconcile(three_classes(shaped_pair), netns=ns)
+        netlink_put(three_classes(shaped_pair), ns)
 
     assert tc(ns, "qdisc", "show", "dev", dev) == before
     assert read_tree(dev, netns=ns, take_over=True) is None
@@ -130,7 +124,7 @@ def test_foreign_root_qdisc_is_a_conflict(shaped_pair: VethPair) -> None:
 def test_failed_change_rolls_back_to_previous_tree(shaped_pair: VethPair) -> None:
     ns, dev = shaped_pair.netns, shaped_pair.device
     previous = three_classes(shaped_pair)
-    reconcile(previous, netns=ns)
+    netlink_put(previous, ns)
     changes = plan(three_classes(shaped_pair, rate_10=400 * MBIT), previous)
     # A change to a class the kernel does not have: rejected after the first change ran.
     ghost = HtbClass.with_rate(0x20, 0x1, 10 * MBIT)
@@ -146,7 +140,7 @@ def test_failed_change_rolls_back_to_previous_tree(shaped_pair: VethPair) -> Non
 
 def test_class_stats_count_traffic(shaped_pair: VethPair, veth_traffic: VethTraffic) -> None:
     ns = shaped_pair.netns
-    reconcile(three_classes(shaped_pair), netns=ns)
+    netlink_put(three_classes(shaped_pair), ns)
     veth_traffic.send(50, payload_bytes=1000)
 
     stats = class_stats(shaped_pair.device, netns=ns)
@@ -255,7 +249,7 @@ def measure(
 
 
 def test_ceiling_holds_within_5_percent(shaped_pair: VethPair) -> None:
-    reconcile(
+    netlink_put(
         HtbTree(
             device=shaped_pair.device,
             root_major=0xFA,
@@ -297,7 +291,7 @@ def test_capabilities_without_namespaces_probe_on_a_device_of_their_own(
 def test_an_idle_class_share_is_borrowed_up_to_the_ceiling(shaped_pair: VethPair) -> None:
     # Only "busy" sends: it gets the idle class's 150 Mbit/s on top of its own 50, up to
     # its 180 Mbit/s ceiling.
-    reconcile(
+    netlink_put(
         HtbTree(
             device=shaped_pair.device,
             root_major=0xFA,
@@ -334,7 +328,7 @@ def test_an_idle_class_share_is_borrowed_up_to_the_ceiling(shaped_pair: VethPair
 def test_two_busy_classes_get_150_and_50_within_10_percent(
     shaped_pair: VethPair, rates: tuple[int, int], prios: tuple[int, int]
 ) -> None:
-    reconcile(
+    netlink_put(
         HtbTree(
             device=shaped_pair.device,
             root_major=0xFA,

@@ -1,4 +1,5 @@
-"""Policies and assignments applied through the API, kept beside the policy files.
+"""Policies and assignments applied through the API: their store, leases, origins, and
+which of them may be enforced beside the policy files (`admit`).
 
 The operator's files stay authoritative: an API object may not take a file policy's name
 or the interface a file policy owns. API objects persist in `api-policies.json` in the
@@ -28,6 +29,8 @@ from agent.common.policy.model import (
     Match,
     PolicyObject,
     QosAssignment,
+    QosPolicy,
+    check_host,
     validate_object,
 )
 from agent.node.qos.state import write_json_atomic
@@ -254,3 +257,169 @@ def merge_assignments(
         policy_spec = policy.spec.model_copy(update={"classes": classes})
         result.append(replace(loaded, policy=policy.model_copy(update={"spec": policy_spec})))
     return MergeResult(result, states, {k: tuple(v) for k, v in merged.items()})
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a pass enforces: the file policies, then the API policies that may be enforced
+    beside them, each with its assignments merged in; and why the other API objects may
+    not be."""
+
+    policies: list[LoadedPolicy]
+    refused: dict[str, Precondition]
+    # Each assignment's (state, message).
+    assignments: dict[str, tuple[str, str]]
+    # The documents of policies that assignments changed, as their source gave them.
+    bases: dict[str, Mapping[str, Any]]
+
+
+def admit(
+    files: Sequence[LoadedPolicy],
+    entries: Mapping[str, ApiEntry],
+    *,
+    interface_exists: Callable[[str], bool],
+    cgroup_root: Path | None,
+) -> Admission:
+    """The files win names and interfaces, then API policies in name order; then every
+    assignment joins its class where its policy and cgroups are there."""
+    file_names = {p.policy.metadata.name: p.file for p in files}
+    owners = {(p.policy.spec.interface, p.policy.spec.direction): p for p in files}
+    admitted: list[LoadedPolicy] = []
+    refused: dict[str, Precondition] = {}
+    models = usable_models(entries)
+    for name, model in sorted(models.items()):
+        if name in file_names:
+            reason = f"the name belongs to policy file {file_names[name]}"
+            refused[name] = Precondition("SOURCE", name, reason)
+            continue
+        if not isinstance(model, QosPolicy):
+            continue
+        spec = model.spec
+        owner = owners.get((spec.interface, spec.direction))
+        if owner is not None:
+            where = "file " + owner.file if owner.file != API_SOURCE else "the API"
+            reason = (
+                f"{spec.interface} {spec.direction} is owned by policy "
+                f"{owner.policy.metadata.name!r} from {where}"
+            )
+            refused[name] = Precondition("OWNERSHIP", "spec.interface", reason)
+            continue
+        loaded = LoadedPolicy(API_SOURCE, None, model)
+        problems = check_host([loaded], interface_exists=interface_exists, cgroup_root=cgroup_root)
+        if problems:
+            kind = "INTERFACE" if problems[0].path == "spec.interface" else "CGROUP"
+            refused[name] = Precondition(kind, problems[0].path, problems[0].reason)
+            continue
+        owners[(spec.interface, spec.direction)] = loaded
+        admitted.append(loaded)
+    assignments = [m for m in models.values() if isinstance(m, QosAssignment)]
+
+    def cgroup_exists(path: str) -> bool:
+        return cgroup_root is not None and (cgroup_root / path).is_dir()
+
+    merge = merge_assignments([*files, *admitted], assignments, cgroup_exists)
+    bases: dict[str, Mapping[str, Any]] = {
+        p.policy.metadata.name: p.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for p in [*files, *admitted]
+        if p.policy.metadata.name in merge.merged
+    }
+    return Admission(merge.policies, refused, merge.states, bases)
+
+
+def check_admitted(name: str, entry: ApiEntry, admission: Admission) -> None:
+    """RefusedError when `admission` leaves API object `name` out for a reason the caller
+    must fix first (a name or interface a file owns, an assignment to a policy or class
+    this node does not have)."""
+    if name in admission.refused:
+        raise RefusedError([admission.refused[name]])
+    model = entry.model()
+    if not isinstance(model, QosAssignment):
+        return
+    targets = {p.policy.metadata.name: p.policy for p in admission.policies}
+    target = targets.get(model.spec.policy)
+    if target is None:
+        reason = f"no policy named {model.spec.policy!r} on this node"
+        raise RefusedError([Precondition("POLICY", "spec.policy", reason)])
+    if model.spec.class_name not in {c.name for c in target.spec.classes}:
+        reason = f"policy {model.spec.policy!r} has no class {model.spec.class_name!r}"
+        raise RefusedError([Precondition("POLICY", "spec.className", reason)])
+
+
+def usable_models(entries: Mapping[str, ApiEntry]) -> dict[str, PolicyObject]:
+    """The entries' models; one that no longer validates is logged and left out."""
+    models: dict[str, PolicyObject] = {}
+    for name, entry in entries.items():
+        try:
+            models[name] = entry.model()
+        except FabricError as exc:
+            log.error("API object %s unusable: %s", name, exc)
+    return models
+
+
+def assignment_target(entry: ApiEntry) -> str | None:
+    """The policy an assignment joins; None for a policy."""
+    if entry.kind != "QosAssignment":
+        return None
+    return str(entry.document.get("spec", {}).get("policy", ""))
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """One policy or assignment as the API lists it."""
+
+    name: str
+    source: str  # file | api | fleet
+    file: str
+    kind: str
+    # The object as its source gave it (YAML names).
+    document: Mapping[str, Any]
+    state: str  # enforced | pending | failed
+    message: str = ""
+    device: str = ""
+    lease_ttl_s: float | None = None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ApiOutcome:
+    """What an API call did (or, validating only, would do)."""
+
+    view: PolicyView | None
+    changes: tuple[str, ...]
+
+
+# Each object's (state, message) after the last pass, and the device of each policy the
+# pass enforced.
+States = Mapping[str, tuple[str, str]]
+Devices = Mapping[str, str]
+
+
+def entry_view(entry: ApiEntry, states: States, devices: Devices) -> PolicyView:
+    state, message = states.get(entry.name, (PENDING, "not reconciled yet"))
+    return PolicyView(
+        name=entry.name,
+        source=entry.origin,
+        file="",
+        kind=entry.kind,
+        document=entry.document,
+        state=state,
+        message=message,
+        device=devices.get(entry.name, ""),
+        lease_ttl_s=entry.lease_ttl_s,
+        expires_at=entry.expires_at,
+    )
+
+
+def file_view(loaded: LoadedPolicy, states: States, devices: Devices) -> PolicyView:
+    name = loaded.policy.metadata.name
+    state, message = states.get(name, (PENDING, "not reconciled yet"))
+    return PolicyView(
+        name=name,
+        source="file",
+        file=loaded.file,
+        kind=loaded.policy.kind,
+        document=loaded.policy.model_dump(mode="json", by_alias=True, exclude_none=True),
+        state=state,
+        message=message,
+        device=devices.get(name, ""),
+    )

@@ -1,0 +1,143 @@
+"""Applying a plan: each policy's steps through `QosKernel.apply`, one policy at a time.
+
+A policy whose step fails keeps what it had (the kernel rolls the failed step back; the
+state keeps its last applied record) and is reported with its error; the others go on.
+A change to a policy whose document did not change since the last pass is drift
+(someone changed the kernel behind the agent's back): it is restored and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from agent.common.errors import FabricError
+from agent.node.qos.desired import DesiredPolicy
+from agent.node.qos.kernel import NFT_DEVICE, LoadNftTable, QosKernel
+from agent.node.qos.planner import Plan, PolicyPlan
+from agent.node.qos.state import AppliedPolicy, QosState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """What applying a plan did."""
+
+    changes: tuple[str, ...]
+    # Why a policy (or the table, under NFT_DEVICE) is not enforced as desired.
+    errors: Mapping[str, str]
+    # Drift corrected, by device (NFT_DEVICE for the table).
+    drift: Mapping[str, int]
+    # What the agent holds now, to persist.
+    state: QosState
+    # The policies now in the kernel as desired, by name.
+    enforced: Mapping[str, DesiredPolicy]
+
+
+def enforce(
+    plan: Plan,
+    kernel: QosKernel,
+    previous: QosState,
+    *,
+    enforced_before: Mapping[str, DesiredPolicy],
+) -> Enforcement:
+    """Apply `plan` to `kernel`. `previous` is the state it was planned against;
+    `enforced_before` what the last pass enforced (a difference there is drift, not an
+    edit)."""
+    changes: list[str] = []
+    errors: dict[str, str] = dict(plan.errors)
+    drift: Counter[str] = Counter()
+    applied: dict[str, AppliedPolicy] = {}
+    enforced: dict[str, DesiredPolicy] = {}
+    for name in plan.errors:
+        log.error("QoS policy %s: %s", name, plan.errors[name])
+        if name in previous.policies:
+            applied[name] = previous.policies[name]
+    for item in plan.policies:
+        desired = item.desired
+        error = item.error or _apply(item, kernel)
+        if error is not None:
+            errors[item.name] = error
+            log.error("QoS policy %s (%s): %s", item.name, desired.file, error)
+            if item.name in previous.policies:
+                applied[item.name] = previous.policies[item.name]
+            continue
+        if item.steps:
+            done = [line for step in item.steps for line in step.done()]
+            changes.extend(f"{item.name}: {line}" for line in done)
+            before = previous.policies.get(item.name)
+            unchanged = before is not None and dict(before.document) == dict(desired.document)
+            if unchanged and item.name in enforced_before:
+                drift[desired.device] += 1
+                log.warning("QoS drift on %s corrected: %d change(s)", desired.device, len(done))
+            else:
+                log.info(
+                    "QoS policy %s applied on %s: %d change(s)",
+                    item.name,
+                    desired.device,
+                    len(done),
+                )
+        applied[item.name] = _record(desired)
+        enforced[item.name] = desired
+    for removal in plan.removals:
+        try:
+            for step in removal.steps:
+                kernel.apply(step)
+        except FabricError as exc:
+            errors[removal.name] = str(exc)
+            applied[removal.name] = removal.applied
+            log.error(
+                "QoS policy %s not removed from %s: %s", removal.name, removal.applied.device, exc
+            )
+            continue
+        changes.extend(f"{removal.name}: {line}" for step in removal.steps for line in step.done())
+        log.info("QoS policy %s removed from %s", removal.name, removal.applied.device)
+    nft_body, nft_listing = previous.nft_body, previous.nft_listing
+    if not plan.nft.body and plan.nft.error is None:
+        nft_body, nft_listing = "", None
+    if plan.nft.error is not None:
+        errors[NFT_DEVICE] = plan.nft.error
+        log.error("QoS nftables table: %s", plan.nft.error)
+    elif plan.nft.step is not None:
+        step = plan.nft.step
+        try:
+            kernel.apply(step)
+            if isinstance(step, LoadNftTable):
+                # The kernel's listing (rule handles included) tells drift next time.
+                nft_body, nft_listing = step.body, kernel.read_nft_table()
+        except FabricError as exc:
+            errors[NFT_DEVICE] = str(exc)
+            log.error("QoS nftables table: %s", exc)
+        else:
+            changes.extend(step.done())
+            if plan.nft.drifted:
+                drift[NFT_DEVICE] += 1
+                log.warning("QoS drift in the nftables table corrected")
+    state = QosState(applied, nft_body, nft_listing)
+    return Enforcement(tuple(changes), errors, dict(drift), state, enforced)
+
+
+def _apply(item: PolicyPlan, kernel: QosKernel) -> str | None:
+    """Apply the policy's steps in order; the first failure's reason, or None."""
+    try:
+        for step in item.steps:
+            kernel.apply(step)
+    except FabricError as exc:
+        return str(exc)
+    return None
+
+
+def _record(desired: DesiredPolicy) -> AppliedPolicy:
+    return AppliedPolicy(
+        desired.name,
+        desired.file,
+        desired.interface,
+        desired.direction,
+        desired.device,
+        desired.minors,
+        desired.document,
+        desired.base,
+    )
