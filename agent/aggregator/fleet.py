@@ -275,7 +275,7 @@ class Fleet:
         """The message form of a stored policy, converted once per revision."""
         cached = self._objects.get(assignment.name)
         if cached is None or cached[0] != assignment.revision:
-            obj = objects.object_from_document(dict(assignment.policy))
+            obj = objects.encode_document(assignment.policy)
             cached = (assignment.revision, obj)
             self._objects[assignment.name] = cached
         return cached[1]

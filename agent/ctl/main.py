@@ -40,6 +40,7 @@ import grpc
 
 from agent import __version__
 from agent.common.config import parse_duration
+from agent.common.policy.model import PolicyError
 from agent.ctl import fleet, health, policy, telemetry
 from agent.ctl.client import (
     DEFAULT_AGENT,
@@ -337,6 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dispatch(args, settings, channel, documents)
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except PolicyError as exc:
+        # As `fabric-agent policy validate` and the agent report them: FILE: FIELD: REASON.
+        for violation in exc.violations:
+            print(violation, file=sys.stderr)
         return EXIT_INVALID
     except grpc.RpcError as exc:
         assert target is not None

@@ -20,7 +20,7 @@ import yaml
 from google.protobuf import duration_pb2
 
 from agent.common.config import parse_duration
-from agent.common.policy.documents import ObjectError, name_of, object_from_document
+from agent.common.policy.documents import name_of, object_from_document
 from agent.ctl.client import (
     EXIT_CHANGES,
     EXIT_INVALID,
@@ -52,8 +52,9 @@ class Document:
 
 
 def load_documents(files: Sequence[str], stdin: TextIO | None = None) -> list[Document]:
-    """The documents of `files` in order; raises UsageError naming the file, document and
-    field of the first that is not YAML or not a policy object."""
+    """The documents of `files` in order; raises UsageError for a file that cannot be read
+    or is not YAML, PolicyError naming the file, document and field of a document the
+    policy model refuses."""
     documents: list[Document] = []
     for file in files:
         label = STDIN_NAME if file == STDIN else file
@@ -84,10 +85,9 @@ def _parse(label: str, text: str) -> Iterator[Document]:
     several = len(parsed) > 1
     for number, document in enumerate(parsed, start=1):
         where = f"{label} (document {number})" if several else label
-        try:
-            obj = object_from_document(document)
-        except ObjectError as exc:
-            raise UsageError(f"{where}: {exc}") from None
+        # The agent's own parse (PolicyError): refused here as `policy validate` refuses
+        # a file, before anything is sent.
+        obj = object_from_document(document, label, number=number if several else None)
         yield Document(where, obj)
 
 

@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from agent import __version__
-from agent.common.policy.documents import object_from_document
+from agent.common.policy.documents import encode_document
 from agent.node.qos.tc import TcCapabilities
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.aggregator.v1.aggregator_service_pb2_grpc import AggregatorServiceStub
@@ -51,7 +51,7 @@ def seconds(value: float) -> duration_pb2.Duration:
 def apply_request(interface: str, selector: dict[str, str]) -> pb.ApplyPolicyRequest:
     """The two-class QoS policy `POLICY` on `interface`, for the nodes `selector` picks."""
     return pb.ApplyPolicyRequest(
-        object=object_from_document(api_policy_document(interface, name=POLICY)),
+        object=encode_document(api_policy_document(interface, name=POLICY)),
         selector=selector,
         wait=seconds(WAIT_S),
     )

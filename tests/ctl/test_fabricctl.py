@@ -258,7 +258,7 @@ def test_apply_with_ttl(
     assert "(in 59m" in lines[0] or "(in 1h" in lines[0]
     assert lines[1:] == ["  + qdisc htb 1: on eth0", "  + class 1:2 collectives"]
     (request,) = fake_agent.qos.requests["ApplyPolicy"]
-    assert request.object == object_from_document(POLICY)
+    assert request.object == object_from_document(POLICY, "test")
     assert request.lease_ttl.seconds == 3600
     assert not request.validate_only
 
@@ -363,7 +363,9 @@ def test_apply_bad_document_sends_nothing(
     code, _, err = ctl(fake_agent, capsys, "policy", "apply", "-f", str(file))
 
     assert code == 2
-    assert err.startswith(f"fabricctl: {file}") and message in err
+    # Bad YAML is fabricctl's to report; a bad document is reported as the agent's
+    # validation reports a file: the file, the field, the reason.
+    assert err.removeprefix("fabricctl: ").startswith(f"{file}") and message in err
     assert "ApplyPolicy" not in fake_agent.qos.requests
 
 
@@ -410,7 +412,7 @@ def test_plan_exit_codes(
     summary = "1 change" if changes else "no changes"
     assert out.splitlines() == [f"training-node ({file}): {summary}", *(f"  {c}" for c in changes)]
     (request,) = fake_agent.qos.requests["PlanPolicy"]
-    assert request.object == object_from_document(POLICY)
+    assert request.object == object_from_document(POLICY, "test")
 
 
 def test_plan_error_is_2_and_plans_the_rest(
@@ -479,7 +481,7 @@ def test_status_table(fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str])
         policy=policy_info(
             "training-node", source=qos_service_pb2.POLICY_SOURCE_API,
             state=qos_service_pb2.POLICY_STATE_ENFORCED, device="eth0",
-            object=object_from_document(POLICY),
+            object=object_from_document(POLICY, "test"),
         ),
         classes=[
             qos_service_pb2.ClassStatus(

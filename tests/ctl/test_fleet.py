@@ -553,7 +553,7 @@ def test_apply_pending_and_unreachable_are_data(
     assert lines[6].split() == ["gpu-node-5", "unreachable", "stale"]
     assert lines[7] == "3 applied, 1 pending, 1 unreachable"
     (request,) = aggregator.requests["ApplyPolicy"]
-    assert request.object == object_from_document(POLICY)
+    assert request.object == object_from_document(POLICY, "test")
     assert request.object.policy.metadata.name == "training-node"
     assert dict(request.selector) == {"pool": "training"}
     assert request.wait.seconds == 30

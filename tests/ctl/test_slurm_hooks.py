@@ -118,7 +118,7 @@ def test_prolog_applies_an_assignment_for_the_job_cgroup(hooks: Hooks) -> None:
         },
     }
     # The agent's own conversion accepts it.
-    assert object_from_document(document).assignment.spec.class_name == "collectives"
+    assert object_from_document(document, "test").assignment.spec.class_name == "collectives"
     squeue_argv = (hooks.directory / "squeue.argv").read_text().split()
     assert squeue_argv == ["-h", "-j", JOB, "-o", "%l"]
     assert f"job {JOB}: system.slice/slurmstepd.scope/job_{JOB} in training-node/collectives" in (

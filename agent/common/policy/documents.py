@@ -1,9 +1,14 @@
 """Policy documents (the YAML of policy files) to and from `fabric.v1.PolicyObject`.
 
-The messages' proto3 JSON names are the documents' keys, so the mapping is
-`json_format` both ways. A file may spell a rate or a port as a YAML number where the
-message has a string; `object_from_document` turns such numbers into their text, led by
-the message descriptors, so both spellings reach the agent's validation unchanged.
+A document takes one parse whichever way it comes in: a policy file, fabricctl's
+`-f FILE`, or a request to the agent or the aggregator are all validated by the model
+(agent.common.policy.model.parse_document), with the same field paths and reasons.
+Clients validate before they send, then send the model's own spelling; the servers
+validate what arrives again.
+
+The messages' proto3 JSON names are the documents' keys, so the mapping is `json_format`
+both ways. Numbers for string fields (a stored document may hold a port as a number) are
+turned into their text, led by the message descriptors.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from agent.common.policy.model import PolicyError, PolicyObject, PolicyViolation, validate_object
+from agent.common.policy.model import (
+    PolicyError,
+    PolicyObject,
+    PolicyViolation,
+    parse_document,
+)
 from agent.proto.fabric.v1 import qos_service_pb2
 
 # The oneof field of a PolicyObject for each document `kind`.
@@ -23,7 +33,8 @@ KINDS: dict[str, str] = {"QosPolicy": "policy", "QosAssignment": "assignment"}
 
 
 class ObjectError(ValueError):
-    """A document that does not fit the message: `path` (YAML names) and why."""
+    """A stored or dumped document that does not fit the message: `path` (YAML names)
+    and why. Documents from users are validated by the model first (PolicyError)."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}" if path else reason)
@@ -31,19 +42,32 @@ class ObjectError(ValueError):
         self.reason = reason
 
 
-def object_from_document(document: object) -> qos_service_pb2.PolicyObject:
-    """The PolicyObject for one policy document; raises ObjectError."""
-    if not isinstance(document, Mapping):
-        raise ObjectError("", f"a policy must be a mapping, got {type(document).__name__}")
+def object_from_document(
+    document: object, source: str, *, number: int | None = None
+) -> qos_service_pb2.PolicyObject:
+    """The PolicyObject for a policy document a user wrote (a file, stdin): validated by
+    the model first, exactly as a policy file is, so a document is accepted or refused
+    the same way whichever way it takes; then the model's own spelling goes into the
+    message (a rate, a port or a mark in its canonical text). Raises PolicyError naming
+    `source` (document `number` of a file holding several) and each field."""
+    return object_from_model(parse_document(document, source, number=number))
+
+
+def object_from_model(model: PolicyObject) -> qos_service_pb2.PolicyObject:
+    """The PolicyObject of a validated policy or assignment."""
+    return encode_document(model.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def encode_document(document: Mapping[str, Any]) -> qos_service_pb2.PolicyObject:
+    """The PolicyObject of a document in the model's spelling (a validated model's dump,
+    or a document an agent or the aggregator stored); ObjectError if it does not fit."""
     kind = document.get("kind")
     if kind not in KINDS:
-        known = " or ".join(KINDS)
-        raise ObjectError("kind", f"must be {known}, got {kind!r}")
+        raise ObjectError("kind", f"must be {' or '.join(KINDS)}, got {kind!r}")
     obj = qos_service_pb2.PolicyObject()
     message = getattr(obj, KINDS[str(kind)])
-    coerced = _coerce(document, message.DESCRIPTOR)
     try:
-        json_format.ParseDict(coerced, message)
+        json_format.ParseDict(_coerce(document, message.DESCRIPTOR), message)
     except json_format.ParseError as exc:
         raise ObjectError("", str(exc)) from None
     return obj
@@ -105,4 +129,4 @@ def model_from_request(obj: qos_service_pb2.PolicyObject) -> PolicyObject:
     if not which:
         reason = "required field is missing: give a policy or an assignment"
         raise PolicyError([PolicyViolation(REQUEST_SOURCE, "object", reason)])
-    return validate_object(document, REQUEST_SOURCE)
+    return parse_document(document, REQUEST_SOURCE)

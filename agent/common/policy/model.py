@@ -55,6 +55,8 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _PORTS = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
 _FWMARK = re.compile(r"^0x([0-9a-fA-F]{1,8})/0x([0-9a-fA-F]{1,8})$")
+# A whole mark in decimal text: how a message's string field carries a YAML integer.
+_FWMARK_NUMBER = re.compile(r"^[0-9]{1,10}$")
 # Linux IFNAMSIZ is 16 including the terminating NUL.
 _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
@@ -146,6 +148,8 @@ def _cgroup_path(value: object) -> str:
 
 
 def _fwmark(value: object) -> Fwmark:
+    if isinstance(value, str) and _FWMARK_NUMBER.match(value):
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value <= 0xFFFFFFFF:
             raise ValueError(f"{value!r}: a mark is a 32-bit unsigned integer")
@@ -243,6 +247,7 @@ Mark = Annotated[
         {
             "anyOf": [
                 {"type": "integer", "minimum": 0, "maximum": 0xFFFFFFFF},
+                {"type": "string", "pattern": _FWMARK_NUMBER.pattern},
                 {"type": "string", "pattern": _FWMARK.pattern},
             ]
         }
@@ -470,19 +475,32 @@ OBJECT_KINDS: dict[str, type[QosPolicy] | type[QosAssignment]] = {
 }
 
 
-def validate_object(document: Mapping[str, Any], source: str) -> PolicyObject:
-    """A policy or assignment document (YAML names) as its model; raises PolicyError
-    whose violations name `source` and each field path, as for files."""
-    kind = document.get("kind")
+def parse_document(document: object, source: str, *, number: int | None = None) -> PolicyObject:
+    """A policy or assignment document (YAML names) as its model: the one parse of every
+    way in (files, fabricctl, the agent's and the aggregator's APIs). Raises PolicyError
+    whose violations name `source` (and the document `number` in a file of several), and
+    each field path."""
+
+    def refused(path: str, reason: str) -> PolicyError:
+        return PolicyError([PolicyViolation(source, path, reason, document=number)])
+
+    if not isinstance(document, Mapping):
+        raise refused("", f"a policy must be a mapping, got {type(document).__name__}")
+    if "kind" not in document:
+        raise refused("kind", "required field is missing")
+    kind = document["kind"]
     model = OBJECT_KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        reason = f"must be {' or '.join(OBJECT_KINDS)}, got {kind!r}"
-        raise PolicyError([PolicyViolation(source, "kind", reason)])
+        raise refused("kind", f"must be {' or '.join(OBJECT_KINDS)}, got {kind!r}")
     try:
+        # Documents use the YAML names only; Python names are for code (populate_by_name).
         return model.model_validate(dict(document), by_alias=True, by_name=False)
     except ValidationError as exc:
         raise PolicyError(
-            [PolicyViolation(source, path, reason) for path, reason in _translate(exc)]
+            [
+                PolicyViolation(source, path, reason, document=number)
+                for path, reason in _translate(exc)
+            ]
         ) from None
 
 
@@ -555,18 +573,16 @@ def load_policies(text: str, file: str) -> list[LoadedPolicy]:
         if document is None:
             continue
         number = index if several else None
-        if not isinstance(document, dict):
-            reason = f"a policy must be a mapping, got {type(document).__name__}"
-            violations.append(PolicyViolation(file, "", reason, document=number))
-            continue
         try:
-            # Files use the YAML names only; Python names are for code (populate_by_name).
-            policy = QosPolicy.model_validate(document, by_alias=True, by_name=False)
-        except ValidationError as exc:
-            violations.extend(
-                PolicyViolation(file, path, reason, document=number)
-                for path, reason in _translate(exc)
+            policy = parse_document(document, file, number=number)
+        except PolicyError as exc:
+            violations.extend(exc.violations)
+            continue
+        if not isinstance(policy, QosPolicy):
+            reason = (
+                f"a {policy.kind} is applied through the API (fabricctl policy apply), not a file"
             )
+            violations.append(PolicyViolation(file, "kind", reason, document=number))
             continue
         loaded.append(LoadedPolicy(file, number, policy))
     if not loaded and not violations:

@@ -25,7 +25,7 @@ from agent.common.policy.model import (
     PolicyError,
     PolicyObject,
     QosPolicy,
-    validate_object,
+    parse_document,
 )
 from agent.common.security import Authorizer, authorize_mutation
 from agent.common.status import (
@@ -104,7 +104,7 @@ def view_to_proto(view: PolicyView) -> qos_service_pb2.PolicyInfo:
         device=view.device,
     )
     try:
-        info.object.CopyFrom(objects.object_from_document(dict(view.document)))
+        info.object.CopyFrom(objects.encode_document(view.document))
     except objects.ObjectError as exc:
         # A document the model accepted always fits the message; say so if not.
         log.error("policy %s does not fit fabric.v1.PolicyObject: %s", view.name, exc)
@@ -127,7 +127,7 @@ def class_statuses(
         target = next((p for p in policies if p.name == spec.get("policy")), view)
         if target is view:
             return []
-    model = validate_object(target.document, REQUEST_SOURCE)
+    model = parse_document(target.document, REQUEST_SOURCE)
     if not isinstance(model, QosPolicy):
         return []
     counters = {s.class_name: s for s in samples if s.policy == target.name}

@@ -31,7 +31,7 @@ from agent.common.policy.model import (
     QosAssignment,
     QosPolicy,
     check_host,
-    validate_object,
+    parse_document,
 )
 from agent.node.qos.state import write_json_atomic
 
@@ -99,7 +99,7 @@ class ApiEntry:
     origin: str = ORIGIN_API
 
     def model(self) -> PolicyObject:
-        return validate_object(self.document, f"{API_FILE}:{self.name}")
+        return parse_document(self.document, f"{API_FILE}:{self.name}")
 
     def renewed(self, now: float, ttl_s: float) -> ApiEntry:
         return replace(self, lease_ttl_s=ttl_s, expires_at=now + ttl_s)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent.common.channel import CLIENT_KEEPALIVE_TIME_MS, SERVER_MIN_PING_INTERVAL_MS
-from agent.common.policy.documents import object_from_document
+from agent.common.policy.documents import encode_document
 from agent.common.policy.model import PolicyObject
 from agent.common.security import AllowedClients, ReadOnly, TlsFiles, authorize_mutation
 from agent.node.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer, TcpSettings
@@ -49,7 +49,7 @@ EVERY_SERVICE = {
 }
 # A valid policy, validated only: what gets through the authorizer reaches FakeReconciler.
 APPLY = qos_pb.ApplyPolicyRequest(
-    object=object_from_document(api_policy_document("eth0")), validate_only=True
+    object=encode_document(api_policy_document("eth0")), validate_only=True
 )
 REFUSED = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
 # Every test channel gets its own connections: gRPC otherwise shares subchannels between

@@ -5,15 +5,8 @@ touch the kernel when it is rejected."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import shutil
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,113 +18,23 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.common.policy.documents import object_from_document
-from agent.node.api.server import QOS_SERVICE, ApiServer
-from agent.node.api.telemetry import SnapshotHub
-from agent.node.collectors.base import SharedResources
-from agent.node.collectors.qos import RECONCILER_KEY
-from agent.node.config import AgentConfig
-from agent.node.qos.api_objects import API_FILE
-from agent.node.qos.reconciler import Reconciler
-from agent.node.runtime import build_collectors
-from agent.node.sampler import Sampler
+from agent.common.policy.documents import encode_document
 from agent.proto.fabric.v1 import qos_service_pb2 as pb
-from agent.proto.fabric.v1.qos_service_pb2_grpc import QosServiceStub
-from tests.node.qos import DEVICE, SPARE, fake_settings
+from tests.node.api.qos_node import Node
+from tests.node.qos import DEVICE
 from tests.node.qos import api_policy_document as document
-from tests.node.qos.fake_kernel import FakeKernel
-from tests.node.qos.test_reconciler import write
 
 INTERVAL_S = 0.2
 
 
 def apply_request(doc: dict[str, Any], **fields: Any) -> pb.ApplyPolicyRequest:
-    return pb.ApplyPolicyRequest(object=object_from_document(doc), **fields)
+    return pb.ApplyPolicyRequest(object=encode_document(doc), **fields)
 
 
 def seconds(value: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(value * 1e9))
     return duration
-
-
-@dataclasses.dataclass
-class Node:
-    """An agent's QoS side in this process (reconcile loop, qos collector, API server on
-    a unix socket) over the fake kernel, and a client on the socket."""
-
-    stub: QosServiceStub
-    fake: FakeKernel
-    spare: str
-    state_dir: Path
-    loops: list[threading.Thread]
-
-    def kernel(self) -> str:
-        """Everything the agent could have changed."""
-        return self.fake.dump()
-
-    def alive(self) -> bool:
-        return all(loop.is_alive() for loop in self.loops)
-
-    def api_objects(self) -> list[str]:
-        """Names in the agent's persisted API policies."""
-        path = self.state_dir / API_FILE
-        if not path.exists():
-            return []
-        return [o["name"] for o in json.loads(path.read_text())["objects"]]
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    """The file policy `node` on DEVICE, the spare interface for API policies, and the
-    QoS side of an agent serving QosService on its unix socket."""
-    dirs = (tmp_path / "policies", tmp_path / "state")
-    dirs[0].mkdir()
-    cgroups = tmp_path / "cgroup"
-    cgroups.mkdir()
-    write(dirs[0], DEVICE)
-    fake = FakeKernel([DEVICE, SPARE])
-    reconciler = Reconciler(fake_settings(dirs, cgroups), fake)
-    shared = SharedResources()
-    shared.get(RECONCILER_KEY, lambda: reconciler, Reconciler.close)
-    config = AgentConfig(collectors=("qos",), state_dir=dirs[1], policy_dir=dirs[0])
-    sampler = Sampler(
-        build_collectors(config, shared),
-        node_name="test",
-        interval_s=INTERVAL_S,
-        timeout_s=INTERVAL_S * 0.8,
-    )
-    hub = SnapshotHub(INTERVAL_S)
-    directory = tempfile.mkdtemp(prefix="fabric-qos-")
-    server = ApiServer(
-        Path(directory) / "agent.sock",
-        hub,
-        qos_backend=reconciler,
-        readiness={QOS_SERVICE: reconciler.first_pass},
-    )
-    stop = threading.Event()
-    loops = [
-        threading.Thread(target=reconciler.run, args=(stop, 5.0), daemon=True),
-        threading.Thread(target=sampler.run, args=(stop, hub.publish), daemon=True),
-    ]
-    server.start()
-    for loop in loops:
-        loop.start()
-    channel = grpc.insecure_channel(f"unix:{directory}/agent.sock")
-    try:
-        assert reconciler.first_pass.wait(10), "no reconcile pass within 10 s"
-        yield Node(QosServiceStub(channel), fake, SPARE, dirs[1], loops)
-        assert all(loop.is_alive() for loop in loops), "a loop died"
-    finally:
-        channel.close()
-        stop.set()
-        reconciler.wake.set()
-        for loop in loops:
-            loop.join(10)
-        server.stop()
-        sampler.close()
-        shared.close()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def details(exc: grpc.RpcError, kind: type[Any]) -> Any:
@@ -251,7 +154,7 @@ def test_plan_policy_and_validate_only_change_nothing(node: Node) -> None:
     before = node.kernel()
     doc = document(node.spare)
 
-    planned = node.stub.PlanPolicy(pb.PlanPolicyRequest(object=object_from_document(doc)))
+    planned = node.stub.PlanPolicy(pb.PlanPolicyRequest(object=encode_document(doc)))
     validated = node.stub.ApplyPolicy(apply_request(doc, validate_only=True))
 
     assert list(planned.changes) == list(validated.changes)

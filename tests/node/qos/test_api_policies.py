@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.common.policy.model import QosAssignment, QosPolicy, validate_object
+from agent.common.policy.model import QosAssignment, QosPolicy, parse_document
 from agent.node.qos.api_objects import API_FILE, ENFORCED, ORIGIN_FLEET, PENDING, RefusedError
 from agent.node.qos.reconciler import Reconciler
 from tests.node.qos import DEVICE, SPARE, api_policy_document, assignment_document, fake_settings
@@ -24,7 +24,7 @@ from tests.node.qos.test_reconciler import write
 def api_policy(device: str, name: str = "job-net", rate: str = "300Mbit") -> QosPolicy:
     document = api_policy_document(device, name)
     document["spec"]["classes"][0]["rate"] = rate
-    model = validate_object(document, "test")
+    model = parse_document(document, "test")
     assert isinstance(model, QosPolicy)
     return model
 
@@ -32,7 +32,7 @@ def api_policy(device: str, name: str = "job-net", rate: str = "300Mbit") -> Qos
 def assignment(
     name: str, cgroup: str, policy: str = "node", cls: str = "collectives"
 ) -> QosAssignment:
-    model = validate_object(assignment_document(name, cgroup, policy, cls), "test")
+    model = parse_document(assignment_document(name, cgroup, policy, cls), "test")
     assert isinstance(model, QosAssignment)
     return model
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.common.policy.documents import object_from_document
+from agent.common.policy.documents import encode_document
 from agent.common.policy.model import detect_cgroup2_root, load_policy_file
 from agent.node.qos.desired import build_tree
 from agent.node.qos.pipeline import QosSettings
@@ -235,7 +235,7 @@ def test_plan_of_a_node_the_daemon_enforces_is_empty(shaped_pair: VethPair, tmp_
             "slurm-job-7", str(job.relative_to(cgroup_root)), "plan-test", "collectives"
         )
         for document in (api_policy, assignment):
-            stub.ApplyPolicy(pb.ApplyPolicyRequest(object=object_from_document(document)))
+            stub.ApplyPolicy(pb.ApplyPolicyRequest(object=encode_document(document)))
         enforced = pb.POLICY_STATE_ENFORCED
         _wait_for(lambda: set(_states(stub).values()) == {enforced} and len(_states(stub)) == 3,
                   daemon)  # fmt: skip

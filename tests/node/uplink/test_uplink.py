@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from agent.common.errors import FabricError
-from agent.common.policy.documents import object_from_document
+from agent.common.policy.documents import encode_document
 from agent.node.api.telemetry import SnapshotHub
 from agent.node.snapshot import Snapshot
 from agent.node.uplink.stream import Backoff, Uplink, UplinkSettings
@@ -138,7 +138,7 @@ def registered(count: int) -> pb.AggregatorMessage:
 
 
 def assigned(name: str, revision: int) -> pb.AggregatorMessage:
-    obj = object_from_document(api_policy_document("fab0", name))
+    obj = encode_document(api_policy_document("fab0", name))
     return pb.AggregatorMessage(
         assignment=pb.PolicyAssignment(name=name, object=obj, revision=revision)
     )
