@@ -5,8 +5,8 @@ TCP (agents' streams and reads; mutations with mTLS and an allowed identity), he
 reflection on both, and its own Prometheus metrics. SIGTERM/SIGINT stop it gracefully;
 SIGHUP re-reads the TLS certificates.
 
-Exit codes: 0 stopped, 1 runtime failure (a port in use, the store unreachable at
-start), 2 bad configuration.
+Exit codes (agent/common/exits.py): 0 stopped, 1 runtime failure (a port in use, the
+store unreachable at start), 2 bad configuration.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from agent.aggregator.store import StoreError, open_store
 from agent.common.channel import SERVER_KEEPALIVE_OPTIONS
 from agent.common.config import configure_logging, load_model
 from agent.common.errors import ConfigError, ListenError
+from agent.common.exits import ExitCode
 from agent.common.listeners import claim_socket_path, restrict_socket
 from agent.common.sdnotify import Notifier
 from agent.common.security import (
@@ -48,7 +49,6 @@ from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_g
 
 log = logging.getLogger("agent.aggregator")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 AGGREGATOR_SOCKET = "the aggregator's unix socket"
@@ -105,17 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_model(AggregatorConfig, args.config, overrides)
     except ConfigError as exc:
         print(f"fabric-aggregator: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.INVALID
     configure_logging(config.log_level)
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:
         print(f"fabric-aggregator: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.INVALID
     except (ListenError, StoreError) as exc:
         print(f"fabric-aggregator: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return ExitCode.FAILURE
+    return ExitCode.OK
 
 
 class AggregatorServer:

@@ -18,8 +18,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status.rpc_status import from_call
 
 from agent.common.channel import CLIENT_KEEPALIVE_OPTIONS, CLIENT_MAX_RECEIVE_BYTES
+from agent.common.exits import ExitCode
 
-EXIT_OK, EXIT_CHANGES, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
+# agent/ctl/telemetry.py's name for ExitCode.OK, until it imports ExitCode itself.
+EXIT_OK = ExitCode.OK
 
 DEFAULT_AGENT = "unix:///run/fabric-agent/agent.sock"
 # Deadline of each unary RPC; streams have none.
@@ -133,7 +135,7 @@ class RpcFailure:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_UNREACHABLE if self.code in UNREACHABLE_CODES else EXIT_INVALID
+        return ExitCode.UNREACHABLE if self.code in UNREACHABLE_CODES else ExitCode.INVALID
 
 
 def failure_from_error(exc: grpc.RpcError) -> RpcFailure:

@@ -40,12 +40,11 @@ import grpc
 
 from agent import __version__
 from agent.common.config import parse_duration
+from agent.common.exits import ExitCode
 from agent.ctl import fleet, health, policy, telemetry
 from agent.ctl.client import (
     DEFAULT_AGENT,
     DEFAULT_TIMEOUT_S,
-    EXIT_INVALID,
-    EXIT_OK,
     RpcFailure,
     Target,
     TlsFiles,
@@ -337,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dispatch(args, settings, channel, documents)
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     except grpc.RpcError as exc:
         assert target is not None
         failure = failure_from_error(exc)
@@ -347,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # `fabricctl telemetry --watch | head`: the reader is done, so are we.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return ExitCode.OK
 
 
 def _to_fleet(args: argparse.Namespace, settings: Settings) -> bool:

@@ -1,6 +1,7 @@
 """`fabric-agent`: run the daemon, or take one sample and print it.
 
-Exit codes: 0 ok, 1 runtime failure (a port in use), 2 bad input (config, flags).
+Exit codes (agent/common/exits.py): 0 ok, 1 runtime failure (a port in use), 2 bad input
+(config, flags).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from agent import __version__
 from agent.common.config import configure_logging
 from agent.common.errors import ConfigError, ListenError
+from agent.common.exits import ExitCode
 from agent.node.cli import policy as policy_cli
 from agent.node.cli.render import render_text
 from agent.node.collectors.base import SharedResources
@@ -26,8 +28,6 @@ from agent.node.runtime import Agent, build_collectors
 from agent.node.sampler import Sampler
 
 log = logging.getLogger("agent")
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 # Flags that map one-to-one onto AgentConfig fields (dest == field name).
 _CONFIG_FLAGS: dict[str, str] = {
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, _overrides(args))
     except ConfigError as exc:
         print(f"fabric-agent: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.INVALID
     configure_logging(config.log_level)
     try:
         if args.command == "run":
@@ -118,10 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _sample(config, once=args.once, output=args.format)
     except ConfigError as exc:
         print(f"fabric-agent: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.INVALID
     except ListenError as exc:
         print(f"fabric-agent: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
 
 
 def _run(config: AgentConfig) -> int:
@@ -146,7 +146,7 @@ def _run(config: AgentConfig) -> int:
         agent.run()
     finally:
         agent.close()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _sample(config: AgentConfig, *, once: bool, output: str) -> int:
@@ -171,10 +171,10 @@ def _sample(config: AgentConfig, *, once: bool, output: str) -> int:
             else:
                 print(render_text(snapshot), flush=True)
             if once:
-                return EXIT_OK
+                return ExitCode.OK
             time.sleep(max(0.0, config.interval - (time.monotonic() - started)))
     except KeyboardInterrupt:
-        return EXIT_OK
+        return ExitCode.OK
     finally:
         sampler.close()
         shared.close()
