@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from agent.aggregator.registry import Liveness
 from agent.aggregator.store import parse_store_url
+from agent.common.addresses import HostPort, parse_listen_address
 from agent.common.config import (
     Duration,
     Identities,
@@ -26,7 +27,6 @@ from agent.common.config import (
     check_tls_cert,
     check_tls_key,
     grpc_listen_address,
-    parse_listen_address,
 )
 from agent.common.errors import ConfigError
 
@@ -104,9 +104,9 @@ class AggregatorConfig(BaseModel):
         return Liveness(self.summary_interval, self.stale_after_missed, self.gone_after)
 
     @property
-    def metrics_address(self) -> tuple[str, int]:
+    def metrics_address(self) -> HostPort:
         return parse_listen_address(self.metrics_listen)
 
     @property
-    def grpc_address(self) -> tuple[str, int] | None:
+    def grpc_address(self) -> HostPort | None:
         return grpc_listen_address(self.grpc_listen)

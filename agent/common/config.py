@@ -1,6 +1,7 @@
-"""Configuration machinery every program shares: durations and listen addresses,
-the gRPC listener options (their TLS rules live here once, for the agent and the
-aggregator), logging, and loading a validated model from a YAML file and flags.
+"""Configuration machinery every program shares: durations, listen addresses (parsed by
+agent/common/addresses.py), the gRPC listener options (their TLS rules live here once,
+for the agent and the aggregator), logging, and loading a validated model from a YAML
+file and flags.
 
 Sources, later ones winning: a model's defaults, a YAML file (`--config`), flags. YAML
 keys are the flag names with `_` for `-`. Every error names its source (file or `command
@@ -9,7 +10,6 @@ line`) and key.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import sys
@@ -20,6 +20,7 @@ from typing import Annotated, Any, TypeVar
 import yaml
 from pydantic import BaseModel, BeforeValidator, ValidationError, ValidationInfo
 
+from agent.common.addresses import HostPort, parse_listen_address
 from agent.common.errors import ConfigError
 from agent.common.security import TlsError, read_certificates, read_key_for
 
@@ -38,25 +39,6 @@ def parse_duration(value: object) -> float:
         if match:
             return float(match.group(1)) * _UNIT_S[match.group(2)]
     raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 1s, 2m)")
-
-
-def parse_listen_address(value: object) -> tuple[str, int]:
-    """'HOST:PORT', '[v6]:PORT' or ':PORT' (all addresses) -> (host, port)."""
-    if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not an address (use HOST:PORT)")
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"{value!r} is not an address (use HOST:PORT)")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range 0-65535")
-    host = host.strip("[]") or "0.0.0.0"
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host != "localhost" and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
-            raise ValueError(f"{host!r} is not an IP address or host name") from None
-    return host, port
 
 
 def _identities(value: object) -> tuple[str, ...]:
@@ -81,7 +63,7 @@ GRPC_LISTEN_OFF = "none"
 # validator body: `field_validator(name)(check)` in the model.
 
 
-def grpc_listen_address(value: str) -> tuple[str, int] | None:
+def grpc_listen_address(value: str) -> HostPort | None:
     """A grpc_listen value's (host, port); None when it is none (no TCP listener)."""
     if value == GRPC_LISTEN_OFF:
         return None

@@ -291,22 +291,14 @@ class Settings:
         """The aggregator's target, parsed only when `command` needs it: a bad
         $FABRIC_AGGREGATOR never fails a node's command."""
         if self.aggregator_flag is not None:
-            return _parse_target(self.aggregator_flag, "--aggregator")
+            return parse_target(self.aggregator_flag, "--aggregator")
         if os.environ.get(AGGREGATOR_ENV):
-            return _parse_target(os.environ[AGGREGATOR_ENV], f"${AGGREGATOR_ENV}")
+            return parse_target(os.environ[AGGREGATOR_ENV], f"${AGGREGATOR_ENV}")
         raise UsageError(
             f"{command} needs the aggregator: --aggregator HOST:PORT or unix:///path "
             f"(or ${AGGREGATOR_ENV}); it listens on port {fleet.DEFAULT_PORT} and "
             f"{fleet.DEFAULT_SOCKET} by default"
         )
-
-
-def _parse_target(text: str, flag: str) -> Target:
-    """parse_target, its messages naming `flag` rather than --agent."""
-    try:
-        return parse_target(text)
-    except UsageError as exc:
-        raise UsageError(f"{flag} {str(exc).removeprefix('--agent ')}") from None
 
 
 def _path(args: argparse.Namespace, name: str) -> Path | None:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
+from agent.common.addresses import HostPort, parse_host_port, parse_listen_address
 from agent.common.config import (
     GRPC_LISTEN_OFF,
     Duration,
@@ -28,7 +29,6 @@ from agent.common.config import (
     check_tls_key,
     grpc_listen_address,
     load_model,
-    parse_listen_address,
     tls_check,
 )
 from agent.common.security import read_certificates, read_key_for
@@ -170,10 +170,8 @@ class AgentConfig(BaseModel):
     def _check_aggregator(cls, value: str | None) -> str | None:
         if value is None or value.strip().lower() == GRPC_LISTEN_OFF:
             return None
-        _, port = parse_listen_address(value)
-        if port == 0:
-            raise ValueError("port 0: give the aggregator's port (9480 by default)")
-        return value.strip()
+        # The canonical HOST:PORT: what the uplink dials.
+        return parse_host_port(value).target
 
     @field_validator("aggregator_tls_ca", "aggregator_tls_cert")
     @classmethod
@@ -216,11 +214,11 @@ class AgentConfig(BaseModel):
     _check_level = field_validator("log_level")(check_log_level)
 
     @property
-    def metrics_address(self) -> tuple[str, int]:
+    def metrics_address(self) -> HostPort:
         return parse_listen_address(self.metrics_listen)
 
     @property
-    def grpc_address(self) -> tuple[str, int] | None:
+    def grpc_address(self) -> HostPort | None:
         return grpc_listen_address(self.grpc_listen)
 
     @property
