@@ -30,7 +30,8 @@ from agent.aggregator.fleet import (
 )
 from agent.aggregator.registry import QueryError
 from agent.aggregator.store import Assignment, DocumentTooLarge, StoreError
-from agent.aggregator.store.base import check_labels, check_node_name
+from agent.aggregator.store.base import check_node_name
+from agent.common.labels import check_labels
 from agent.common.policy import documents as objects
 from agent.common.policy.documents import model_from_request
 from agent.common.policy.model import PolicyError

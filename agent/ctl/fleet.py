@@ -21,6 +21,7 @@ from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import DecodeError
 
 from agent.common.exits import ExitCode
+from agent.common.labels import label_pair
 from agent.ctl.client import (
     RpcFailure,
     Target,
@@ -89,15 +90,22 @@ _E = TypeVar("_E", bound=int)
 
 def parse_selector(values: Sequence[str] | None, flag: str = "--selector") -> dict[str, str]:
     """`pool=training,rack=a1`, repeatable: the pairs of every value merged; raises
-    UsageError naming `flag` for a pair that is not key=value or a key given twice."""
+    UsageError naming `flag` for a pair that is not a label (agent/common/labels.py) with
+    a value, or a key given twice."""
     selector: dict[str, str] = {}
     for value in values or ():
         for pair in value.split(","):
-            key, sep, label = (part.strip() for part in pair.partition("="))
-            if not sep or not key or not label or "=" in label:
+            if "=" not in pair:
                 raise UsageError(
                     f"{flag}: {pair.strip()!r} is not key=value (e.g. {flag} pool=training)"
                 )
+            try:
+                key, label = label_pair(pair)
+            except ValueError as exc:
+                raise UsageError(f"{flag}: {exc} (e.g. {flag} pool=training)") from None
+            if not label:
+                # A label may be empty, but `key=` on a command line is a value left out.
+                raise UsageError(f"{flag}: {pair.strip()!r}: give the value (e.g. {key}=x)")
             if selector.get(key, label) != label:
                 raise UsageError(f"{flag}: {key} given as both {selector[key]!r} and {label!r}")
             selector[key] = label

@@ -8,7 +8,6 @@ flags. YAML keys are the flag names with `_` for `-` (`metrics_listen` is
 from __future__ import annotations
 
 import fnmatch
-import re
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from agent.common.config import (
     load_model,
     tls_check,
 )
+from agent.common.labels import check_label, label_pair
 from agent.common.security import read_certificates, read_key_for
 
 # Interfaces that carry no fabric traffic of their own on a GPU node: loopback, container
@@ -51,36 +51,19 @@ def _patterns(value: object) -> tuple[str, ...]:
     return patterns
 
 
-# Label keys and values as Kubernetes spells them: an optional DNS prefix and a name.
-_LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-
-
 def parse_labels(value: object) -> dict[str, str]:
-    """'k=v,k2=v2' or a mapping -> {k: v}, keys and values checked."""
+    """'k=v,k2=v2' or a mapping -> {k: v}, each a label (agent/common/labels.py)."""
     if isinstance(value, str):
-        pairs: dict[str, object] = {}
-        for part in (p.strip() for p in value.split(",")):
-            if not part:
-                continue
-            key, sep, text = part.partition("=")
-            if not sep:
-                raise ValueError(f"{part!r}: want key=value")
-            pairs[key.strip()] = text.strip()
-        value = pairs
+        return dict(label_pair(part) for part in value.split(",") if part.strip())
     if not isinstance(value, Mapping):
         raise ValueError("must be a mapping of label: value or 'key=value,...'")
-    labels: dict[str, str] = {}
-    for key, text in value.items():
-        if not isinstance(key, str) or not _LABEL_KEY.match(key):
-            raise ValueError(f"label key {key!r}: want [prefix/]name of letters, digits, -_.")
-        if isinstance(text, bool) or not isinstance(text, str | int | float):
-            raise ValueError(f"label {key}: value must be a string")
-        if not _LABEL_VALUE.match(str(text)):
-            raise ValueError(f"label {key}={text!r}: want up to 63 letters, digits, -_.")
-        labels[key] = str(text)
+    # YAML reads `gpus: 8` as a number; the label is its text.
+    labels = {
+        key: str(text) if isinstance(text, int | float) and not isinstance(text, bool) else text
+        for key, text in value.items()
+    }
+    for key, text in labels.items():
+        check_label(key, text)
     return labels
 
 

@@ -236,6 +236,9 @@ def test_invalid_records_rejected() -> None:
         Assignment("Has/Slash", POLICY)
     with pytest.raises(ValueError, match="label"):
         Assignment("ok", POLICY, selector={"pool": 1})  # type: ignore[dict-item]
+    # The grammar agents' labels follow: a selector outside it could never match.
+    with pytest.raises(ValueError, match="selector: label pool='a b'"):
+        Assignment("ok", POLICY, selector={"pool": "a b"})
 
 
 @pytest.mark.parametrize(

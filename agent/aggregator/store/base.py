@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.common.errors import FabricError
+from agent.common.labels import check_labels
 
 # etcd refuses requests over 1.5 MiB; a third of that leaves room for the request's own
 # framing and keeps every stored value far from the limit whichever backend holds it.
@@ -73,13 +74,6 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
     """Whether `labels` carry every label of `selector` with its value (an empty
     selector matches everything): the one rule of fleet policies, listings and events."""
     return all(labels.get(key) == value for key, value in selector.items())
-
-
-def check_labels(what: str, labels: Mapping[str, str]) -> None:
-    """Raise ValueError unless `labels` maps non-empty strings to strings."""
-    for key, value in labels.items():
-        if not isinstance(key, str) or not key or not isinstance(value, str):
-            raise ValueError(f"{what}: label {key!r}={value!r}: keys and values must be strings")
 
 
 @dataclass(frozen=True)
