@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.common.addresses import format_host_port
 from agent.common.config import configure_logging
 from agent.common.errors import ConfigError, ListenError
 from agent.common.exits import ExitCode
@@ -131,12 +132,11 @@ def _run(config: AgentConfig) -> int:
         agent.start_api()
         host, _ = config.metrics_address
         log.info(
-            "fabric-agent %s on node %s: metrics at http://%s:%d/metrics, API at unix:%s, "
+            "fabric-agent %s on node %s: metrics at http://%s/metrics, API at unix:%s, "
             "sampling every %gs, collectors %s, state in %s",
             __version__,
             config.node_name,
-            host,
-            server.port,
+            format_host_port(host, server.port),
             config.grpc_socket,
             config.interval,
             ", ".join(c.name for c in agent.sampler.collectors),
