@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 import grpc_reflection.v1alpha.reflection as reflection
@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.common.addresses import format_host_port
 from agent.common.channel import SERVER_KEEPALIVE_OPTIONS
+from agent.common.config import DaemonConfig
 from agent.common.errors import ConfigError, ListenError
 from agent.common.security import (
     AGENT_SOCKET,
@@ -82,21 +83,6 @@ def server_options(*, max_send_bytes: int, max_receive_bytes: int) -> list[tuple
     ]
 
 
-class ListenerConfig(Protocol):
-    """The listener options the agent's and the aggregator's configs share."""
-
-    @property
-    def grpc_address(self) -> tuple[str, int] | None: ...
-    @property
-    def grpc_tls_cert(self) -> Path | None: ...
-    @property
-    def grpc_tls_key(self) -> Path | None: ...
-    @property
-    def grpc_client_ca(self) -> Path | None: ...
-    @property
-    def grpc_allowed_identities(self) -> tuple[str, ...]: ...
-
-
 @dataclass(frozen=True)
 class TcpSettings:
     """The TCP listener: where, and with which certificates and allowed clients."""
@@ -111,7 +97,7 @@ class TcpSettings:
             raise ValueError("allowed identities need TLS with a client CA (mTLS)")
 
     @classmethod
-    def from_config(cls, config: ListenerConfig) -> TcpSettings | None:
+    def from_config(cls, config: DaemonConfig) -> TcpSettings | None:
         """The listener `config` asks for, or None for grpc_listen: none."""
         address = config.grpc_address
         if address is None:

@@ -13,20 +13,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
-from agent.common.addresses import HostPort, parse_host_port, parse_listen_address
+from agent.common.addresses import parse_host_port
 from agent.common.config import (
     GRPC_LISTEN_OFF,
+    DaemonConfig,
     Duration,
-    Identities,
-    check_allowed_identities,
-    check_client_ca,
-    check_grpc_listen,
-    check_log_level,
-    check_tls_cert,
-    check_tls_key,
-    grpc_listen_address,
+    duration_within,
     load_model,
     tls_check,
 )
@@ -36,8 +30,6 @@ from agent.common.security import read_certificates, read_key_for
 # Interfaces that carry no fabric traffic of their own on a GPU node: loopback, container
 # and pod veths, bridges created by container engines, and the agent's own IFB devices.
 DEFAULT_INTERFACE_PATTERNS: tuple[str, ...] = ("*", "!lo", "!veth*", "!docker*", "!cni*", "!ifb*")
-
-MIN_INTERVAL_S, MAX_INTERVAL_S = 0.1, 60.0
 
 
 def _patterns(value: object) -> tuple[str, ...]:
@@ -70,21 +62,24 @@ def parse_labels(value: object) -> dict[str, str]:
 Labels = Annotated[dict[str, str], BeforeValidator(parse_labels)]
 
 
-class AgentConfig(BaseModel):
-    """Every option of `fabric-agent run`, validated on construction."""
+class AgentConfig(DaemonConfig):
+    """Every option of `fabric-agent run`, validated on construction; the listener, metrics
+    and log options and their rules are DaemonConfig's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+    # Prometheus endpoint; 9478 is the agent's metrics port (9479 is its gRPC port).
+    metrics_listen: str = "0.0.0.0:9478"
+    # The gRPC API (telemetry, QoS) for local orchestrator hooks, and on TCP for remote
+    # clients (fabricctl, the aggregator); over TCP without mTLS, reads only.
+    grpc_socket: Path = Path("/run/fabric-agent/agent.sock")
+    grpc_listen: str = "0.0.0.0:9479"
     # Name this node reports under; the host name unless set.
     node_name: str = Field(default_factory=socket.gethostname, min_length=1)
     # Sampling period. 100 ms keeps NVML's driver lock free; 60 s is the staleness
     # operators already get from dcgm-exporter's 30 s default and no worse.
-    interval: Duration = 1.0
+    interval: Annotated[Duration, AfterValidator(duration_within("100ms", "60s"))] = 1.0
     # A collector that has not returned by this fraction of the interval is left out of
     # the tick's snapshot (reported as timed out) so it cannot delay the others.
     collector_timeout_ratio: float = Field(default=0.8, gt=0.0, le=1.0)
-    # Prometheus endpoint; 9478 is the agent's metrics port (9479 is its gRPC port).
-    metrics_listen: str = "0.0.0.0:9478"
     # Where NVML lives when it is not on the loader path (also the test driver).
     nvml_library: Path | None = None
     # Roots of the kernel's pseudo file systems, injectable for fixture trees.
@@ -92,29 +87,12 @@ class AgentConfig(BaseModel):
     # Glob patterns over interface names; '!' excludes. With no include pattern, all
     # interfaces are included before the excludes apply.
     interfaces: Annotated[tuple[str, ...], BeforeValidator(_patterns)] = DEFAULT_INTERFACE_PATTERNS
-    # The gRPC API's unix socket (mode 0660) for local orchestrator hooks, and its group.
-    grpc_socket: Path = Path("/run/fabric-agent/agent.sock")
-    grpc_socket_group: str | None = None
-    # The gRPC API on TCP for remote clients (fabricctl, the aggregator), or 'none' for
-    # no TCP listener. Without mTLS it serves reads only (telemetry, QoS status, health,
-    # reflection); QoS mutations over TCP need the four grpc_tls/client options below.
-    grpc_listen: str = "0.0.0.0:9479"
-    # PEM server certificate (chain) and its unencrypted key for TLS on grpc_listen;
-    # both or neither. Re-read on SIGHUP; new connections get the new certificate.
-    grpc_tls_cert: Path | None = Field(default=None, validate_default=True)
-    grpc_tls_key: Path | None = Field(default=None, validate_default=True)
-    # PEM CA bundle that signs client certificates: with it the TCP listener requires a
-    # client certificate from this CA (mTLS) on every connection. Needs grpc_tls_cert.
-    grpc_client_ca: Path | None = Field(default=None, validate_default=True)
-    # Client identities that may change QoS over TCP: a certificate's subject CN or one
-    # of its DNS or URI SANs. Needs grpc_client_ca; empty means no mutations over TCP.
-    grpc_allowed_identities: Identities = Field(default=(), validate_default=True)
     # Persistent state: the QoS policies last applied, for restarts without a change.
     state_dir: Path = Path("/var/lib/fabric-agent")
     # QoS policy files (*.yaml); reloaded every reconcile pass and on SIGHUP.
     policy_dir: Path = Path("/etc/fabric-agent/policies")
     # How often the kernel is compared with the policies; drift is corrected within it.
-    reconcile_interval: Duration = 5.0
+    reconcile_interval: Annotated[Duration, AfterValidator(duration_within("100ms", "5m"))] = 5.0
     # On exit keep enforcing (a restart or upgrade never interrupts shaping) or remove
     # every qdisc, filter and table the agent owns.
     on_exit: Literal["keep", "remove"] = "keep"
@@ -124,7 +102,6 @@ class AgentConfig(BaseModel):
     cgroup_root: Path | None = None
     # Collectors to run; empty means every collector that is enabled by default.
     collectors: tuple[str, ...] = ()
-    log_level: str = "info"
     # The fleet aggregator (HOST:PORT) to register with, send summaries to and take
     # fleet policies from; none by default (the node stands alone).
     aggregator: str | None = None
@@ -135,18 +112,6 @@ class AgentConfig(BaseModel):
     aggregator_tls_ca: Path | None = None
     aggregator_tls_cert: Path | None = None
     aggregator_tls_key: Path | None = Field(default=None, validate_default=True)
-
-    @field_validator("metrics_listen")
-    @classmethod
-    def _check_listen(cls, value: str) -> str:
-        parse_listen_address(value)
-        return value
-
-    _check_grpc_listen = field_validator("grpc_listen")(check_grpc_listen)
-    _check_tls_cert = field_validator("grpc_tls_cert")(check_tls_cert)
-    _check_tls_key = field_validator("grpc_tls_key")(check_tls_key)
-    _check_client_ca = field_validator("grpc_client_ca")(check_client_ca)
-    _check_allowed_identities = field_validator("grpc_allowed_identities")(check_allowed_identities)
 
     @field_validator("aggregator")
     @classmethod
@@ -179,30 +144,6 @@ class AgentConfig(BaseModel):
                 raise ValueError("a client certificate needs aggregator_tls_ca")
             tls_check(lambda: read_key_for(cert, value, "aggregator_tls_key"))
         return value
-
-    @field_validator("interval")
-    @classmethod
-    def _check_interval(cls, value: float) -> float:
-        if not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:
-            raise ValueError(f"must be between 100ms and 60s, got {value:g}s")
-        return value
-
-    @field_validator("reconcile_interval")
-    @classmethod
-    def _check_reconcile_interval(cls, value: float) -> float:
-        if not 0.1 <= value <= 300.0:
-            raise ValueError(f"must be between 100ms and 5m, got {value:g}s")
-        return value
-
-    _check_level = field_validator("log_level")(check_log_level)
-
-    @property
-    def metrics_address(self) -> HostPort:
-        return parse_listen_address(self.metrics_listen)
-
-    @property
-    def grpc_address(self) -> HostPort | None:
-        return grpc_listen_address(self.grpc_listen)
 
     @property
     def collector_timeout_s(self) -> float:
