@@ -5,8 +5,8 @@ TCP (agents' streams and reads; mutations with mTLS and an allowed identity), he
 reflection on both, and its own Prometheus metrics. SIGTERM/SIGINT stop it gracefully;
 SIGHUP re-reads the TLS certificates.
 
-Exit codes: 0 stopped, 1 runtime failure (a port in use, the store unreachable at
-start), 2 bad configuration.
+Exit codes (agent/common/exits.py): 0 stopped, 1 runtime failure (a port in use, the
+store unreachable at start), 2 bad configuration.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import grpc_reflection.v1alpha.reflection as reflection
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from prometheus_client import start_http_server
 
 from agent import __version__
@@ -31,37 +30,22 @@ from agent.aggregator.fleet import Fleet
 from agent.aggregator.metrics import FleetMetrics
 from agent.aggregator.service import SERVICE_NAME, Access, AggregatorServicer
 from agent.aggregator.store import StoreError, open_store
-from agent.common.channel import SERVER_KEEPALIVE_OPTIONS
+from agent.common.addresses import format_host_port
 from agent.common.config import configure_logging, load_model
 from agent.common.errors import ConfigError, ListenError
-from agent.common.listeners import claim_socket_path, restrict_socket
+from agent.common.exits import ExitCode
+from agent.common.listeners import Listeners, TcpSettings, add_health_and_reflection
 from agent.common.sdnotify import Notifier
-from agent.common.security import (
-    AllowAll,
-    AllowedClients,
-    ReadOnly,
-    ServerCertificates,
-    TlsError,
-    TlsFiles,
-)
+from agent.common.security import Authorizer
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("agent.aggregator")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 AGGREGATOR_SOCKET = "the aggregator's unix socket"
 # A summary of a large node is a few KiB and a snapshot reply tens of KiB; the limit is
 # what a full snapshot of the largest node may need.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-_SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    *SERVER_KEEPALIVE_OPTIONS,
-)
-# Bind the TCP port exclusively: a second aggregator must fail, not share the port.
-_TCP_OPTIONS = (*_SERVER_OPTIONS, ("grpc.so_reuseport", 0))
 
 _FLAGS: dict[str, str] = {
     "--store": "desired-state store: sqlite:///path/state.db (default "
@@ -105,17 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_model(AggregatorConfig, args.config, overrides)
     except ConfigError as exc:
         print(f"fabric-aggregator: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.INVALID
     configure_logging(config.log_level)
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:
         print(f"fabric-aggregator: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.INVALID
     except (ListenError, StoreError) as exc:
         print(f"fabric-aggregator: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return ExitCode.FAILURE
+    return ExitCode.OK
 
 
 class AggregatorServer:
@@ -125,75 +109,54 @@ class AggregatorServer:
         self.config = config
         self.fleet = fleet
         self.health = health.aio.HealthServicer()
-        self.certificates: ServerCertificates | None = None
-        self.tcp_port: int | None = None
-        self._unix = self._server(_SERVER_OPTIONS, Access(AllowAll(), bind_node_names=False))
-        self._tcp: grpc.aio.Server | None = None
-        if config.grpc_address is not None:
-            self._tcp = self._server(_TCP_OPTIONS, self._tcp_access())
-            if config.grpc_tls_cert is not None and config.grpc_tls_key is not None:
-                files = TlsFiles(config.grpc_tls_cert, config.grpc_tls_key, config.grpc_client_ca)
-                try:
-                    self.certificates = ServerCertificates(files)
-                except TlsError as exc:
-                    raise ConfigError("configuration", exc.option, exc.reason) from exc
+        self.tcp = TcpSettings.from_config(config)
+        self._listeners = Listeners(
+            config.grpc_socket,
+            self.tcp,
+            self._server,
+            name="agents and clients",
+            socket_name=AGGREGATOR_SOCKET,
+            socket_group=config.grpc_socket_group,
+            max_send_bytes=MAX_MESSAGE_BYTES,
+            max_receive_bytes=MAX_MESSAGE_BYTES,
+        )
 
-    def _tcp_access(self) -> Access:
-        if self.config.grpc_client_ca is None:
-            return Access(ReadOnly(AGGREGATOR_SOCKET), bind_node_names=False)
-        mutations = AllowedClients(self.config.grpc_allowed_identities, AGGREGATOR_SOCKET)
-        return Access(mutations, bind_node_names=True)
-
-    def _server(self, options: Sequence[tuple[str, int]], access: Access) -> grpc.aio.Server:
+    def _server(
+        self, options: Sequence[tuple[str, int]], authorizer: Authorizer, mtls: bool
+    ) -> grpc.aio.Server:
         server = grpc.aio.server(options=list(options))
+        # With mTLS an agent may register only under a name its certificate carries.
+        access = Access(authorizer, bind_node_names=mtls)
         pb_grpc.add_AggregatorServiceServicer_to_server(
             AggregatorServicer(self.fleet, access), server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
+        add_health_and_reflection(server, self.health, [SERVICE_NAME])
         return server
+
+    @property
+    def tcp_port(self) -> int | None:
+        """The TCP port bound (the chosen one for port 0); None before start or without TCP."""
+        return self._listeners.tcp_port
 
     async def start(self) -> None:
         """Bind and serve; ListenError when a listener cannot bind."""
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        address = self.config.grpc_address
-        if self._tcp is not None and address is not None:
-            host, port = address
-            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            try:
-                if self.certificates is not None:
-                    self.tcp_port = self._tcp.add_secure_port(
-                        target, self.certificates.credentials()
-                    )
-                else:
-                    self.tcp_port = self._tcp.add_insecure_port(target)
-            except RuntimeError as exc:
-                raise ListenError(
-                    f"cannot listen on {target}: {exc} (port in use? set grpc_listen)"
-                ) from exc
-        path = self.config.grpc_socket
-        claim_socket_path(path)
-        try:
-            self._unix.add_insecure_port(f"unix:{path}")
-        except RuntimeError as exc:
-            raise ListenError(f"cannot listen on unix:{path}: {exc}") from exc
-        await self._unix.start()
-        if self._tcp is not None:
-            await self._tcp.start()
-        restrict_socket(path, self.config.grpc_socket_group)
+        self._listeners.bind()
+        for server in self._listeners.servers:
+            await server.start()
+        self._listeners.restrict_socket()
 
     def describe_tcp(self) -> str:
-        if self._tcp is None:
+        if self.tcp is None:
             return "no TCP listener"
-        if self.certificates is None:
-            return "plaintext: reads and agent streams only, agents not authenticated"
-        if self.config.grpc_client_ca is None:
-            return "TLS without client certificates: reads and agent streams only"
-        allowed = len(self.config.grpc_allowed_identities)
-        return f"mTLS: agents bound to their certificate's name, {allowed} identities may mutate"
+        described = self.tcp.describe(
+            reads="reads and agent streams only", changes="fleet policy changes"
+        )
+        if self.tcp.mtls:
+            # An agent registers only under a name its certificate carries.
+            return f"{described}; agents bound to their certificates' names"
+        return described
 
     async def follow_store_health(self, period_s: float = 1.0) -> None:
         """The service is SERVING while the store watch follows desired state: a replica
@@ -208,14 +171,13 @@ class AggregatorServer:
             await asyncio.sleep(period_s)
 
     def reload_tls(self) -> bool:
-        return self.certificates is not None and self.certificates.reload()
+        return self._listeners.reload_tls()
 
     async def stop(self, grace_s: float = 2.0) -> None:
         # Health first, so balancers see NOT_SERVING while calls drain.
         await self.health.enter_graceful_shutdown()
-        servers = [self._unix, *([self._tcp] if self._tcp is not None else [])]
-        await asyncio.gather(*(server.stop(grace_s) for server in servers))
-        self.config.grpc_socket.unlink(missing_ok=True)
+        await asyncio.gather(*(server.stop(grace_s) for server in self._listeners.servers))
+        self._listeners.remove_socket()
 
 
 async def serve(config: AggregatorConfig) -> None:
@@ -231,12 +193,14 @@ async def serve(config: AggregatorConfig) -> None:
         try:
             http, _ = start_http_server(port, host, registry=metrics.registry)
         except OSError as exc:
-            raise ListenError(f"cannot listen on {host}:{port} for metrics: {exc}") from exc
+            raise ListenError(
+                f"cannot listen on {format_host_port(host, port)} for metrics: {exc}"
+            ) from exc
         try:
             await server.start()
             log.info(
                 "fabric-aggregator %s (replica %s): store %s, gRPC on %s port %s (%s) and "
-                "unix:%s, metrics at http://%s:%d/metrics, stale after %d missed %gs "
+                "unix:%s, metrics at http://%s/metrics, stale after %d missed %gs "
                 "summaries, gone after %gs",
                 __version__,
                 config.replica_name,
@@ -245,8 +209,7 @@ async def serve(config: AggregatorConfig) -> None:
                 server.tcp_port,
                 server.describe_tcp(),
                 config.grpc_socket,
-                host,
-                http.server_port,
+                format_host_port(host, http.server_port),
                 config.stale_after_missed,
                 config.summary_interval,
                 config.gone_after,

@@ -30,7 +30,8 @@ from agent.aggregator.fleet import (
 )
 from agent.aggregator.registry import QueryError
 from agent.aggregator.store import Assignment, DocumentTooLarge, StoreError
-from agent.aggregator.store.base import check_labels, check_node_name
+from agent.aggregator.store.base import check_node_name
+from agent.common.labels import check_labels
 from agent.common.policy import documents as objects
 from agent.common.policy.documents import model_from_request
 from agent.common.policy.model import PolicyError
@@ -202,6 +203,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             await context.abort_with_status(invalid_status(exc))
         _, document = objects.document_from_object(request.object)
         try:
+            check_labels("selector", request.selector)
             assignment = Assignment(model.metadata.name, document, dict(request.selector))
         except ValueError as exc:
             await _abort_field(context, "selector", str(exc))

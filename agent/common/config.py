@@ -1,6 +1,7 @@
-"""Configuration machinery every program shares: durations and listen addresses,
-the gRPC listener options (their TLS rules live here once, for the agent and the
-aggregator), logging, and loading a validated model from a YAML file and flags.
+"""Configuration machinery every program shares: durations, listen addresses (parsed by
+agent/common/addresses.py), the options both daemons have (DaemonConfig: the gRPC
+listeners and their TLS rules, metrics endpoint, log level), logging, and loading a
+validated model from a YAML file and flags.
 
 Sources, later ones winning: a model's defaults, a YAML file (`--config`), flags. YAML
 keys are the flag names with `_` for `-`. Every error names its source (file or `command
@@ -9,7 +10,6 @@ line`) and key.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import sys
@@ -18,8 +18,17 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ValidationError, ValidationInfo
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
+from agent.common.addresses import HostPort, parse_listen_address
 from agent.common.errors import ConfigError
 from agent.common.security import TlsError, read_certificates, read_key_for
 
@@ -40,25 +49,6 @@ def parse_duration(value: object) -> float:
     raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 1s, 2m)")
 
 
-def parse_listen_address(value: object) -> tuple[str, int]:
-    """'HOST:PORT', '[v6]:PORT' or ':PORT' (all addresses) -> (host, port)."""
-    if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not an address (use HOST:PORT)")
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"{value!r} is not an address (use HOST:PORT)")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range 0-65535")
-    host = host.strip("[]") or "0.0.0.0"
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host != "localhost" and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
-            raise ValueError(f"{host!r} is not an IP address or host name") from None
-    return host, port
-
-
 def _identities(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         value = value.split(",")
@@ -69,23 +59,22 @@ def _identities(value: object) -> tuple[str, ...]:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+
+def duration_within(low: str, high: str) -> Callable[[float], float]:
+    """A check that a Duration lies within [low, high], both written as the message shows
+    them ('100ms', '5m'): `Annotated[Duration, AfterValidator(duration_within(...))]`."""
+    low_s, high_s = parse_duration(low), parse_duration(high)
+
+    def check(value: float) -> float:
+        if not low_s <= value <= high_s:
+            raise ValueError(f"must be between {low} and {high}, got {value:g}s")
+        return value
+
+    return check
+
+
 # grpc_listen's value that turns the TCP listener off.
 GRPC_LISTEN_OFF = "none"
-
-
-# --- the gRPC listener options, shared by the agent's and the aggregator's configs ---
-#
-# The TLS options are checked in field order, each against the ones before it, so an
-# error names the option to fix. A field that failed is missing from `info.data`; the
-# checks that need it are skipped (its own error is reported). Each is a pydantic
-# validator body: `field_validator(name)(check)` in the model.
-
-
-def grpc_listen_address(value: str) -> tuple[str, int] | None:
-    """A grpc_listen value's (host, port); None when it is none (no TCP listener)."""
-    if value == GRPC_LISTEN_OFF:
-        return None
-    return parse_listen_address(value)
 
 
 def configure_logging(level: str) -> None:
@@ -97,65 +86,6 @@ def configure_logging(level: str) -> None:
     )
 
 
-def check_grpc_listen(cls: type, value: str) -> str:
-    if value.strip().lower() == GRPC_LISTEN_OFF:
-        return GRPC_LISTEN_OFF
-    parse_listen_address(value)
-    return value
-
-
-def check_tls_cert(cls: type, value: Path | None, info: ValidationInfo) -> Path | None:
-    if value is None:
-        return None
-    if info.data.get("grpc_listen") == GRPC_LISTEN_OFF:
-        raise ValueError("set, but grpc_listen is none: TLS is for the TCP listener")
-    tls_check(lambda: read_certificates(value, "grpc_tls_cert"))
-    return value
-
-
-def check_tls_key(cls: type, value: Path | None, info: ValidationInfo) -> Path | None:
-    if "grpc_tls_cert" not in info.data:
-        return value
-    cert = info.data["grpc_tls_cert"]
-    if cert is None and value is not None:
-        raise ValueError("set without grpc_tls_cert: set both or neither")
-    if cert is not None and value is None:
-        raise ValueError("missing: grpc_tls_cert is set; set both or neither")
-    if cert is not None and value is not None:
-        tls_check(lambda: read_key_for(cert, value))
-    return value
-
-
-def check_client_ca(cls: type, value: Path | None, info: ValidationInfo) -> Path | None:
-    if value is None or "grpc_tls_cert" not in info.data:
-        return value
-    if info.data["grpc_tls_cert"] is None:
-        raise ValueError(
-            "set without grpc_tls_cert and grpc_tls_key: client certificates are "
-            "checked in the TLS handshake, which needs a server certificate"
-        )
-    tls_check(lambda: read_certificates(value, "grpc_client_ca"))
-    return value
-
-
-def check_allowed_identities(
-    cls: type, value: tuple[str, ...], info: ValidationInfo
-) -> tuple[str, ...]:
-    if value and info.data.get("grpc_client_ca", "failed") is None:
-        # Without verified client certificates an identity is only a claim.
-        raise ValueError(
-            "set without grpc_client_ca: mutations over TCP need mTLS (grpc_tls_cert, "
-            "grpc_tls_key and grpc_client_ca)"
-        )
-    return value
-
-
-def check_log_level(cls: type, value: str) -> str:
-    if value.lower() not in {"debug", "info", "warning", "error"}:
-        raise ValueError("must be one of debug, info, warning, error")
-    return value.lower()
-
-
 Identities = Annotated[tuple[str, ...], BeforeValidator(_identities)]
 
 
@@ -165,6 +95,122 @@ def tls_check(check: Callable[[], object]) -> None:
         check()
     except TlsError as exc:
         raise ValueError(exc.reason) from exc
+
+
+class DaemonConfig(BaseModel):
+    """The options both daemons have, with one set of rules: their gRPC listeners (the
+    unix socket, TCP and its TLS), metrics endpoint and log level. AgentConfig and
+    AggregatorConfig extend it and give the addresses their own defaults.
+
+    The TLS options are checked in field order, each against the ones before it, so an
+    error names the option to fix. A field that failed is missing from `info.data`; the
+    checks that need it are skipped (its own error is reported).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Prometheus endpoint, HOST:PORT.
+    metrics_listen: str
+    # The gRPC unix socket (mode 0660) for local hooks and fabricctl, and its group.
+    grpc_socket: Path
+    grpc_socket_group: str | None = None
+    # The gRPC API on TCP for remote clients, or 'none' for no TCP listener. Without mTLS
+    # it serves reads only (and, on the aggregator, agents' streams); mutations over TCP
+    # need the four grpc_tls/client options below.
+    grpc_listen: str
+    # PEM server certificate (chain) and its unencrypted key for TLS on grpc_listen;
+    # both or neither. Re-read on SIGHUP; new connections get the new certificate.
+    grpc_tls_cert: Path | None = Field(default=None, validate_default=True)
+    grpc_tls_key: Path | None = Field(default=None, validate_default=True)
+    # PEM CA bundle that signs client certificates: with it the TCP listener requires a
+    # client certificate from this CA (mTLS) on every connection. Needs grpc_tls_cert.
+    grpc_client_ca: Path | None = Field(default=None, validate_default=True)
+    # Client identities that may mutate over TCP: a certificate's subject CN or one of
+    # its DNS or URI SANs. Needs grpc_client_ca; empty means no mutations over TCP.
+    grpc_allowed_identities: Identities = Field(default=(), validate_default=True)
+    log_level: str = "info"
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str) -> str:
+        parse_listen_address(value)
+        return value
+
+    @field_validator("grpc_listen")
+    @classmethod
+    def _check_grpc_listen(cls, value: str) -> str:
+        if value.strip().lower() == GRPC_LISTEN_OFF:
+            return GRPC_LISTEN_OFF
+        parse_listen_address(value)
+        return value
+
+    @field_validator("grpc_tls_cert")
+    @classmethod
+    def _check_tls_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if info.data.get("grpc_listen") == GRPC_LISTEN_OFF:
+            raise ValueError("set, but grpc_listen is none: TLS is for the TCP listener")
+        tls_check(lambda: read_certificates(value, "grpc_tls_cert"))
+        return value
+
+    @field_validator("grpc_tls_key")
+    @classmethod
+    def _check_tls_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "grpc_tls_cert" not in info.data:
+            return value
+        cert = info.data["grpc_tls_cert"]
+        if cert is None and value is not None:
+            raise ValueError("set without grpc_tls_cert: set both or neither")
+        if cert is not None and value is None:
+            raise ValueError("missing: grpc_tls_cert is set; set both or neither")
+        if cert is not None and value is not None:
+            tls_check(lambda: read_key_for(cert, value))
+        return value
+
+    @field_validator("grpc_client_ca")
+    @classmethod
+    def _check_client_ca(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None or "grpc_tls_cert" not in info.data:
+            return value
+        if info.data["grpc_tls_cert"] is None:
+            raise ValueError(
+                "set without grpc_tls_cert and grpc_tls_key: client certificates are "
+                "checked in the TLS handshake, which needs a server certificate"
+            )
+        tls_check(lambda: read_certificates(value, "grpc_client_ca"))
+        return value
+
+    @field_validator("grpc_allowed_identities")
+    @classmethod
+    def _check_allowed_identities(
+        cls, value: tuple[str, ...], info: ValidationInfo
+    ) -> tuple[str, ...]:
+        if value and info.data.get("grpc_client_ca", "failed") is None:
+            # Without verified client certificates an identity is only a claim.
+            raise ValueError(
+                "set without grpc_client_ca: mutations over TCP need mTLS (grpc_tls_cert, "
+                "grpc_tls_key and grpc_client_ca)"
+            )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return value.lower()
+
+    @property
+    def metrics_address(self) -> HostPort:
+        return parse_listen_address(self.metrics_listen)
+
+    @property
+    def grpc_address(self) -> HostPort | None:
+        """Where the TCP listener binds; None for grpc_listen: none."""
+        if self.grpc_listen == GRPC_LISTEN_OFF:
+            return None
+        return parse_listen_address(self.grpc_listen)
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

@@ -8,7 +8,6 @@ serves read-only (its QoS mutations need a client certificate).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,12 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status.rpc_status import from_call
 
+from agent.common.addresses import parse_host_port
 from agent.common.channel import CLIENT_KEEPALIVE_OPTIONS, CLIENT_MAX_RECEIVE_BYTES
+from agent.common.exits import ExitCode
 
-EXIT_OK, EXIT_CHANGES, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
+# agent/ctl/telemetry.py's name for ExitCode.OK, until it imports ExitCode itself.
+EXIT_OK = ExitCode.OK
 
 DEFAULT_AGENT = "unix:///run/fabric-agent/agent.sock"
 # Deadline of each unary RPC; streams have none.
@@ -34,8 +36,6 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 
 # Codes that say the agent could not be reached or did not answer in time: exit 3.
 UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
 class UsageError(ValueError):
@@ -53,23 +53,27 @@ class Target:
         return self.address
 
 
-def parse_target(text: str) -> Target:
-    """`unix:///path`, `unix:/path` or `host:port` (IPv6 as `[addr]:port`)."""
+def parse_target(text: str, flag: str = "--agent") -> Target:
+    """`unix:///path`, `unix:/path` or `host:port` (IPv6 as `[addr]:port`); UsageError
+    naming `flag` (where the text came from) otherwise."""
     text = text.strip()
     if text.startswith("unix://"):
         path = text.removeprefix("unix://")
         if not path.startswith("/"):
-            raise UsageError(f"--agent {text!r}: unix:// needs an absolute path (unix:///path)")
+            raise UsageError(f"{flag} {text!r}: unix:// needs an absolute path (unix:///path)")
         return Target(f"unix:{path}", unix=True)
     if text.startswith("unix:"):
         path = text.removeprefix("unix:")
         if not path:
-            raise UsageError(f"--agent {text!r}: no socket path")
+            raise UsageError(f"{flag} {text!r}: no socket path")
         return Target(f"unix:{path}", unix=True)
-    match = _HOST_PORT.match(text)
-    if match is None or not 0 < int(match.group(2)) <= 65535:
-        raise UsageError(f"--agent {text!r}: use unix:///path/to/socket or HOST:PORT")
-    return Target(text, unix=False)
+    if ":" not in text:
+        raise UsageError(f"{flag} {text!r}: use HOST:PORT or unix:///path/to/socket")
+    try:
+        address = parse_host_port(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    return Target(address.target, unix=False)
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class RpcFailure:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_UNREACHABLE if self.code in UNREACHABLE_CODES else EXIT_INVALID
+        return ExitCode.UNREACHABLE if self.code in UNREACHABLE_CODES else ExitCode.INVALID
 
 
 def failure_from_error(exc: grpc.RpcError) -> RpcFailure:

@@ -20,9 +20,9 @@ import grpc
 from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import DecodeError
 
+from agent.common.exits import ExitCode
+from agent.common.labels import label_pair
 from agent.ctl.client import (
-    EXIT_INVALID,
-    EXIT_OK,
     RpcFailure,
     Target,
     UsageError,
@@ -90,15 +90,22 @@ _E = TypeVar("_E", bound=int)
 
 def parse_selector(values: Sequence[str] | None, flag: str = "--selector") -> dict[str, str]:
     """`pool=training,rack=a1`, repeatable: the pairs of every value merged; raises
-    UsageError naming `flag` for a pair that is not key=value or a key given twice."""
+    UsageError naming `flag` for a pair that is not a label (agent/common/labels.py) with
+    a value, or a key given twice."""
     selector: dict[str, str] = {}
     for value in values or ():
         for pair in value.split(","):
-            key, sep, label = (part.strip() for part in pair.partition("="))
-            if not sep or not key or not label or "=" in label:
+            if "=" not in pair:
                 raise UsageError(
                     f"{flag}: {pair.strip()!r} is not key=value (e.g. {flag} pool=training)"
                 )
+            try:
+                key, label = label_pair(pair)
+            except ValueError as exc:
+                raise UsageError(f"{flag}: {exc} (e.g. {flag} pool=training)") from None
+            if not label:
+                # A label may be empty, but `key=` on a command line is a value left out.
+                raise UsageError(f"{flag}: {pair.strip()!r}: give the value (e.g. {key}=x)")
             if selector.get(key, label) != label:
                 raise UsageError(f"{flag}: {key} given as both {selector[key]!r} and {label!r}")
             selector[key] = label
@@ -169,10 +176,10 @@ def list_nodes(
             break
     if output == "json":
         print(to_json(pb.ListNodesResponse(nodes=nodes)))
-        return EXIT_OK
+        return ExitCode.OK
     if not nodes:
         print("no nodes")
-        return EXIT_OK
+        return ExitCode.OK
     rows = [
         (
             node.name,
@@ -185,7 +192,7 @@ def list_nodes(
         for node in nodes
     ]
     print(table(("NAME", "STATUS", "LAST-SEEN", "GPUS", "VERSION", "LABELS"), rows))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def node(channel: grpc.Channel, name: str, *, snapshot: bool, output: str, timeout_s: float) -> int:
@@ -202,7 +209,7 @@ def node(channel: grpc.Channel, name: str, *, snapshot: bool, output: str, timeo
             raise
         failure = failure_from_error(exc)
         print(f"{name}: no such node in the fleet ({failure.message})", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     decoded, error = _snapshot(response) if snapshot else (None, "")
     if error:
         print(f"{name}: no snapshot: {error}", file=sys.stderr)
@@ -213,12 +220,12 @@ def node(channel: grpc.Channel, name: str, *, snapshot: bool, output: str, timeo
         if error:
             document["snapshotError"] = error
         print(json.dumps(document, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(render_node(response.node))
     if decoded is not None:
         print()
         print(render_snapshot(decoded.snapshot))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _snapshot(
@@ -366,16 +373,16 @@ def top(
     response = _stub(channel).QueryTop(request, timeout=timeout_s)
     if output == "json":
         print(to_json(response))
-        return EXIT_OK
+        return ExitCode.OK
     if not response.entries:
         print(f"no {metric} values")
-        return EXIT_OK
+        return ExitCode.OK
     rows = [
         (entry.node, or_dash(entry.entity), metric_value(metric, entry.value))
         for entry in response.entries
     ]
     print(table(("NODE", "ENTITY", "VALUE"), rows))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def metric_value(metric: str, value: float) -> str:
@@ -416,7 +423,7 @@ def events(
                 print(event_line(response.event), flush=True)
     except KeyboardInterrupt:
         stream.cancel()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def event_line(event: pb.Event) -> str:
@@ -479,7 +486,7 @@ def apply(
         else:
             print(f"{document.name}: assigned to {matching}, revision {response.revision}")
         _print_nodes(response.nodes, applied="applied")
-    return EXIT_INVALID if failed else EXIT_OK
+    return ExitCode.INVALID if failed else ExitCode.OK
 
 
 def delete(
@@ -506,13 +513,13 @@ def delete(
             print(to_json(pb.DeletePolicyResponse()))
         else:
             print(f"{name}: not found, nothing to delete")
-        return EXIT_OK
+        return ExitCode.OK
     if output == "json":
         print(to_json(response))
     else:
         print(f"{name}: deleted from the fleet")
         _print_nodes(response.nodes, applied="removed")
-    return EXIT_INVALID if _any_failed(response.nodes) else EXIT_OK
+    return ExitCode.INVALID if _any_failed(response.nodes) else ExitCode.OK
 
 
 def _check_wait(wait_s: float) -> None:

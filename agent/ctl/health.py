@@ -1,5 +1,6 @@
 """`fabricctl health [--service NAME]`: grpc.health.v1 Check against the agent, for
-container health checks and scripts. Exit 0 SERVING, 1 anything else, 3 unreachable.
+container health checks and scripts. Exit 0 SERVING, 1 anything else, 3 unreachable
+(agent/common/exits.py).
 
 An agent that does not serve grpc.health.v1 (UNIMPLEMENTED) counts as serving once it
 answers GetSnapshot: a sampled snapshot is what the read-only API promises.
@@ -10,10 +11,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2
 
-from agent.ctl.client import EXIT_CHANGES, EXIT_OK
+from agent.common.exits import ExitCode
 from agent.proto.fabric.v1 import telemetry_service_pb2, telemetry_service_pb2_grpc
-
-EXIT_NOT_SERVING = EXIT_CHANGES
 
 
 def check(channel: grpc.Channel, *, service: str, timeout_s: float) -> int:
@@ -33,9 +32,8 @@ def check(channel: grpc.Channel, *, service: str, timeout_s: float) -> int:
         return _by_snapshot(channel, label, timeout_s)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(f"{label}: {status}")
-    return EXIT_OK if response.status == health_pb2.HealthCheckResponse.SERVING else (
-        EXIT_NOT_SERVING
-    )  # fmt: skip
+    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+    return ExitCode.OK if serving else ExitCode.NOT_SERVING
 
 
 def _by_snapshot(channel: grpc.Channel, label: str, timeout_s: float) -> int:
@@ -50,7 +48,7 @@ def _by_snapshot(channel: grpc.Channel, label: str, timeout_s: float) -> int:
         # code, so tell them apart by whether the health call above got an answer: it did.
         if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE:
             print(f"{label}: NOT_SERVING (no snapshot yet)")
-            return EXIT_NOT_SERVING
+            return ExitCode.NOT_SERVING
         raise
     print(f"{label}: SERVING (no grpc.health.v1; answered GetSnapshot)")
-    return EXIT_OK
+    return ExitCode.OK

@@ -40,13 +40,12 @@ import grpc
 
 from agent import __version__
 from agent.common.config import parse_duration
+from agent.common.exits import ExitCode
 from agent.common.policy.model import PolicyError
 from agent.ctl import fleet, health, policy, telemetry
 from agent.ctl.client import (
     DEFAULT_AGENT,
     DEFAULT_TIMEOUT_S,
-    EXIT_INVALID,
-    EXIT_OK,
     RpcFailure,
     Target,
     TlsFiles,
@@ -293,22 +292,14 @@ class Settings:
         """The aggregator's target, parsed only when `command` needs it: a bad
         $FABRIC_AGGREGATOR never fails a node's command."""
         if self.aggregator_flag is not None:
-            return _parse_target(self.aggregator_flag, "--aggregator")
+            return parse_target(self.aggregator_flag, "--aggregator")
         if os.environ.get(AGGREGATOR_ENV):
-            return _parse_target(os.environ[AGGREGATOR_ENV], f"${AGGREGATOR_ENV}")
+            return parse_target(os.environ[AGGREGATOR_ENV], f"${AGGREGATOR_ENV}")
         raise UsageError(
             f"{command} needs the aggregator: --aggregator HOST:PORT or unix:///path "
             f"(or ${AGGREGATOR_ENV}); it listens on port {fleet.DEFAULT_PORT} and "
             f"{fleet.DEFAULT_SOCKET} by default"
         )
-
-
-def _parse_target(text: str, flag: str) -> Target:
-    """parse_target, its messages naming `flag` rather than --agent."""
-    try:
-        return parse_target(text)
-    except UsageError as exc:
-        raise UsageError(f"{flag} {str(exc).removeprefix('--agent ')}") from None
 
 
 def _path(args: argparse.Namespace, name: str) -> Path | None:
@@ -338,12 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dispatch(args, settings, channel, documents)
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     except PolicyError as exc:
         # As `fabric-agent policy validate` and the agent report them: FILE: FIELD: REASON.
         for violation in exc.violations:
             print(violation, file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     except grpc.RpcError as exc:
         assert target is not None
         failure = failure_from_error(exc)
@@ -353,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # `fabricctl telemetry --watch | head`: the reader is done, so are we.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return ExitCode.OK
 
 
 def _to_fleet(args: argparse.Namespace, settings: Settings) -> bool:

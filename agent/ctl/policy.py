@@ -20,11 +20,9 @@ import yaml
 from google.protobuf import duration_pb2
 
 from agent.common.config import parse_duration
+from agent.common.exits import ExitCode
 from agent.common.policy.documents import name_of, object_from_document
 from agent.ctl.client import (
-    EXIT_CHANGES,
-    EXIT_INVALID,
-    EXIT_OK,
     Target,
     UsageError,
     describe_failure,
@@ -166,7 +164,7 @@ def apply(
             line += f", lease expires {_expiry(info)}"
         print(line)
         _print_changes(response.changes)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def plan(
@@ -188,7 +186,7 @@ def plan(
         except grpc.RpcError as exc:
             failure = failure_from_error(exc)
             _report(describe_failure(failure, document.where, target))
-            if failure.exit_code != EXIT_INVALID:
+            if failure.exit_code != ExitCode.INVALID:
                 return failure.exit_code
             refused = True
             continue
@@ -200,8 +198,8 @@ def plan(
         print(f"{document.name} ({document.where}): {_changes(count) if count else 'no changes'}")
         _print_changes(response.changes)
     if refused:
-        return EXIT_INVALID
-    return EXIT_CHANGES if changed else EXIT_OK
+        return ExitCode.INVALID
+    return ExitCode.CHANGES if changed else ExitCode.OK
 
 
 def delete(
@@ -226,14 +224,14 @@ def delete(
             print(to_json(qos_service_pb2.DeletePolicyResponse()))
         else:
             print(f"{name}: not found, nothing to delete")
-        return EXIT_OK
+        return ExitCode.OK
     if output == "json":
         print(to_json(response))
-        return EXIT_OK
+        return ExitCode.OK
     count = _changes(len(response.changes))
     print(f"{name}: would delete ({count}, dry run)" if dry_run else f"{name}: deleted ({count})")
     _print_changes(response.changes)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def renew(
@@ -250,11 +248,11 @@ def renew(
     response = _stub(channel).RenewLease(request, timeout=timeout_s)
     if output == "json":
         print(to_json(response))
-        return EXIT_OK
+        return ExitCode.OK
     info = response.policy
     until = _expiry(info) if info.HasField("lease_expire_time") else "no lease"
     print(f"{info.name or name}: lease renewed, expires {until}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def list_policies(channel: grpc.Channel, *, output: str, timeout_s: float) -> int:
@@ -272,10 +270,10 @@ def list_policies(channel: grpc.Channel, *, output: str, timeout_s: float) -> in
             break
     if output == "json":
         print(to_json(qos_service_pb2.ListPoliciesResponse(policies=policies)))
-        return EXIT_OK
+        return ExitCode.OK
     if not policies:
         print("no QoS policies")
-        return EXIT_OK
+        return ExitCode.OK
     rows = [
         (
             info.name,
@@ -288,7 +286,7 @@ def list_policies(channel: grpc.Channel, *, output: str, timeout_s: float) -> in
         for info in policies
     ]
     print(table(("NAME", "SOURCE", "STATE", "DEVICE", "LEASE-EXPIRES", "MESSAGE"), rows))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def status(channel: grpc.Channel, name: str, *, output: str, timeout_s: float) -> int:
@@ -297,7 +295,7 @@ def status(channel: grpc.Channel, name: str, *, output: str, timeout_s: float) -
     )
     if output == "json":
         print(to_json(response))
-        return EXIT_OK
+        return ExitCode.OK
     info = response.policy
     kind = info.object.WhichOneof("kind") or "policy"
     line = f"{kind} {info.name or name}: {_state(info.state)}, {_source(info)}"
@@ -312,7 +310,7 @@ def status(channel: grpc.Channel, name: str, *, output: str, timeout_s: float) -
         print(f"  {info.message}")
     if not response.classes:
         print("no classes")
-        return EXIT_OK
+        return ExitCode.OK
     rows = [
         (
             cls.name,
@@ -328,7 +326,7 @@ def status(channel: grpc.Channel, name: str, *, output: str, timeout_s: float) -
     ]
     header = ("CLASS", "DEVICE", "RATE", "CEIL", "THROUGHPUT", "SENT", "DROPS", "OVERLIMITS")
     print(table(header, rows))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _source(info: qos_service_pb2.PolicyInfo) -> str:

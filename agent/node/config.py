@@ -8,36 +8,28 @@ flags. YAML keys are the flag names with `_` for `-` (`metrics_listen` is
 from __future__ import annotations
 
 import fnmatch
-import re
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
+from agent.common.addresses import parse_host_port
 from agent.common.config import (
     GRPC_LISTEN_OFF,
+    DaemonConfig,
     Duration,
-    Identities,
-    check_allowed_identities,
-    check_client_ca,
-    check_grpc_listen,
-    check_log_level,
-    check_tls_cert,
-    check_tls_key,
-    grpc_listen_address,
+    duration_within,
     load_model,
-    parse_listen_address,
     tls_check,
 )
+from agent.common.labels import check_label, label_pair
 from agent.common.security import read_certificates, read_key_for
 
 # Interfaces that carry no fabric traffic of their own on a GPU node: loopback, container
 # and pod veths, bridges created by container engines, and the agent's own IFB devices.
 DEFAULT_INTERFACE_PATTERNS: tuple[str, ...] = ("*", "!lo", "!veth*", "!docker*", "!cni*", "!ifb*")
-
-MIN_INTERVAL_S, MAX_INTERVAL_S = 0.1, 60.0
 
 
 def _patterns(value: object) -> tuple[str, ...]:
@@ -51,57 +43,43 @@ def _patterns(value: object) -> tuple[str, ...]:
     return patterns
 
 
-# Label keys and values as Kubernetes spells them: an optional DNS prefix and a name.
-_LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-
-
 def parse_labels(value: object) -> dict[str, str]:
-    """'k=v,k2=v2' or a mapping -> {k: v}, keys and values checked."""
+    """'k=v,k2=v2' or a mapping -> {k: v}, each a label (agent/common/labels.py)."""
     if isinstance(value, str):
-        pairs: dict[str, object] = {}
-        for part in (p.strip() for p in value.split(",")):
-            if not part:
-                continue
-            key, sep, text = part.partition("=")
-            if not sep:
-                raise ValueError(f"{part!r}: want key=value")
-            pairs[key.strip()] = text.strip()
-        value = pairs
+        return dict(label_pair(part) for part in value.split(",") if part.strip())
     if not isinstance(value, Mapping):
         raise ValueError("must be a mapping of label: value or 'key=value,...'")
-    labels: dict[str, str] = {}
-    for key, text in value.items():
-        if not isinstance(key, str) or not _LABEL_KEY.match(key):
-            raise ValueError(f"label key {key!r}: want [prefix/]name of letters, digits, -_.")
-        if isinstance(text, bool) or not isinstance(text, str | int | float):
-            raise ValueError(f"label {key}: value must be a string")
-        if not _LABEL_VALUE.match(str(text)):
-            raise ValueError(f"label {key}={text!r}: want up to 63 letters, digits, -_.")
-        labels[key] = str(text)
+    # YAML reads `gpus: 8` as a number; the label is its text.
+    labels = {
+        key: str(text) if isinstance(text, int | float) and not isinstance(text, bool) else text
+        for key, text in value.items()
+    }
+    for key, text in labels.items():
+        check_label(key, text)
     return labels
 
 
 Labels = Annotated[dict[str, str], BeforeValidator(parse_labels)]
 
 
-class AgentConfig(BaseModel):
-    """Every option of `fabric-agent run`, validated on construction."""
+class AgentConfig(DaemonConfig):
+    """Every option of `fabric-agent run`, validated on construction; the listener, metrics
+    and log options and their rules are DaemonConfig's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+    # Prometheus endpoint; 9478 is the agent's metrics port (9479 is its gRPC port).
+    metrics_listen: str = "0.0.0.0:9478"
+    # The gRPC API (telemetry, QoS) for local orchestrator hooks, and on TCP for remote
+    # clients (fabricctl, the aggregator); over TCP without mTLS, reads only.
+    grpc_socket: Path = Path("/run/fabric-agent/agent.sock")
+    grpc_listen: str = "0.0.0.0:9479"
     # Name this node reports under; the host name unless set.
     node_name: str = Field(default_factory=socket.gethostname, min_length=1)
     # Sampling period. 100 ms keeps NVML's driver lock free; 60 s is the staleness
     # operators already get from dcgm-exporter's 30 s default and no worse.
-    interval: Duration = 1.0
+    interval: Annotated[Duration, AfterValidator(duration_within("100ms", "60s"))] = 1.0
     # A collector that has not returned by this fraction of the interval is left out of
     # the tick's snapshot (reported as timed out) so it cannot delay the others.
     collector_timeout_ratio: float = Field(default=0.8, gt=0.0, le=1.0)
-    # Prometheus endpoint; 9478 is the agent's metrics port (9479 is its gRPC port).
-    metrics_listen: str = "0.0.0.0:9478"
     # Where NVML lives when it is not on the loader path (also the test driver).
     nvml_library: Path | None = None
     # Roots of the kernel's pseudo file systems, injectable for fixture trees.
@@ -109,29 +87,12 @@ class AgentConfig(BaseModel):
     # Glob patterns over interface names; '!' excludes. With no include pattern, all
     # interfaces are included before the excludes apply.
     interfaces: Annotated[tuple[str, ...], BeforeValidator(_patterns)] = DEFAULT_INTERFACE_PATTERNS
-    # The gRPC API's unix socket (mode 0660) for local orchestrator hooks, and its group.
-    grpc_socket: Path = Path("/run/fabric-agent/agent.sock")
-    grpc_socket_group: str | None = None
-    # The gRPC API on TCP for remote clients (fabricctl, the aggregator), or 'none' for
-    # no TCP listener. Without mTLS it serves reads only (telemetry, QoS status, health,
-    # reflection); QoS mutations over TCP need the four grpc_tls/client options below.
-    grpc_listen: str = "0.0.0.0:9479"
-    # PEM server certificate (chain) and its unencrypted key for TLS on grpc_listen;
-    # both or neither. Re-read on SIGHUP; new connections get the new certificate.
-    grpc_tls_cert: Path | None = Field(default=None, validate_default=True)
-    grpc_tls_key: Path | None = Field(default=None, validate_default=True)
-    # PEM CA bundle that signs client certificates: with it the TCP listener requires a
-    # client certificate from this CA (mTLS) on every connection. Needs grpc_tls_cert.
-    grpc_client_ca: Path | None = Field(default=None, validate_default=True)
-    # Client identities that may change QoS over TCP: a certificate's subject CN or one
-    # of its DNS or URI SANs. Needs grpc_client_ca; empty means no mutations over TCP.
-    grpc_allowed_identities: Identities = Field(default=(), validate_default=True)
     # Persistent state: the QoS policies last applied, for restarts without a change.
     state_dir: Path = Path("/var/lib/fabric-agent")
     # QoS policy files (*.yaml); reloaded every reconcile pass and on SIGHUP.
     policy_dir: Path = Path("/etc/fabric-agent/policies")
     # How often the kernel is compared with the policies; drift is corrected within it.
-    reconcile_interval: Duration = 5.0
+    reconcile_interval: Annotated[Duration, AfterValidator(duration_within("100ms", "5m"))] = 5.0
     # On exit keep enforcing (a restart or upgrade never interrupts shaping) or remove
     # every qdisc, filter and table the agent owns.
     on_exit: Literal["keep", "remove"] = "keep"
@@ -141,7 +102,6 @@ class AgentConfig(BaseModel):
     cgroup_root: Path | None = None
     # Collectors to run; empty means every collector that is enabled by default.
     collectors: tuple[str, ...] = ()
-    log_level: str = "info"
     # The fleet aggregator (HOST:PORT) to register with, send summaries to and take
     # fleet policies from; none by default (the node stands alone).
     aggregator: str | None = None
@@ -153,27 +113,13 @@ class AgentConfig(BaseModel):
     aggregator_tls_cert: Path | None = None
     aggregator_tls_key: Path | None = Field(default=None, validate_default=True)
 
-    @field_validator("metrics_listen")
-    @classmethod
-    def _check_listen(cls, value: str) -> str:
-        parse_listen_address(value)
-        return value
-
-    _check_grpc_listen = field_validator("grpc_listen")(check_grpc_listen)
-    _check_tls_cert = field_validator("grpc_tls_cert")(check_tls_cert)
-    _check_tls_key = field_validator("grpc_tls_key")(check_tls_key)
-    _check_client_ca = field_validator("grpc_client_ca")(check_client_ca)
-    _check_allowed_identities = field_validator("grpc_allowed_identities")(check_allowed_identities)
-
     @field_validator("aggregator")
     @classmethod
     def _check_aggregator(cls, value: str | None) -> str | None:
         if value is None or value.strip().lower() == GRPC_LISTEN_OFF:
             return None
-        _, port = parse_listen_address(value)
-        if port == 0:
-            raise ValueError("port 0: give the aggregator's port (9480 by default)")
-        return value.strip()
+        # The canonical HOST:PORT: what the uplink dials.
+        return parse_host_port(value).target
 
     @field_validator("aggregator_tls_ca", "aggregator_tls_cert")
     @classmethod
@@ -198,30 +144,6 @@ class AgentConfig(BaseModel):
                 raise ValueError("a client certificate needs aggregator_tls_ca")
             tls_check(lambda: read_key_for(cert, value, "aggregator_tls_key"))
         return value
-
-    @field_validator("interval")
-    @classmethod
-    def _check_interval(cls, value: float) -> float:
-        if not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:
-            raise ValueError(f"must be between 100ms and 60s, got {value:g}s")
-        return value
-
-    @field_validator("reconcile_interval")
-    @classmethod
-    def _check_reconcile_interval(cls, value: float) -> float:
-        if not 0.1 <= value <= 300.0:
-            raise ValueError(f"must be between 100ms and 5m, got {value:g}s")
-        return value
-
-    _check_level = field_validator("log_level")(check_log_level)
-
-    @property
-    def metrics_address(self) -> tuple[str, int]:
-        return parse_listen_address(self.metrics_listen)
-
-    @property
-    def grpc_address(self) -> tuple[str, int] | None:
-        return grpc_listen_address(self.grpc_listen)
 
     @property
     def collector_timeout_s(self) -> float:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector as PromCollector
 
+from agent.common.addresses import format_host_port
 from agent.common.errors import ListenError
 from agent.node.collectors.base import Collector
 from agent.node.families import Family, GaugeFamily
@@ -280,9 +281,8 @@ class MetricsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         try:
             super().__init__(address, _Handler)
         except OSError as exc:
-            host, port = address
             raise ListenError(
-                f"cannot listen on {host}:{port} for metrics: {exc.strerror or exc}"
+                f"cannot listen on {format_host_port(*address)} for metrics: {exc.strerror or exc}"
             ) from exc
 
     def start(self) -> threading.Thread:

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from types import FrameType
 
 from agent.common.errors import ConfigError
+from agent.common.listeners import TcpSettings
 from agent.common.sdnotify import Notifier, watchdog_interval_s
-from agent.node.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer, TcpSettings
+from agent.node.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer
 from agent.node.api.telemetry import SnapshotHub
 from agent.node.collectors.base import Collector, CollectorContext, SharedResources, registrations
 from agent.node.collectors.qos import RECONCILER_KEY

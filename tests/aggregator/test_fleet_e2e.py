@@ -176,6 +176,14 @@ class TestThreeNodes:
         assert all(entry.node in first and entry.entity.isdigit() for entry in top.entries)
         assert values[0] > 0
 
+    def test_a_selector_no_label_could_match_is_invalid(self, fleet: Fleet) -> None:
+        # The grammar agents' labels follow: a selector outside it could never match.
+        with pytest.raises(grpc.RpcError) as refused:
+            fleet.aggregator.stub.ApplyPolicy(apply_request("fab0", {"pool": "a b"}), timeout=10)
+
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "selector: label pool='a b'" in str(refused.value.details())
+
     def test_policy_fans_out_by_selector_and_is_removed(self, fleet: Fleet, shaping: None) -> None:
         if fleet.no_netns is not None:
             pytest.skip(fleet.no_netns)

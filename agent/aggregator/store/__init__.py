@@ -22,6 +22,7 @@ from agent.aggregator.store.base import (
     Store,
     StoreError,
 )
+from agent.common.addresses import HostPort, parse_host_port
 from agent.common.errors import ConfigError
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 _SOURCE = "--store"
-_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 _PREFIX = re.compile(r"^/([A-Za-z0-9._-]+/)*$")
 
 
@@ -87,12 +87,14 @@ def _etcd(url: str, rest: str) -> Opener:
     from agent.aggregator.store.etcd import DEFAULT_PREFIX, DEFAULT_TIMEOUT_S, EtcdStore
 
     location, _, query = rest.partition("?")
-    endpoints: list[tuple[str, int]] = []
+    endpoints: list[HostPort] = []
     for endpoint in location.split(","):
-        match = _ENDPOINT.match(endpoint)
-        if not match or not 1 <= int(match.group(2)) <= 65535:
-            raise ConfigError(_SOURCE, url, f"endpoint {endpoint!r}: want host:port")
-        endpoints.append((match.group(1), int(match.group(2))))
+        try:
+            endpoints.append(parse_host_port(endpoint))
+        except ValueError as exc:
+            raise ConfigError(
+                _SOURCE, url, f"endpoint {endpoint!r}: want host:port ({exc})"
+            ) from None
 
     options = parse_qs(query, keep_blank_values=True, strict_parsing=False) if query else {}
     unknown = sorted(set(options) - {"prefix", "timeout_s"})
@@ -109,7 +111,7 @@ def _etcd(url: str, rest: str) -> Opener:
     return lambda: EtcdStore(url, host, port, prefix=prefix, timeout_s=int(timeout))
 
 
-def _grpc_target(url: str, endpoints: list[tuple[str, int]]) -> tuple[str, int]:
+def _grpc_target(url: str, endpoints: list[HostPort]) -> tuple[str, int]:
     """The (host, port) that aetcd joins as `host:port` into one gRPC target.
 
     Several members become gRPC's multi-address target (`ipv4:a:p,b:p`), whose pick_first
@@ -117,25 +119,23 @@ def _grpc_target(url: str, endpoints: list[tuple[str, int]]) -> tuple[str, int]:
     name resolving to every member does the same.
     """
     if len(endpoints) == 1:
-        return endpoints[0]
-    addresses: list[str] = []
-    families: set[int] = set()
-    for host, port in endpoints:
-        try:
-            address = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            raise ConfigError(
-                _SOURCE,
-                url,
-                f"endpoint {host}:{port}: several endpoints must be IP addresses; "
-                "for names, use one DNS name that resolves to every member",
-            ) from None
-        families.add(address.version)
-        addresses.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
-    if len(families) > 1:
-        raise ConfigError(_SOURCE, url, "endpoints mix IPv4 and IPv6 addresses")
+        target = endpoints[0].target
+    else:
+        families: set[int] = set()
+        for endpoint in endpoints:
+            try:
+                families.add(ipaddress.ip_address(endpoint.host).version)
+            except ValueError:
+                raise ConfigError(
+                    _SOURCE,
+                    url,
+                    f"endpoint {endpoint.target}: several endpoints must be IP addresses; "
+                    "for names, use one DNS name that resolves to every member",
+                ) from None
+        if len(families) > 1:
+            raise ConfigError(_SOURCE, url, "endpoints mix IPv4 and IPv6 addresses")
+        scheme = "ipv6" if families == {6} else "ipv4"
+        target = f"{scheme}:{','.join(endpoint.target for endpoint in endpoints)}"
     # aetcd formats f"{host}:{port}": everything up to the last port is the "host".
-    last_host, last_port = addresses[-1].rsplit(":", 1)
-    scheme = "ipv6" if families == {6} else "ipv4"
-    host = f"{scheme}:{','.join([*addresses[:-1], last_host])}"
-    return host, int(last_port)
+    host, _, port = target.rpartition(":")
+    return host, int(port)

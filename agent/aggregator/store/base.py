@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.common.errors import FabricError
+from agent.common.labels import check_label_types
 
 # etcd refuses requests over 1.5 MiB; a third of that leaves room for the request's own
 # framing and keeps every stored value far from the limit whichever backend holds it.
@@ -75,13 +76,6 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
     return all(labels.get(key) == value for key, value in selector.items())
 
 
-def check_labels(what: str, labels: Mapping[str, str]) -> None:
-    """Raise ValueError unless `labels` maps non-empty strings to strings."""
-    for key, value in labels.items():
-        if not isinstance(key, str) or not key or not isinstance(value, str):
-            raise ValueError(f"{what}: label {key!r}={value!r}: keys and values must be strings")
-
-
 @dataclass(frozen=True)
 class Assignment:
     """A policy document assigned to the nodes whose labels match `selector`.
@@ -104,7 +98,9 @@ class Assignment:
             raise ValueError(f"assignment name {self.name!r}: not a DNS label")
         if not isinstance(self.policy, Mapping):
             raise ValueError(f"assignment {self.name!r}: policy: must be a mapping")
-        check_labels(f"assignment {self.name!r}: selector", self.selector)
+        # The grammar is checked where selectors come in (the service); what is stored
+        # already must load whatever an older version let through.
+        check_label_types(f"assignment {self.name!r}: selector", self.selector)
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         """Whether a node with `labels` is selected."""

@@ -30,13 +30,13 @@ from agent.aggregator.store.base import (
     RefreshCoalescer,
     RevisionConflict,
     StoreError,
-    check_labels,
     check_node_name,
     decode_assignment,
     decode_labels,
     encode_assignment,
     encode_labels,
 )
+from agent.common.labels import check_labels
 
 DEFAULT_PREFIX = "/fabric/"
 DEFAULT_TIMEOUT_S = 5

@@ -27,13 +27,13 @@ from agent.aggregator.store.base import (
     ChangeKind,
     RevisionConflict,
     StoreError,
-    check_labels,
     check_node_name,
     decode_assignment,
     decode_labels,
     encode_assignment,
     encode_labels,
 )
+from agent.common.labels import check_labels
 
 T = TypeVar("T")
 

@@ -1,12 +1,9 @@
-"""The agent's gRPC listeners: a unix socket for local hooks, TCP for remote clients.
+"""The agent's gRPC API: TelemetryService and QosService on a unix socket for local hooks
+and on TCP for remote clients (the listeners themselves: agent/common/listeners.py).
 
-The unix socket serves everything: it is created with mode 0660 (group from the
-config), so access is whatever the file system grants; a stale socket left by a crash
-is replaced, a path that is not a socket is refused.
-
-The TCP listener serves the same services, but who may change QoS there is decided by
-its `Authorizer`: nobody without mTLS (`ReadOnly`), the allowed client identities with
-it (`AllowedClients`). Its certificates are re-read on `reload_tls()` (SIGHUP).
+The unix socket serves everything. On TCP who may change QoS is decided by the
+listener's `Authorizer`: nobody without mTLS (`ReadOnly`), the allowed client identities
+with it (`AllowedClients`). Its certificates are re-read on `reload_tls()` (SIGHUP).
 
 Both serve grpc.health.v1 from one shared servicer ("" SERVING once started, each
 service SERVING once its readiness event is set) and server reflection.
@@ -16,32 +13,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 import grpc_health.v1.health as health
-import grpc_reflection.v1alpha.reflection as reflection
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from agent.common.channel import SERVER_KEEPALIVE_OPTIONS
-from agent.common.errors import ConfigError, ListenError
-from agent.common.listeners import claim_socket_path, restrict_socket
-from agent.common.security import (
-    AllowAll,
-    AllowedClients,
-    Authorizer,
-    ReadOnly,
-    ServerCertificates,
-    TlsError,
-    TlsFiles,
-)
+from agent.common.errors import ListenError
+from agent.common.listeners import Listeners, TcpSettings, add_health_and_reflection
+from agent.common.security import AGENT_SOCKET, Authorizer
 from agent.node.api import qos, telemetry
 from agent.node.api.telemetry import SnapshotHub
-from agent.node.config import AgentConfig
 from agent.proto.fabric.v1 import qos_service_pb2, telemetry_service_pb2
 
 if TYPE_CHECKING:
@@ -63,62 +48,7 @@ MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 
 TELEMETRY_SERVICE = telemetry_service_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
 QOS_SERVICE = qos_service_pb2.DESCRIPTOR.services_by_name["QosService"].full_name
-HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-
-_SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_SEND_BYTES),
-    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-    # Clients must keep their keepalive time at or above the server's minimum ping
-    # interval, or they get GOAWAY (too_many_pings): agent.common.channel has both halves.
-    *SERVER_KEEPALIVE_OPTIONS,
-)
-# gRPC sets SO_REUSEPORT by default, so a second agent (or anything else that sets it)
-# would share the port silently and take half the connections; bind exclusively.
-_TCP_OPTIONS = (*_SERVER_OPTIONS, ("grpc.so_reuseport", 0))
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@dataclass(frozen=True)
-class TcpSettings:
-    """The TCP listener: where, and with which certificates and allowed clients."""
-
-    address: tuple[str, int]
-    tls: TlsFiles | None = None
-    allowed_identities: frozenset[str] = frozenset()
-
-    def __post_init__(self) -> None:
-        # AgentConfig refuses this too; a listener built by hand must not either.
-        if self.allowed_identities and (self.tls is None or self.tls.client_ca is None):
-            raise ValueError("allowed identities need TLS with a client CA (mTLS)")
-
-    @classmethod
-    def from_config(cls, config: AgentConfig) -> TcpSettings | None:
-        """The listener config asks for, or None for grpc_listen: none."""
-        address = config.grpc_address
-        if address is None:
-            return None
-        tls = None
-        if config.grpc_tls_cert is not None and config.grpc_tls_key is not None:
-            tls = TlsFiles(config.grpc_tls_cert, config.grpc_tls_key, config.grpc_client_ca)
-        return cls(address, tls, frozenset(config.grpc_allowed_identities))
-
-    @property
-    def target(self) -> str:
-        host, port = self.address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def authorizer(self) -> Authorizer:
-        if self.tls is not None and self.tls.client_ca is not None:
-            return AllowedClients(self.allowed_identities)
-        return ReadOnly()
-
-    def describe(self) -> str:
-        if self.tls is None:
-            return "plaintext, read-only"
-        if self.tls.client_ca is None:
-            return "TLS, read-only"
-        allowed = ", ".join(sorted(self.allowed_identities)) or "nobody"
-        return f"mTLS, QoS changes for {allowed}"
 
 
 class ApiServer:
@@ -142,9 +72,8 @@ class ApiServer:
         self.socket_path = socket_path
         self.hub = hub
         self.tcp = tcp
-        self._group = group
+        self._qos_backend = qos_backend
         self._readiness = dict(readiness or {})
-        self._tcp_port: int | None = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         self.health = health.HealthServicer()
@@ -155,39 +84,31 @@ class ApiServer:
         if unknown:
             raise ValueError(f"readiness for services not served: {sorted(unknown)}")
         self._services = services
-
-        self._unix = self._server(_SERVER_OPTIONS, qos_backend, AllowAll())
-        self._tcp: grpc.Server | None = None
-        self.certificates: ServerCertificates | None = None
-        if tcp is not None:
-            self._tcp = self._server(_TCP_OPTIONS, qos_backend, tcp.authorizer())
-            if tcp.tls is not None:
-                try:
-                    self.certificates = ServerCertificates(tcp.tls)
-                except TlsError as exc:
-                    # Checked with the config; only a file changed since gets here.
-                    raise ConfigError("configuration", exc.option, exc.reason) from exc
+        self._listeners = Listeners(
+            socket_path,
+            tcp,
+            self._server,
+            name="the gRPC API",
+            socket_name=AGENT_SOCKET,
+            socket_group=group,
+            max_send_bytes=MAX_SEND_BYTES,
+            max_receive_bytes=MAX_RECEIVE_BYTES,
+        )
 
     def _server(
-        self,
-        options: Iterable[tuple[str, int]],
-        qos_backend: Reconciler | None,
-        authorizer: Authorizer,
+        self, options: Sequence[tuple[str, int]], authorizer: Authorizer, mtls: bool
     ) -> grpc.Server:
         server = grpc.server(ThreadPoolExecutor(max_workers=MAX_WORKERS), options=list(options))
         telemetry.add_to_server(server, self.hub)
-        if qos_backend is not None:
-            qos.add_to_server(server, qos_backend, self.hub, authorizer)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
+        if self._qos_backend is not None:
+            qos.add_to_server(server, self._qos_backend, self.hub, authorizer)
+        add_health_and_reflection(server, self.health, self._services)
         return server
 
     @property
     def tcp_port(self) -> int | None:
         """The TCP port bound (the chosen one for port 0); None before start or without TCP."""
-        return self._tcp_port
+        return self._listeners.tcp_port
 
     def start(self) -> None:
         """Bind both listeners and serve; ListenError when either cannot bind."""
@@ -197,17 +118,13 @@ class ApiServer:
             ready = service not in self._readiness or self._readiness[service].is_set()
             status = health_pb2.HealthCheckResponse.SERVING if ready else _NOT_SERVING
             self.health.set(service, status)
-        # TCP first: when its port is taken, no socket file is left behind.
-        if self._tcp is not None and self.tcp is not None:
-            self._tcp_port = self._bind_tcp(self._tcp, self.tcp)
-        self._bind_unix()
-        self._unix.start()
-        if self._tcp is not None and self.tcp is not None:
-            self._tcp.start()
-            host, _ = self.tcp.address
-            log.info("gRPC API on %s:%d (%s)", host, self._tcp_port, self.tcp.describe())
+        self._listeners.bind()
+        for server in self._listeners.servers:
+            server.start()
+        if self.tcp is not None:
+            log.info("gRPC API on %s (%s)", self._listeners.bound_tcp(), self.tcp.describe())
         try:
-            restrict_socket(self.socket_path, self._group)
+            self._listeners.restrict_socket()
         except ListenError:
             self.stop()
             raise
@@ -216,25 +133,6 @@ class ApiServer:
                 target=self._watch_readiness, name="api-health", daemon=True
             )
             self._watcher.start()
-
-    def _bind_tcp(self, server: grpc.Server, tcp: TcpSettings) -> int:
-        try:
-            if self.certificates is not None:
-                return server.add_secure_port(tcp.target, self.certificates.credentials())
-            return server.add_insecure_port(tcp.target)
-        except RuntimeError as exc:
-            # gRPC says only "Failed to bind"; in use is by far the likeliest cause.
-            raise ListenError(
-                f"cannot listen on {tcp.target} for the gRPC API: {exc} "
-                "(port in use? set grpc_listen to another port, or none)"
-            ) from exc
-
-    def _bind_unix(self) -> None:
-        claim_socket_path(self.socket_path)
-        try:
-            self._unix.add_insecure_port(f"unix:{self.socket_path}")
-        except RuntimeError as exc:
-            raise ListenError(f"cannot listen on unix:{self.socket_path}: {exc}") from exc
 
     def _watch_readiness(self) -> None:
         pending = {s: e for s, e in self._readiness.items() if not e.is_set()}
@@ -249,9 +147,7 @@ class ApiServer:
     def reload_tls(self) -> bool:
         """Re-read the TCP listener's certificate, key and client CA (SIGHUP): True when
         new connections will use new ones; bad files are logged and the old kept."""
-        if self.certificates is None:
-            return False
-        return self.certificates.reload()
+        return self._listeners.reload_tls()
 
     def stop(self, grace_s: float = 2.0) -> None:
         self._stopping.set()
@@ -259,11 +155,8 @@ class ApiServer:
         self.health.enter_graceful_shutdown()
         # Streams end next, so the grace period is not spent waiting on watchers.
         self.hub.close()
-        stopped = [self._unix.stop(grace_s)]
-        if self._tcp is not None:
-            stopped.append(self._tcp.stop(grace_s))
-        for done in stopped:
+        for done in [server.stop(grace_s) for server in self._listeners.servers]:
             done.wait()
         if self._watcher is not None:
             self._watcher.join()
-        self.socket_path.unlink(missing_ok=True)
+        self._listeners.remove_socket()

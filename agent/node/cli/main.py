@@ -1,6 +1,7 @@
 """`fabric-agent`: run the daemon, or take one sample and print it.
 
-Exit codes: 0 ok, 1 runtime failure (a port in use), 2 bad input (config, flags).
+Exit codes (agent/common/exits.py): 0 ok, 1 runtime failure (a port in use), 2 bad input
+(config, flags).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import time
 from collections.abc import Sequence
 
 from agent import __version__
+from agent.common.addresses import format_host_port
 from agent.common.config import configure_logging
 from agent.common.errors import ConfigError, ListenError
+from agent.common.exits import ExitCode
 from agent.node.cli import policy as policy_cli
 from agent.node.cli.flags import add_config_flags, config_overrides
 from agent.node.cli.render import render_text
@@ -25,8 +28,6 @@ from agent.node.runtime import Agent, build_collectors
 from agent.node.sampler import Sampler
 
 log = logging.getLogger("agent")
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, config_overrides(args))
     except ConfigError as exc:
         print(f"fabric-agent: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.INVALID
     configure_logging(config.log_level)
     try:
         if args.command == "run":
@@ -63,10 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _sample(config, once=args.once, output=args.format)
     except ConfigError as exc:
         print(f"fabric-agent: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.INVALID
     except ListenError as exc:
         print(f"fabric-agent: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
 
 
 def _run(config: AgentConfig) -> int:
@@ -76,12 +77,11 @@ def _run(config: AgentConfig) -> int:
         agent.start_api()
         host, _ = config.metrics_address
         log.info(
-            "fabric-agent %s on node %s: metrics at http://%s:%d/metrics, API at unix:%s, "
+            "fabric-agent %s on node %s: metrics at http://%s/metrics, API at unix:%s, "
             "sampling every %gs, collectors %s, state in %s",
             __version__,
             config.node_name,
-            host,
-            server.port,
+            format_host_port(host, server.port),
             config.grpc_socket,
             config.interval,
             ", ".join(c.name for c in agent.sampler.collectors),
@@ -91,7 +91,7 @@ def _run(config: AgentConfig) -> int:
         agent.run()
     finally:
         agent.close()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _sample(config: AgentConfig, *, once: bool, output: str) -> int:
@@ -116,10 +116,10 @@ def _sample(config: AgentConfig, *, once: bool, output: str) -> int:
             else:
                 print(render_text(snapshot), flush=True)
             if once:
-                return EXIT_OK
+                return ExitCode.OK
             time.sleep(max(0.0, config.interval - (time.monotonic() - started)))
     except KeyboardInterrupt:
-        return EXIT_OK
+        return ExitCode.OK
     finally:
         sampler.close()
         shared.close()

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent.common.errors import ConfigError, FabricError
+from agent.common.exits import ExitCode
 from agent.common.policy.model import (
     QosPolicy,
     check_host,
@@ -38,7 +39,6 @@ from agent.node.qos.pipeline import QosSettings, plan_pass
 from agent.node.qos.planner import Plan
 from agent.node.qos.state import StateError, load_state
 
-EXIT_OK, EXIT_CHANGES, EXIT_INVALID = 0, 1, 2
 # What `policy plan` reads from the daemon's configuration.
 PLAN_FLAGS = ("--policy-dir", "--state-dir", "--take-over", "--cgroup-root")
 
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, config_overrides(args))
     except ConfigError as exc:
         print(f"fabric-agent: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     settings = QosSettings.from_config(config)
     kernel = NetlinkKernel(settings.netns)
     try:
@@ -123,13 +123,13 @@ def plan(settings: QosSettings, kernel: QosKernel, files: Sequence[Path] = ()) -
     if read.violations:
         for violation in read.violations:
             print(violation, file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     try:
         state = load_state(settings.state_dir)
         api = ApiPolicyStore(settings.state_dir)
     except (StateError, FabricError) as exc:
         print(f"fabric-agent: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     now = time.time()
     # Leases that ran out go at the daemon's next pass, before it plans.
     entries = {e.name: e for e in api.entries() if e.expires_at is None or e.expires_at > now}
@@ -162,8 +162,8 @@ def _print_plan(plan: Plan) -> int:
         for line in plan.nft.step.lines():
             print(line)
     if failed:
-        return EXIT_INVALID
-    return EXIT_OK if plan.empty else EXIT_CHANGES
+        return ExitCode.INVALID
+    return ExitCode.OK if plan.empty else ExitCode.CHANGES
 
 
 def _print_steps(header: str, lines: Sequence[str]) -> None:
@@ -190,7 +190,7 @@ def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = Non
             print(f"{where}: ok ({classes} on {spec.interface} {spec.direction})")
     for violation in violations:
         print(violation, file=sys.stderr)
-    return EXIT_INVALID if violations else EXIT_OK
+    return ExitCode.INVALID if violations else ExitCode.OK
 
 
 def status(state_dir: Path, kernel: QosKernel, *, over_s: float = 1.0) -> int:
@@ -199,10 +199,10 @@ def status(state_dir: Path, kernel: QosKernel, *, over_s: float = 1.0) -> int:
         state = load_state(state_dir)
     except StateError as exc:
         print(f"fabric-agent: {exc}", file=sys.stderr)
-        return EXIT_CHANGES
+        return ExitCode.CHANGES
     if not state.policies:
         print(f"no QoS policies applied (state in {state_dir})")
-        return EXIT_OK
+        return ExitCode.OK
     rows: list[tuple[str, ...]] = []
     try:
         first = {p.device: kernel.class_stats(p.device) for p in state.policies.values()}
@@ -210,13 +210,13 @@ def status(state_dir: Path, kernel: QosKernel, *, over_s: float = 1.0) -> int:
         second = {p.device: kernel.class_stats(p.device) for p in state.policies.values()}
     except FabricError as exc:
         print(f"fabric-agent: {exc}", file=sys.stderr)
-        return EXIT_CHANGES
+        return ExitCode.CHANGES
     for applied in sorted(state.policies.values(), key=lambda p: p.name):
         try:
             policy = QosPolicy.model_validate(applied.document, by_alias=True, by_name=False)
         except ValueError as exc:
             print(f"fabric-agent: state of policy {applied.name}: {exc}", file=sys.stderr)
-            return EXIT_CHANGES
+            return ExitCode.CHANGES
         for cls in policy.effective_classes():
             minor = applied.minors.get(cls.name)
             now = second[applied.device].get(minor) if minor is not None else None
@@ -243,7 +243,7 @@ def status(state_dir: Path, kernel: QosKernel, *, over_s: float = 1.0) -> int:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _human_bps(bps: float) -> str:

@@ -1,4 +1,4 @@
-"""Tests of agent/api; `snapshot()` builds a snapshot of real sample dataclasses."""
+"""Tests of agent/node/api; `snapshot()` builds a snapshot of real sample dataclasses."""
 
 from __future__ import annotations
 

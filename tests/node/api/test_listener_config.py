@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent.common.errors import ConfigError
+from agent.common.listeners import TcpSettings
 from agent.common.security import AllowedClients, ReadOnly
-from agent.node.api.server import TcpSettings
 from agent.node.cli.main import main
 from agent.node.config import AgentConfig, load_config
 from tests.pki import Pki

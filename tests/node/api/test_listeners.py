@@ -22,10 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent.common.channel import CLIENT_KEEPALIVE_TIME_MS, SERVER_MIN_PING_INTERVAL_MS
+from agent.common.listeners import TcpSettings
 from agent.common.policy.documents import encode_document
 from agent.common.policy.model import PolicyObject
 from agent.common.security import AllowedClients, ReadOnly, TlsFiles, authorize_mutation
-from agent.node.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer, TcpSettings
+from agent.node.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer
 from agent.node.api.telemetry import SnapshotHub
 from agent.node.qos.reconciler import ApiOutcome, PolicyView
 from agent.proto.fabric.v1 import qos_service_pb2 as qos_pb
