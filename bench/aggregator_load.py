@@ -113,7 +113,7 @@ def register_message(index: int) -> bytes:
             "gpu": "h200",
         },
         agent_version="bench",
-        capabilities=["nvml", "nvlink", "nic", "rdma", "host", "qos", "qos-enforce"],
+        capabilities=["gpu", "nvlink", "nic", "rdma", "host", "qos", "qos-enforce"],
         gpu_count=GPUS,
         summary_interval=duration_pb2.Duration(seconds=int(INTERVAL_S)),
     )

@@ -41,19 +41,14 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the agent packag
 
 from agent_overhead import cpu_seconds, free_port, terminate  # noqa: E402
 
+from agent.common.sections import enum_names  # noqa: E402
 from agent.proto.fabric.v1 import telemetry_service_pb2 as pb  # noqa: E402
 from agent.proto.fabric.v1.telemetry_service_pb2_grpc import TelemetryServiceStub  # noqa: E402
 
 FAKENVML = ROOT / "tests/fakenvml/libnvidia-ml.so.1"
 SCENARIO = ROOT / "tests/fakenvml/scenarios/hgx-h200-8gpu.json"
-SECTION_NAMES = {
-    pb.SECTION_GPU: "gpu",
-    pb.SECTION_NVLINK: "nvlink",
-    pb.SECTION_NIC: "nic",
-    pb.SECTION_RDMA: "rdma",
-    pb.SECTION_QOS: "qos",
-    pb.SECTION_HOST: "host",
-}
+# The sections timed one by one: those with a typed field in the snapshot.
+SECTION_NAMES = enum_names()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -171,8 +166,8 @@ def one_run(calls: int, section_calls: int, warmup: int) -> dict[str, object]:
         server_cpu_s = cpu_seconds(agent.pid) - start_cpu
         response = stub.GetSnapshot(full, timeout=5)
         sections: dict[str, dict[str, float]] = {}
-        for section, name in SECTION_NAMES.items():
-            request = pb.GetSnapshotRequest(sections=[section])
+        for name in SECTION_NAMES:
+            request = pb.GetSnapshotRequest(section_names=[name])
             timed(lambda request=request: stub.GetSnapshot(request, timeout=5), warmup)
             sections[name] = summary_ms(
                 timed(lambda request=request: stub.GetSnapshot(request, timeout=5), section_calls)
@@ -199,7 +194,7 @@ def in_process_costs(repeats: int = 200) -> dict[str, float]:
     """Median ms per step on a snapshot of the simulated node built in this process."""
     os.environ.setdefault("FAKE_NVML_SCENARIO", str(SCENARIO))
     from agent.node.api import convert, telemetry
-    from agent.node.collectors.base import SharedResources, Tick
+    from agent.node.collectors.base import SharedResources, Tick, file_samples
     from agent.node.config import AgentConfig
     from agent.node.runtime import build_collectors
     from agent.node.snapshot import Snapshot
@@ -210,7 +205,11 @@ def in_process_costs(repeats: int = 200) -> dict[str, float]:
         sections: dict[str, tuple[object, ...]] = {}
         for seq in (1, 2):  # two ticks, so GPM has a sample pair
             tick = Tick(seq, time.monotonic(), time.time())
-            sections = {c.name: tuple(c.collect(tick)) for c in collectors}
+            sections = {
+                name: samples
+                for c in collectors
+                for name, samples in file_samples(c.name, c.sections, c.collect(tick)).items()
+            }
             time.sleep(0.2)
         snapshot = Snapshot("bench", "-", 2, 1.0, tick.wall_s, time.time(), sections, ())
     finally:
@@ -262,7 +261,7 @@ def main() -> int:
         "metrics_scrape_ms": {s: ms("metrics_scrape_ms", s) for s in ("p50", "p99", "max")},
         "sections_ms": {
             name: {s: ms("sections_ms", s, name) for s in ("p50", "p99", "max")}
-            for name in SECTION_NAMES.values()
+            for name in SECTION_NAMES
         },
         "agent_cpu_ms_per_call": median_of(lambda run: run["agent_cpu_ms_per_call"]),  # type: ignore[arg-type,return-value]
         "response_bytes": runs[-1]["response_bytes"],

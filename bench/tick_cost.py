@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.node.collectors.base import SharedResources, Tick
+from agent.node.collectors.base import SharedResources, Tick, file_samples
 from agent.node.config import AgentConfig
 from agent.node.exporter import SnapshotMetrics, TextEncoder, snapshot_families
 from agent.node.runtime import build_collectors
@@ -59,9 +59,10 @@ def main() -> int:
             sections = {}
             for collector in collectors:
                 start = time.thread_time()
-                sections[collector.name] = tuple(collector.collect(tick))
+                samples = collector.collect(tick)
                 steps[collector.name].append(time.thread_time() - start)
-                counts[collector.name] = len(sections[collector.name])
+                counts[collector.name] = len(samples)
+                sections |= file_samples(collector.name, collector.sections, samples)
             snapshot = Snapshot("bench", "-", seq, 1.0, tick.wall_s, time.time(), sections, ())
             start = time.thread_time()
             families = list(snapshot_families(snapshot, collectors))

@@ -16,6 +16,7 @@ from pyroute2 import netns as pyroute2_netns
 
 from agent.node.collectors.base import CollectorContext, SharedResources
 from agent.node.config import AgentConfig
+from agent.node.nvml import NvmlOptions
 from agent.node.qos.kernel import TcCapabilities
 from agent.node.qos.tc import detect_capabilities
 from agent.node.runtime import build_collectors
@@ -254,7 +255,7 @@ def nvml_context(
     """A collector context whose config points at the fake driver; its shared resources
     (the NVML session) are closed after the test."""
     shared = SharedResources()
-    yield CollectorContext(AgentConfig(nvml_library=fakenvml.library), shared)
+    yield CollectorContext(NvmlOptions(fakenvml.library), shared)
     shared.close()
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.node.collectors.base import Tick
+from agent.node.collectors.base import Section, Tick
 from agent.node.families import CounterFamily, Family
 
 
@@ -18,10 +18,12 @@ class Reading:
 
 
 class FakeCollector:
-    """A collector whose behaviour the test sets: samples, an error, or a delay."""
+    """A collector whose behaviour the test sets: samples, an error, or a delay. Its one
+    section, named after it, holds `Reading`s."""
 
     def __init__(self, name: str, *, delay_s: float = 0.0, error: Exception | None = None) -> None:
         self.name = name
+        self.sections = (Section(name, Reading),)
         self.delay_s = delay_s
         self.error = error
         self.calls = 0

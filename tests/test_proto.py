@@ -49,7 +49,7 @@ def _snapshot() -> telemetry_pb2.Snapshot:
         started_unix_seconds=1_764_140_000.25,
         completed_unix_seconds=1_764_140_000.5,
         collectors=[
-            telemetry_pb2.CollectorStatus(name="nvml", success=True, duration_seconds=0.012),
+            telemetry_pb2.CollectorStatus(name="gpu", success=True, duration_seconds=0.012),
             telemetry_pb2.CollectorStatus(name="rdma", success=False, error="no such device"),
         ],
         gpus=[

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     tele.add_argument(
         "--section",
         metavar="S,...",
-        help=f"only these sections: {','.join(telemetry.SECTIONS)} (default all)",
+        help="only these sections, by the agent's names for them, e.g. gpu,nic (default all; "
+        "the agent lists its sections when asked for one it does not have)",
     )
     tele.add_argument("--watch", action="store_true", help="print snapshots as they are taken")
     tele.add_argument(

@@ -1,18 +1,24 @@
 """`fabricctl telemetry [--section S,...] [--watch [--interval D]]`: the agent's latest
 snapshot, or its snapshots as they are taken, as tables per section or as JSON.
 
-Counters are cumulative in a snapshot; in `--watch` the NIC, RDMA and NVLink tables
-add rates over the time between two consecutive snapshots.
+The sections are the agent's: fabricctl asks for them by name, and the agent refuses a
+name it does not have (INVALID_ARGUMENT, listing the ones it has). The sections with a
+typed field in the snapshot print as tables made for them; any other prints as a table
+of its samples' fields. Counters are cumulative in a snapshot; in `--watch` the NIC, RDMA
+and NVLink tables add rates over the time between two consecutive snapshots.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 
+from agent.common import rates
+from agent.common.sections import enum_names, enum_value
 from agent.ctl.client import EXIT_OK, UsageError
 from agent.ctl.output import (
     human_bps,
@@ -25,42 +31,38 @@ from agent.ctl.output import (
 )
 from agent.proto.fabric.v1 import telemetry_pb2, telemetry_service_pb2, telemetry_service_pb2_grpc
 
-# --section names, in the order their tables print.
-SECTIONS: dict[str, telemetry_service_pb2.Section.ValueType] = {
-    "gpu": telemetry_service_pb2.SECTION_GPU,
-    "nvlink": telemetry_service_pb2.SECTION_NVLINK,
-    "nic": telemetry_service_pb2.SECTION_NIC,
-    "rdma": telemetry_service_pb2.SECTION_RDMA,
-    "qos": telemetry_service_pb2.SECTION_QOS,
-    "host": telemetry_service_pb2.SECTION_HOST,
-}
-
 Snapshot = telemetry_pb2.Snapshot
 _T = TypeVar("_T")
 
 
 def parse_sections(text: str | None) -> list[str]:
-    """`gpu,nic` -> ['gpu', 'nic'] in table order; None or empty: every section."""
-    if not text:
-        return list(SECTIONS)
-    names = {part.strip().lower() for part in text.split(",") if part.strip()}
-    unknown = sorted(names - SECTIONS.keys())
-    if unknown:
-        raise UsageError(
-            f"--section: unknown {', '.join(unknown)} (choose from {', '.join(SECTIONS)})"
-        )
-    return [name for name in SECTIONS if name in names]
+    """`nic,gpu` -> ['nic', 'gpu']; None or empty: [] (every section the agent has)."""
+    if text is None:
+        return []
+    names: list[str] = []
+    for part in text.split(","):
+        name = part.strip().lower()
+        if name and name not in names:
+            names.append(name)
+    if text.strip() and not names:
+        raise UsageError(f"--section {text!r}: no section named")
+    return names
 
 
-def _request_sections(names: Sequence[str]) -> list[telemetry_service_pb2.Section.ValueType]:
-    # Every section requested is the same as none: the agent sends all.
-    return [] if len(names) == len(SECTIONS) else [SECTIONS[name] for name in names]
+def _requested(
+    names: Sequence[str],
+) -> tuple[list[telemetry_service_pb2.Section.ValueType], list[str]]:
+    """The request's sections: by name, and again through the deprecated enum where it
+    has them, so that an agent older than section names sends them too."""
+    values = sorted(value for name in names if (value := enum_value(name)) is not None)
+    return values, list(names)
 
 
 def get(channel: grpc.Channel, sections: Sequence[str], *, output: str, timeout_s: float) -> int:
     """Print the latest snapshot; raises grpc.RpcError."""
     stub = telemetry_service_pb2_grpc.TelemetryServiceStub(channel)
-    request = telemetry_service_pb2.GetSnapshotRequest(sections=_request_sections(sections))
+    values, names = _requested(sections)
+    request = telemetry_service_pb2.GetSnapshotRequest(sections=values, section_names=names)
     response = stub.GetSnapshot(request, timeout=timeout_s)
     if output == "json":
         print(to_json(response.snapshot))
@@ -77,7 +79,8 @@ def watch(
     if interval_s is not None and interval_s < 0:
         raise UsageError("--interval must not be negative")
     stub = telemetry_service_pb2_grpc.TelemetryServiceStub(channel)
-    request = telemetry_service_pb2.WatchSnapshotsRequest(sections=_request_sections(sections))
+    values, names = _requested(sections)
+    request = telemetry_service_pb2.WatchSnapshotsRequest(sections=values, section_names=names)
     if interval_s is not None:
         interval = duration_pb2.Duration()
         interval.FromNanoseconds(round(interval_s * 1e9))
@@ -99,12 +102,13 @@ def watch(
 
 def render_snapshot(
     snapshot: Snapshot,
-    sections: Sequence[str] = tuple(SECTIONS),
+    sections: Sequence[str] = (),
     previous: Snapshot | None = None,
     missed: int = 0,
 ) -> str:
-    """A header line, failed collectors, then one table per section (`(none)` when the
-    node has nothing in it); rates against `previous` where given."""
+    """A header line, failed collectors, then one table per section asked for (none:
+    all; `(none)` when the node has nothing in it); rates against `previous` where
+    given."""
     header = (
         f"node {snapshot.node_name}  seq {snapshot.seq}  agent {snapshot.agent_version}  "
         f"interval {snapshot.interval_seconds:g}s"
@@ -116,7 +120,8 @@ def render_snapshot(
     for status in failed:
         lines.append(f"collector {status.name} FAILED: {status.error}")
     seconds = _elapsed_s(snapshot, previous)
-    renderers: dict[str, Callable[[], str]] = {
+    # The sections with a typed field of the snapshot, and their tables.
+    typed: dict[str, Callable[[], str]] = {
         "gpu": lambda: _gpus(snapshot),
         "nvlink": lambda: _nvlinks(snapshot, previous, seconds),
         "nic": lambda: _nics(snapshot, previous, seconds),
@@ -124,24 +129,35 @@ def render_snapshot(
         "qos": lambda: _qos_classes(snapshot),
         "host": lambda: _host(snapshot),
     }
-    for name in sections:
+    for name in _section_order(snapshot, sections):
         lines.append("")
         lines.append(f"{name.upper()}")
-        lines.append(renderers[name]())
+        render = typed.get(name)
+        lines.append(render() if render is not None else _generic(snapshot, name))
     return "\n".join(lines)
+
+
+def _section_order(snapshot: Snapshot, requested: Sequence[str]) -> list[str]:
+    """The sections to print: those asked for (none: all) in the agent's order."""
+    if snapshot.section_names:
+        carried = list(snapshot.section_names)
+        return [name for name in carried if name in requested] if requested else carried
+    # An agent older than section names sends what the deprecated enum has.
+    known = enum_names()
+    if not requested:
+        return known
+    return sorted(requested, key=lambda n: known.index(n) if n in known else len(known))
 
 
 def _elapsed_s(snapshot: Snapshot, previous: Snapshot | None) -> float | None:
     if previous is None:
         return None
-    seconds = snapshot.started_unix_seconds - previous.started_unix_seconds
-    return seconds if seconds > 0 else None
+    return snapshot.started_unix_seconds - previous.started_unix_seconds
 
 
 def _rate_bps(now: int, then: int | None, seconds: float | None) -> str:
-    if then is None or seconds is None or now < then:
-        return "-"
-    return human_bps((now - then) * 8 / seconds)
+    bytes_per_s = rates.rate(now, then, seconds)
+    return "-" if bytes_per_s is None else human_bps(bytes_per_s * 8)
 
 
 def _by_key(items: Iterable[_T], key: Callable[[_T], object]) -> dict[object, _T]:
@@ -292,3 +308,27 @@ def _host(snapshot: Snapshot) -> str:
         f"load {host.load1:.2f} {host.load5:.2f} {host.load15:.2f}  memory {memory}\n"
         f"cpu seconds: {cpu}"
     )
+
+
+def _generic(snapshot: Snapshot, name: str) -> str:
+    """A section without a typed field: one row per sample, one column per field."""
+    section = next((s for s in snapshot.sections if s.name == name), None)
+    if section is None or not section.samples:
+        return "(none)"
+    samples = [json_format.MessageToDict(sample) for sample in section.samples]
+    columns = list(section.fields) or sorted({key for sample in samples for key in sample})
+    rows = [tuple(_cell(sample.get(column)) for column in columns) for sample in samples]
+    return table(tuple(column.upper() for column in columns), rows)
+
+
+def _cell(value: object) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        # A Struct's numbers are doubles: integers print as integers.
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else f"{value:g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

@@ -34,10 +34,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 def snapshot_families(
     snapshot: Snapshot, collectors: Sequence[Collector], last_render_s: float | None = None
 ) -> Iterable[Family]:
-    """Every family of the snapshot: each section rendered by the collector that produced
-    it, then the framework's own series."""
+    """Every family of the snapshot: each collector's sections rendered by the collector,
+    then the framework's own series."""
     for collector in collectors:
-        samples = snapshot.section(collector.name)
+        samples = snapshot.collected(collector.sections)
         if samples:
             yield from collector.metrics(samples)
     yield from framework_families(snapshot)

@@ -815,8 +815,16 @@ def _quietly(call: Callable[..., Any], *args: Any) -> None:
         log.debug("NVML teardown: %s", exc)
 
 
-def shared_session(context: CollectorContext) -> NvmlSession:
+@dataclass(frozen=True, slots=True)
+class NvmlOptions:
+    """What the GPU and NVLink collectors take from the configuration."""
+
+    # libnvidia-ml.so.1 when it is not on the loader path (also the test driver).
+    nvml_library: Path | None
+
+
+def shared_session(context: CollectorContext[NvmlOptions]) -> NvmlSession:
     """The process's NVML session, created by the first collector that needs it."""
     return context.shared.get(
-        "nvml", lambda: NvmlSession(context.config.nvml_library), NvmlSession.close
+        "nvml", lambda: NvmlSession(context.options.nvml_library), NvmlSession.close
     )

@@ -8,13 +8,20 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 from agent.common.errors import ConfigError
 from agent.common.listeners import TcpSettings
 from agent.common.sdnotify import Notifier, watchdog_interval_s
 from agent.node.api.server import QOS_SERVICE, TELEMETRY_SERVICE, ApiServer
 from agent.node.api.telemetry import SnapshotHub
-from agent.node.collectors.base import Collector, CollectorContext, SharedResources, registrations
+from agent.node.collectors.base import (
+    Collector,
+    Registration,
+    SharedResources,
+    find_registration,
+    registrations,
+)
 from agent.node.collectors.qos import RECONCILER_KEY
 from agent.node.config import AgentConfig
 from agent.node.exporter import ExpositionCache, MetricsServer
@@ -54,21 +61,24 @@ def uplink_settings(config: AgentConfig, collectors: Sequence[Collector]) -> Upl
 
 
 def build_collectors(config: AgentConfig, shared: SharedResources) -> list[Collector]:
-    """Instantiate the configured collectors (all default-enabled ones when none named)."""
+    """Instantiate the configured collectors (all default-enabled ones when none named),
+    each with its options taken from `config`."""
     known = registrations()
+    chosen: dict[str, Registration[Any]] = {}
     if config.collectors:
-        unknown = [name for name in config.collectors if name not in known]
-        if unknown:
-            raise ConfigError(
-                "configuration",
-                "collectors",
-                f"unknown collector {unknown[0]!r} (known: {', '.join(sorted(known))})",
-            )
-        names: Sequence[str] = config.collectors
+        for name in config.collectors:
+            found = find_registration(name)
+            if found is None:
+                raise ConfigError(
+                    "configuration",
+                    "collectors",
+                    f"unknown collector {name!r} (known: {', '.join(sorted(known))})",
+                )
+            # A former name and the current one select the collector once.
+            chosen.setdefault(found.name, found)
     else:
-        names = [name for name, reg in sorted(known.items()) if reg.default_enabled]
-    context = CollectorContext(config=config, shared=shared)
-    return [known[name].factory(context) for name in names]
+        chosen = {name: reg for name, reg in sorted(known.items()) if reg.default_enabled}
+    return [registration.create(config, shared) for registration in chosen.values()]
 
 
 class Agent:

@@ -1,8 +1,10 @@
 """The sampling loop: every collector once per tick, each in its own worker thread.
 
-A collector that raises is recorded as failed; one that has not returned by the tick's
-deadline is recorded as timed out and left running on its own worker, where it cannot
-hold up the others or the next snapshot (the next tick skips it while it is busy).
+What a collector returns is filed under its sections by sample type. A collector that
+raises, or returns a sample none of its sections holds, is recorded as failed; one that
+has not returned by the tick's deadline is recorded as timed out and left running on its
+own worker, where it cannot hold up the others or the next snapshot (the next tick skips
+it while it is busy).
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.node.collectors.base import Collector, Tick
+from agent.node.collectors.base import Collector, Tick, file_samples
 from agent.node.errors import SourceUnavailableError
 from agent.node.snapshot import CollectorStatus, Snapshot
 
@@ -28,7 +30,9 @@ _STAGGER_S = 0.02
 
 @dataclass(frozen=True, slots=True)
 class _Result:
-    samples: tuple[Any, ...]
+    # By section name; empty when the collector failed.
+    sections: Mapping[str, tuple[Any, ...]]
+    samples: int
     duration_s: float
     error: str | None
     # The source is absent (no driver) and has said so itself: fail quietly.
@@ -55,16 +59,19 @@ class _Worker:
 
     def _run(self, tick: Tick) -> _Result:
         start = time.perf_counter()
+        collector = self.collector
         try:
-            samples = tuple(self.collector.collect(tick))
+            samples = collector.collect(tick)
+            sections = file_samples(collector.name, collector.sections, samples)
         except Exception as exc:  # reported in the snapshot and logged on change
             return _Result(
-                (),
+                {},
+                0,
                 time.perf_counter() - start,
                 f"{type(exc).__name__}: {exc}",
                 isinstance(exc, SourceUnavailableError),
             )
-        return _Result(samples, time.perf_counter() - start, None)
+        return _Result(sections, len(samples), time.perf_counter() - start, None)
 
 
 class Sampler:
@@ -123,10 +130,9 @@ class Sampler:
             if future.done():
                 result = future.result()
                 statuses[name] = CollectorStatus(
-                    name, result.error is None, result.duration_s, len(result.samples), result.error
+                    name, result.error is None, result.duration_s, result.samples, result.error
                 )
-                if result.error is None:
-                    sections[name] = result.samples
+                sections.update(result.sections)
                 by_name[name].quiet = result.unavailable
             else:
                 statuses[name] = CollectorStatus(

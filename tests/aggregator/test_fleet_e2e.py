@@ -159,7 +159,7 @@ class TestThreeNodes:
             assert node.status == CONNECTED, name
             assert dict(node.labels) == {"pool": pools[name], "rack": "r1"}
             assert node.agent_version == __version__
-            assert {"nvml", "nvlink", "qos", "qos-enforce"} <= set(node.capabilities)
+            assert {"gpu", "nvlink", "qos", "qos-enforce"} <= set(node.capabilities)
             assert len(node.summary.gpus) == 8
             assert node.last_seen.seconds > 0
         assert [n.name for n in training.nodes] == ["node-a", "node-b"]

@@ -214,7 +214,7 @@ def snapshot(seq: int = 7) -> telemetry_pb2.Snapshot:
     snap = telemetry_pb2.Snapshot(
         node_name="gpu-node-1", agent_version="0.1.0", seq=seq, interval_seconds=1.0,
         started_unix_seconds=1000.0 + seq, completed_unix_seconds=1000.01 + seq,
-        collectors=[telemetry_pb2.CollectorStatus(name="nvml", success=True, samples=2),
+        collectors=[telemetry_pb2.CollectorStatus(name="gpu", success=True, samples=2),
                     telemetry_pb2.CollectorStatus(name="rdma", success=False, error="boom")],
     )  # fmt: skip
     for index in range(2):

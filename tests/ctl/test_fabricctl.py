@@ -134,6 +134,7 @@ def test_telemetry_sections_filter(
     (request,) = fake_agent.telemetry.requests["GetSnapshot"]
     assert list(request.sections) == [telemetry_service_pb2.SECTION_GPU,
                                       telemetry_service_pb2.SECTION_NIC]  # fmt: skip
+    assert list(request.section_names) == ["nic", "gpu"]
     headers = [line for line in out.splitlines() if line in ("GPU", "NVLINK", "NIC", "RDMA")]
     assert headers == ["GPU", "NIC"]
 
@@ -141,11 +142,18 @@ def test_telemetry_sections_filter(
 def test_telemetry_unknown_section_is_bad_input(
     fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # The agent knows its sections: it refuses the name, listing them.
+    reason = "unknown section 'disk'; this agent has gpu, nic"
+    fake_agent.telemetry.answers["GetSnapshot"] = bad_request(
+        f"section_names[1]: {reason}", ("section_names[1]", reason)
+    )
+
     code, _, err = ctl(fake_agent, capsys, "telemetry", "--section", "gpu,disk")
 
     assert code == 2
-    assert "unknown disk" in err
-    assert "GetSnapshot" not in fake_agent.telemetry.requests
+    assert "unknown section 'disk'; this agent has gpu, nic" in err
+    (request,) = fake_agent.telemetry.requests["GetSnapshot"]
+    assert list(request.section_names) == ["gpu", "disk"]
 
 
 def test_telemetry_json(fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
@@ -210,6 +218,24 @@ def test_watch_table_notes_missed_and_rates(
     # 2 MB received over 2 s between the two snapshots: 8 Mbit/s.
     eth0 = next(line for line in second.splitlines() if line.startswith("eth0 "))
     assert "8.0Mbit/s" in eth0 and "16.0Mbit/s" in eth0
+
+
+def test_watch_rate_of_a_reset_counter_is_what_it_counted_since(
+    fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reset = snapshot(9)
+    reset.nics[0].receive_bytes = 500_000  # the interface was re-created
+    fake_agent.telemetry.stream = [
+        telemetry_service_pb2.WatchSnapshotsResponse(snapshot=snapshot(7)),
+        telemetry_service_pb2.WatchSnapshotsResponse(snapshot=reset),
+    ]
+
+    code, out, _ = ctl(fake_agent, capsys, "telemetry", "--watch", "--section", "nic")
+
+    assert code == 0
+    eth0 = next(line for line in out.split("\n\nnode ")[1].splitlines() if line.startswith("eth0"))
+    # 500 kB over the 2 s between the snapshots: 2 Mbit/s, not negative and not "-".
+    assert "2.0Mbit/s" in eth0
 
 
 def test_watch_ctrl_c_exits_0(fake_agent: FakeAgent) -> None:

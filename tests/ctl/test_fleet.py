@@ -130,7 +130,7 @@ def gpu_node(name: str, **labels: str) -> pb.Node:
     summary.reconcile.drift_corrections = 1
     return pb.Node(
         name=name, labels=labels, status=pb.NODE_STATUS_CONNECTED, last_seen=seconds_ago(2),
-        agent_version="0.1.0", capabilities=["nvml", "nvlink", "qos-enforce"], summary=summary,
+        agent_version="0.1.0", capabilities=["gpu", "nvlink", "qos-enforce"], summary=summary,
     )  # fmt: skip
 
 
@@ -292,7 +292,7 @@ def test_node_table(aggregator: FakeAggregator, capsys: pytest.CaptureFixture[st
     lines = out.splitlines()
     assert lines[0].startswith("node gpu-node-1  connected  last seen ")
     assert lines[0].endswith(" ago  agent 0.1.0")
-    assert lines[1:3] == ["labels: pool=a", "capabilities: nvml,nvlink,qos-enforce"]
+    assert lines[1:3] == ["labels: pool=a", "capabilities: gpu,nvlink,qos-enforce"]
     assert lines[4] == "reconcile: passes success=3, drift corrections 1"
     gpu_header = lines.index("GPU") + 1
     assert lines[gpu_header].split() == [

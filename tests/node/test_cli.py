@@ -80,6 +80,18 @@ def test_unknown_collector_exits_2() -> None:
     assert "collectors: unknown collector 'gpu-magic'" in result.stderr
 
 
+def test_a_config_naming_the_gpu_collector_nvml_still_runs_it(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("collectors: [nvml, host, gpu]\n")
+
+    result = agent("sample", "--once", "--format", "json", "--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    names = [status["name"] for status in json.loads(result.stdout)["collectors"]]
+    assert names == ["gpu", "host"]
+    assert result.stderr.count("collector name 'nvml' is now 'gpu'") == 1
+
+
 def test_port_in_use_exits_1(busy_port: int, tmp_path: Path) -> None:
     result = agent(
         "run",

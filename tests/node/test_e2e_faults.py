@@ -109,7 +109,7 @@ def test_gpu_lost_mid_run_is_marked_and_the_rest_keeps_sampling(
         )
     )
 
-    assert success(series, "nvml") == 1.0 and success(series, "nvlink") == 1.0
+    assert success(series, "gpu") == 1.0 and success(series, "nvlink") == 1.0
     assert others_ok(series)
     assert all(series.get(f'fabric_gpu_lost{{gpu="{gpu}"}}') == 0.0 for gpu in (0, 1, 2, 4, 7))
     assert 'fabric_gpu_utilization_ratio{gpu="3"}' not in series
@@ -147,7 +147,7 @@ def test_xid_events_are_counted_per_gpu_and_code(run_agent: Callable[..., Runnin
 def test_unsupported_functions_leave_series_out(run_agent: Callable[..., RunningAgent]) -> None:
     agent = run_agent("not-supported.json")
 
-    series = agent.wait_for(lambda s: success(s, "nvml") == 1.0 and others_ok(s))
+    series = agent.wait_for(lambda s: success(s, "gpu") == 1.0 and others_ok(s))
 
     assert 'fabric_gpu_power_watts{gpu="0"}' in series
     assert 'fabric_gpu_energy_joules_total{gpu="0"}' not in series
@@ -163,7 +163,7 @@ def test_no_driver_runs_on_and_says_so_once(
     library = None if scenario else tmp_path / "missing" / "libnvidia-ml.so.1"
     agent = run_agent(scenario, library)
 
-    series = agent.wait_for(lambda s: others_ok(s) and success(s, "nvml") == 0.0)
+    series = agent.wait_for(lambda s: others_ok(s) and success(s, "gpu") == 0.0)
     time.sleep(1.0)  # five more ticks without a driver
     stderr = agent.stop()
 

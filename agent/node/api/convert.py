@@ -1,38 +1,43 @@
 """Snapshots as ``fabric.v1`` messages: pure functions, tested without gRPC.
 
-Sample dataclasses and proto messages share field names and units; a field the sample
-leaves None stays unset (proto3 ``optional``), and a sample field the message lacks is
-not exported (tests/api/test_convert.py lists those, so new ones are a decision).
+Built from the registered sections (agent.node.collectors.base). A section with a typed
+field of ``fabric.v1.Snapshot`` fills it through its `SnapshotField`: sample dataclasses
+and proto messages share field names and units, a field the sample leaves None stays
+unset (proto3 ``optional``), and a sample field the message lacks is not exported
+(tests/node/api/test_convert.py lists those, so new ones are a decision). A section
+without one goes into the snapshot's generic ``sections``, each sample a
+``google.protobuf.Struct`` of its fields. Requests name sections, or use the deprecated
+``Section`` enum, whose values map to names through the proto descriptor.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import Any, TypeAlias, TypeVar
+import json
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, TypeVar
 
+from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from agent.node.collectors.gpu import GpuSample
-from agent.node.collectors.host import HostSample
-from agent.node.collectors.nic import NicSample
-from agent.node.collectors.nvlink import NvLinkSample
-from agent.node.collectors.qos import QosClassSample
-from agent.node.collectors.rdma import RdmaPortSample
-from agent.node.snapshot import CollectorStatus, Snapshot
+from agent.common.sections import enum_name, enum_value
+from agent.node.collectors.base import SampleT, Section, sample_message, section_owners, sections
+from agent.node.collectors.gpu import GPU
+from agent.node.collectors.nic import NIC
+from agent.node.collectors.nvlink import NVLINK
+from agent.node.collectors.rdma import RDMA
+from agent.node.snapshot import CollectorStatus, Snapshot, plain
 from agent.proto.fabric.v1 import telemetry_pb2, telemetry_service_pb2
-
-Section: TypeAlias = telemetry_service_pb2.Section.ValueType
 
 _M = TypeVar("_M", bound=Message)
 
 
 class SectionError(ValueError):
-    """A requested section is not one this agent knows."""
+    """A requested section is not one this agent has."""
 
-    def __init__(self, value: int) -> None:
-        super().__init__(f"sections: unknown section {value}")
-        self.value = value
+    def __init__(self, field: str, requested: str, known: Sequence[str]) -> None:
+        self.field = field
+        self.reason = f"unknown section {requested}; this agent has {', '.join(known)}"
+        super().__init__(f"{field}: {self.reason}")
 
 
 class PageTokenError(ValueError):
@@ -41,30 +46,6 @@ class PageTokenError(ValueError):
     def __init__(self, token: str) -> None:
         super().__init__(f"page_token: invalid token {token!r}")
         self.token = token
-
-
-def _message(message_type: type[_M], sample: Any, **overrides: Any) -> _M:
-    """The message with every field of the sample that it has and that is not None."""
-    names = message_type.DESCRIPTOR.fields_by_name
-    values = {
-        field.name: getattr(sample, field.name)
-        for field in dataclasses.fields(sample)
-        if field.name in names and getattr(sample, field.name) is not None
-    }
-    values.update(overrides)
-    return message_type(**values)
-
-
-def gpu_sample(sample: GpuSample) -> telemetry_pb2.GpuSample:
-    return _message(
-        telemetry_pb2.GpuSample,
-        sample,
-        xid_errors=[telemetry_pb2.XidCount(xid=xid, count=n) for xid, n in sample.xid_errors],
-    )
-
-
-def host_sample(sample: HostSample) -> telemetry_pb2.HostSample:
-    return _message(telemetry_pb2.HostSample, sample, cpu_seconds=dict(sample.cpu_seconds))
 
 
 def collector_status(status: CollectorStatus) -> telemetry_pb2.CollectorStatus:
@@ -77,53 +58,53 @@ def collector_status(status: CollectorStatus) -> telemetry_pb2.CollectorStatus:
     )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _SectionSpec:
-    collector: str
-    sample_type: type[Any]
-    # The repeated field of fabric.v1.Snapshot this section fills.
-    field: str
-    convert: Callable[[Any], Message]
+def sample_struct(sample: Any) -> struct_pb2.Struct:
+    """A sample's fields as a Struct; values JSON has no type for (paths) as text."""
+    struct = struct_pb2.Struct()
+    struct.update(json.loads(json.dumps(plain(sample), default=str)))
+    return struct
 
 
-_SECTIONS: Mapping[Section, _SectionSpec] = {
-    telemetry_service_pb2.SECTION_GPU: _SectionSpec("nvml", GpuSample, "gpus", gpu_sample),
-    telemetry_service_pb2.SECTION_NVLINK: _SectionSpec(
-        "nvlink", NvLinkSample, "nvlinks", lambda s: _message(telemetry_pb2.NvLinkSample, s)
-    ),
-    telemetry_service_pb2.SECTION_NIC: _SectionSpec(
-        "nic", NicSample, "nics", lambda s: _message(telemetry_pb2.NicSample, s)
-    ),
-    telemetry_service_pb2.SECTION_RDMA: _SectionSpec(
-        "rdma", RdmaPortSample, "rdma_ports", lambda s: _message(telemetry_pb2.RdmaPortSample, s)
-    ),
-    # The qos section also holds the reconciler's QosReconcileSample, not exported here.
-    telemetry_service_pb2.SECTION_QOS: _SectionSpec(
-        "qos",
-        QosClassSample,
-        "qos_classes",
-        lambda s: _message(telemetry_pb2.QosClassSample, s),
-    ),
-    telemetry_service_pb2.SECTION_HOST: _SectionSpec("host", HostSample, "host", host_sample),
-}
+def exported_sections() -> list[Section[Any]]:
+    """The sections the API serves, in its order: those the deprecated enum has, in the
+    enum's order (the order clients have always had), then the others by name."""
 
-ALL_SECTIONS: tuple[Section, ...] = tuple(_SECTIONS)
+    def order(section: Section[Any]) -> tuple[int, int, str]:
+        value = enum_value(section.name)
+        return (0, value, "") if value is not None else (1, 0, section.name)
+
+    return sorted((s for s in sections().values() if s.exported), key=order)
 
 
-def validate_sections(sections: Iterable[int]) -> frozenset[Section]:
-    """The requested sections (empty: all); raises SectionError for an unknown value,
+def validate_sections(values: Iterable[int], names: Iterable[str] = ()) -> frozenset[str]:
+    """The names of the requested sections, by enum value and by name together (none
+    requested: all); raises SectionError for one the agent does not serve,
     SECTION_UNSPECIFIED included."""
-    chosen: set[Section] = set()
-    for value in sections:
-        if value not in _SECTIONS:
-            raise SectionError(value)
-        chosen.add(telemetry_service_pb2.Section.ValueType(value))
-    return frozenset(chosen or _SECTIONS)
+    known = [section.name for section in exported_sections()]
+    chosen: set[str] = set()
+    for index, value in enumerate(values):
+        name = enum_name(value)
+        if name is None or name not in known:
+            raise SectionError(f"sections[{index}]", str(value), known)
+        chosen.add(name)
+    for index, name in enumerate(names):
+        if name not in known:
+            raise SectionError(f"section_names[{index}]", repr(name), known)
+        chosen.add(name)
+    return frozenset(chosen or known)
 
 
-def snapshot_to_proto(snapshot: Snapshot, sections: Collection[int] = ()) -> telemetry_pb2.Snapshot:
-    """The snapshot with the given sections (empty: all) and their collectors' statuses."""
-    chosen = validate_sections(sections)
+def snapshot_to_proto(
+    snapshot: Snapshot, sections: Collection[int] = (), section_names: Collection[str] = ()
+) -> telemetry_pb2.Snapshot:
+    """The snapshot with the requested sections (none: all) and their collectors'
+    statuses; raises SectionError."""
+    return snapshot_message(snapshot, validate_sections(sections, section_names))
+
+
+def snapshot_message(snapshot: Snapshot, chosen: frozenset[str]) -> telemetry_pb2.Snapshot:
+    """The snapshot with the chosen sections (as `validate_sections` returns them) and
+    their collectors' statuses."""
     message = telemetry_pb2.Snapshot(
         node_name=snapshot.node_name,
         agent_version=snapshot.agent_version,
@@ -132,31 +113,38 @@ def snapshot_to_proto(snapshot: Snapshot, sections: Collection[int] = ()) -> tel
         started_unix_seconds=snapshot.started_wall_s,
         completed_unix_seconds=snapshot.completed_wall_s,
     )
-    if len(chosen) == len(_SECTIONS):
+    served = exported_sections()
+    if all(section.name in chosen for section in served):
         statuses: Iterable[CollectorStatus] = snapshot.collectors
     else:
-        collectors = {_SECTIONS[section].collector for section in chosen}
+        owners = section_owners()
+        collectors = {owners[name] for name in chosen}
         statuses = (s for s in snapshot.collectors if s.name in collectors)
     message.collectors.extend(collector_status(status) for status in statuses)
-    for section in ALL_SECTIONS:
-        if section not in chosen:
-            continue
-        spec = _SECTIONS[section]
-        getattr(message, spec.field).extend(
-            spec.convert(sample)
-            for sample in snapshot.section(spec.collector)
-            if isinstance(sample, spec.sample_type)
-        )
+    for section in served:
+        if section.name in chosen:
+            message.section_names.append(section.name)
+            _add_section(message, section, snapshot.samples(section))
     return message
+
+
+def _add_section(
+    message: telemetry_pb2.Snapshot, section: Section[SampleT], samples: tuple[SampleT, ...]
+) -> None:
+    field = section.snapshot_field
+    if field is not None:
+        getattr(message, field.name).extend(field.message(sample) for sample in samples)
+        return
+    generic = message.sections.add(name=section.name, fields=section.field_names)
+    generic.samples.extend(sample_struct(sample) for sample in samples)
 
 
 def devices(snapshot: Snapshot) -> list[telemetry_service_pb2.Device]:
     """The GPUs (with their NVLink counts), NICs and RDMA ports the snapshot holds, in
     that order."""
     links: dict[int, int] = {}
-    for link in snapshot.section("nvlink"):
-        if isinstance(link, NvLinkSample):
-            links[link.gpu] = links.get(link.gpu, 0) + 1
+    for link in snapshot.samples(NVLINK):
+        links[link.gpu] = links.get(link.gpu, 0) + 1
     found = [
         telemetry_service_pb2.Device(
             gpu=telemetry_service_pb2.GpuDevice(
@@ -168,18 +156,17 @@ def devices(snapshot: Snapshot) -> list[telemetry_service_pb2.Device]:
                 nvlink_count=links.get(gpu.index, 0),
             )
         )
-        for gpu in snapshot.section("nvml")
-        if isinstance(gpu, GpuSample)
+        for gpu in snapshot.samples(GPU)
     ]
     found.extend(
-        telemetry_service_pb2.Device(nic=_message(telemetry_service_pb2.NicDevice, nic))
-        for nic in snapshot.section("nic")
-        if isinstance(nic, NicSample)
+        telemetry_service_pb2.Device(nic=sample_message(telemetry_service_pb2.NicDevice, nic))
+        for nic in snapshot.samples(NIC)
     )
     found.extend(
-        telemetry_service_pb2.Device(rdma_port=_message(telemetry_service_pb2.RdmaPortDevice, port))
-        for port in snapshot.section("rdma")
-        if isinstance(port, RdmaPortSample)
+        telemetry_service_pb2.Device(
+            rdma_port=sample_message(telemetry_service_pb2.RdmaPortDevice, port)
+        )
+        for port in snapshot.samples(RDMA)
     )
     return found
 

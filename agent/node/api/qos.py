@@ -37,7 +37,7 @@ from agent.common.status import (
 )
 from agent.node.api import convert
 from agent.node.api.telemetry import SnapshotSource
-from agent.node.collectors.qos import QosClassSample
+from agent.node.collectors.qos import QOS_CLASSES, QosClassSample
 from agent.node.qos.api_objects import (
     ENFORCED,
     FAILED,
@@ -291,11 +291,7 @@ class QosServicer(qos_service_pb2_grpc.QosServiceServicer):
             if view is None:
                 raise NotFoundError(f"no QoS policy named {request.name!r}")
             snapshot = self._source.latest()
-            samples = [
-                s
-                for s in (snapshot.section("qos") if snapshot else ())
-                if isinstance(s, QosClassSample)
-            ]
+            samples = snapshot.samples(QOS_CLASSES) if snapshot else ()
             classes = class_statuses(view, policies, samples)
         except (FabricError, ValueError) as exc:
             _abort_for(context, exc)

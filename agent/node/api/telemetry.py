@@ -22,13 +22,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
 
+from agent.common.status import MAX_MESSAGE_CHARS, clip, rich_status
 from agent.node.api import convert
 from agent.node.snapshot import Snapshot
 from agent.proto.fabric.v1 import telemetry_service_pb2
@@ -70,11 +72,12 @@ class PublishedSnapshot:
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
-        self._encoded: dict[frozenset[convert.Section], bytes] = {}
+        self._encoded: dict[frozenset[str], bytes] = {}
         self._lock = threading.Lock()
 
-    def encoded(self, sections: frozenset[convert.Section]) -> bytes:
-        """The snapshot with these sections (validated), serialized."""
+    def encoded(self, sections: frozenset[str]) -> bytes:
+        """The snapshot with these sections (names, as `convert.validate_sections`
+        returns them), serialized."""
         data = self._encoded.get(sections)
         if data is None:
             # Streams wake together on a new snapshot: one converts, the others wait for
@@ -82,7 +85,7 @@ class PublishedSnapshot:
             with self._lock:
                 data = self._encoded.get(sections)
                 if data is None:
-                    message = convert.snapshot_to_proto(self.snapshot, sections)
+                    message = convert.snapshot_message(self.snapshot, sections)
                     data = self._encoded[sections] = message.SerializeToString()
         return data
 
@@ -365,7 +368,7 @@ class TelemetryServicer:
     def GetSnapshot(
         self, request: telemetry_service_pb2.GetSnapshotRequest, context: grpc.ServicerContext
     ) -> bytes:
-        sections = _sections(request.sections, context)
+        sections = _sections(request, context)
         published = self._source.latest_published()
         if published is None:
             _unavailable(context)
@@ -374,7 +377,7 @@ class TelemetryServicer:
     def WatchSnapshots(
         self, request: telemetry_service_pb2.WatchSnapshotsRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        sections = _sections(request.sections, context)
+        sections = _sections(request, context)
         try:
             interval_s = watch_interval_s(request.interval, self._source.interval_s)
             subscription = self._source.subscribe(interval_s)
@@ -412,12 +415,19 @@ class TelemetryServicer:
 
 
 def _sections(
-    requested: Iterable[int], context: grpc.ServicerContext
-) -> frozenset[convert.Section]:
+    request: telemetry_service_pb2.GetSnapshotRequest | telemetry_service_pb2.WatchSnapshotsRequest,
+    context: grpc.ServicerContext,
+) -> frozenset[str]:
     try:
-        return convert.validate_sections(requested)
+        return convert.validate_sections(request.sections, request.section_names)
     except convert.SectionError as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=exc.field, description=clip(exc.reason)
+        )
+        detail = error_details_pb2.BadRequest(field_violations=[violation])
+        context.abort_with_status(
+            rich_status(grpc.StatusCode.INVALID_ARGUMENT, clip(str(exc), MAX_MESSAGE_CHARS), detail)
+        )
 
 
 def _unavailable(context: grpc.ServicerContext) -> NoReturn:

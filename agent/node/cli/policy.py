@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.common import rates
 from agent.common.errors import ConfigError, FabricError
 from agent.common.exits import ExitCode
 from agent.common.policy.model import (
@@ -224,7 +225,7 @@ def status(state_dir: Path, kernel: QosKernel, *, over_s: float = 1.0) -> int:
             if now is None or then is None:
                 rows.append((applied.name, applied.device, cls.name, "-", "-", "missing", "-", "-"))
                 continue
-            throughput = (now.bytes - then.bytes) * 8 / over_s
+            throughput = (rates.rate(now.bytes, then.bytes, over_s) or 0.0) * 8
             rows.append(
                 (
                     applied.name,

@@ -1,4 +1,4 @@
-"""GPU telemetry from NVML: one `GpuSample` per GPU per tick.
+"""GPU telemetry from NVML: one `GpuSample` per GPU per tick, the `gpu` section.
 
 A lost GPU is reported as lost with its identity while the others keep being sampled; a
 value the GPU does not support is None and not exported. Other NVML failures are recorded
@@ -11,11 +11,30 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from agent.common import rates
 from agent.node import nvml
-from agent.node.collectors.base import CollectorContext, Tick, register
+from agent.node.collectors.base import (
+    CollectorContext,
+    Section,
+    SnapshotField,
+    SummaryClock,
+    Tick,
+    register,
+    sample_message,
+)
 from agent.node.errors import CollectorError
 from agent.node.families import CounterFamily, Family, GaugeFamily
-from agent.node.nvml import FieldSpec, GpuInfo, GpuLostError, Nvml, NvmlCallError, Reading
+from agent.node.nvml import (
+    FieldSpec,
+    GpuInfo,
+    GpuLostError,
+    Nvml,
+    NvmlCallError,
+    NvmlOptions,
+    Reading,
+)
+from agent.proto.fabric.aggregator.v1.aggregator_service_pb2 import NodeSummary
+from agent.proto.fabric.v1 import telemetry_pb2
 
 T = TypeVar("T")
 
@@ -64,8 +83,57 @@ class GpuSample:
     critical_events: tuple[tuple[str, int], ...] = ()
 
 
+def gpu_message(sample: GpuSample) -> telemetry_pb2.GpuSample:
+    return sample_message(
+        telemetry_pb2.GpuSample,
+        sample,
+        xid_errors=[telemetry_pb2.XidCount(xid=xid, count=n) for xid, n in sample.xid_errors],
+    )
+
+
+class GpuSummarizer:
+    """Each GPU's state in the fleet summary, and the XIDs it raised since the previous
+    one."""
+
+    def __init__(self) -> None:
+        # By index and UUID: a different board in the same slot starts afresh.
+        self._xids: dict[tuple[int, str], tuple[tuple[int, int], ...]] = {}
+
+    def summarize(
+        self, samples: tuple[GpuSample, ...], summary: NodeSummary, clock: SummaryClock
+    ) -> None:
+        xids: dict[tuple[int, str], tuple[tuple[int, int], ...]] = {}
+        for sample in samples:
+            key = (sample.index, sample.uuid)
+            xids[key] = sample.xid_errors
+            message = summary.gpus.add(index=sample.index, uuid=sample.uuid, lost=sample.lost)
+            if sample.utilization_gpu_ratio is not None:
+                message.utilization_ratio = sample.utilization_gpu_ratio
+            if sample.power_watts is not None:
+                message.power_watts = sample.power_watts
+            before = self._xids.get(key)
+            # Equal tuples, the usual case, raised nothing: skip building the lookup.
+            if before is not None and before != sample.xid_errors:
+                previous = dict(before)
+                for xid, count in sample.xid_errors:
+                    # An XID this GPU had not raised before counts fully.
+                    raised = rates.increase(count, previous.get(xid, 0))
+                    if raised:
+                        message.new_xids.add(xid=xid, count=raised)
+        self._xids = xids
+
+
+GPU = Section(
+    "gpu",
+    GpuSample,
+    snapshot_field=SnapshotField("gpus", telemetry_pb2.GpuSample, gpu_message),
+    summarizer=GpuSummarizer,
+)
+
+
 class GpuCollector:
-    name = "nvml"
+    name = "gpu"
+    sections = (GPU,)
 
     def __init__(self, source: Nvml) -> None:
         self._nvml = source
@@ -316,6 +384,7 @@ def render(samples: Sequence[GpuSample]) -> list[Family]:
     return families
 
 
-@register("nvml")
-def create(context: CollectorContext) -> GpuCollector:
+# Configurations from before the collector was named after its section say `nvml`.
+@register(GpuCollector, options=NvmlOptions, former_names=("nvml",))
+def create(context: CollectorContext[NvmlOptions]) -> GpuCollector:
     return GpuCollector(nvml.shared_session(context))

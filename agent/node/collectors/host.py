@@ -1,4 +1,5 @@
-"""Host context for the fabric numbers: CPU time, memory and load, through psutil."""
+"""Host context for the fabric numbers, the `host` section: CPU time, memory and load,
+through psutil."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from types import MappingProxyType
 
 import psutil
 
-from agent.node.collectors.base import CollectorContext, Tick, register
+from agent.node.collectors.base import (
+    CollectorContext,
+    NoOptions,
+    Section,
+    SnapshotField,
+    Tick,
+    register,
+    sample_message,
+)
 from agent.node.errors import CollectorError
 from agent.node.families import CounterFamily, Family, GaugeFamily
+from agent.proto.fabric.v1 import telemetry_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +35,18 @@ class HostSample:
     load15: float
 
 
+def host_message(sample: HostSample) -> telemetry_pb2.HostSample:
+    return sample_message(telemetry_pb2.HostSample, sample, cpu_seconds=dict(sample.cpu_seconds))
+
+
+HOST = Section(
+    "host", HostSample, snapshot_field=SnapshotField("host", telemetry_pb2.HostSample, host_message)
+)
+
+
 class HostCollector:
     name = "host"
+    sections = (HOST,)
 
     def collect(self, tick: Tick) -> tuple[HostSample]:
         try:
@@ -77,6 +97,6 @@ class HostCollector:
         pass
 
 
-@register("host")
-def _create(context: CollectorContext) -> HostCollector:
+@register(HostCollector, options=NoOptions)
+def _create(context: CollectorContext[NoOptions]) -> HostCollector:
     return HostCollector()

@@ -1,5 +1,5 @@
-"""NIC counters: a netlink dump of every link each tick (agent.node.netlink), link speed
-from sysfs."""
+"""NIC counters, the `nic` section: a netlink dump of every link each tick
+(agent.node.netlink), link speed from sysfs."""
 
 from __future__ import annotations
 
@@ -9,12 +9,23 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from agent.node.collectors.base import CollectorContext, Tick, register
-from agent.node.config import AgentConfig
+from agent.common import rates
+from agent.node.collectors.base import (
+    CollectorContext,
+    Section,
+    SnapshotField,
+    SummaryClock,
+    Tick,
+    register,
+)
+from agent.node.config import interface_selected
 from agent.node.errors import CollectorError
 from agent.node.families import CounterFamily, Family, GaugeFamily
 from agent.node.netlink import Link, LinkDumper, NetlinkLinkDumper
+from agent.proto.fabric.aggregator.v1.aggregator_service_pb2 import NodeSummary
+from agent.proto.fabric.v1 import telemetry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +58,69 @@ class NicSample:
         return self.operstate == "up"
 
 
+class NicSummarizer:
+    """Each interface's state in the fleet summary, its receive and transmit rates and
+    its errors and drops since the previous summary."""
+
+    def __init__(self) -> None:
+        self._at_s: float | None = None
+        # By name and ifindex: a re-created interface gets a new ifindex and counters
+        # from zero, so it is a new device.
+        # -> receive bytes, transmit bytes, errors, drops
+        self._counters: dict[tuple[str, int], tuple[int, int, int, int]] = {}
+
+    def summarize(
+        self, samples: tuple[NicSample, ...], summary: NodeSummary, clock: SummaryClock
+    ) -> None:
+        elapsed_s = clock.elapsed_s(self._at_s)
+        counters: dict[tuple[str, int], tuple[int, int, int, int]] = {}
+        for sample in samples:
+            key = (sample.device, sample.ifindex)
+            now = (
+                sample.receive_bytes,
+                sample.transmit_bytes,
+                sample.receive_errors + sample.transmit_errors,
+                sample.receive_drops + sample.transmit_drops,
+            )
+            counters[key] = now
+            message = summary.nics.add(device=sample.device, operstate=sample.operstate)
+            before = self._counters.get(key)
+            if before is None:
+                continue
+            message.receive_bytes_per_second = rates.rate(now[0], before[0], elapsed_s) or 0.0
+            message.transmit_bytes_per_second = rates.rate(now[1], before[1], elapsed_s) or 0.0
+            message.errors = rates.increase(now[2], before[2])
+            message.drops = rates.increase(now[3], before[3])
+        self._at_s = clock.completed_wall_s
+        self._counters = counters
+
+
+NIC = Section(
+    "nic",
+    NicSample,
+    snapshot_field=SnapshotField("nics", telemetry_pb2.NicSample),
+    summarizer=NicSummarizer,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NicOptions:
+    """What the NIC collector takes from the configuration."""
+
+    sysfs_root: Path
+    # Glob patterns over interface names; '!' excludes (agent.node.config).
+    interfaces: tuple[str, ...]
+
+
 class NicCollector:
     name = "nic"
+    sections = (NIC,)
 
-    def __init__(self, config: AgentConfig, links: LinkDumper) -> None:
-        self._config = config
+    def __init__(self, options: NicOptions, links: LinkDumper) -> None:
+        self._patterns = options.interfaces
         self._links = links
-        self._net_root = config.sysfs_root / "class" / "net"
-        self._includes = tuple(p for p in config.interfaces if not p.startswith("!"))
+        self._net_root = options.sysfs_root / "class" / "net"
+        self._includes = tuple(p for p in options.interfaces if not p.startswith("!"))
         # Selection depends on the set of names only, which changes rarely: recompute it
         # and the unmatched-pattern check when the names change, not every tick.
         self._names: tuple[str, ...] = ()
@@ -69,7 +135,7 @@ class NicCollector:
         names = tuple(link.name for link in links)
         if names != self._names:
             self._names = names
-            self._selected = frozenset(n for n in names if self._config.interface_selected(n))
+            self._selected = frozenset(n for n in names if interface_selected(self._patterns, n))
             self._check_patterns(names)
         # Keyed by name: a repeated series would make the whole scrape invalid, whatever
         # a dumper returns.
@@ -173,10 +239,10 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-@register("nic")
-def _create(context: CollectorContext) -> NicCollector:
+@register(NicCollector, options=NicOptions)
+def _create(context: CollectorContext[NicOptions]) -> NicCollector:
     try:
         links = NetlinkLinkDumper()
     except OSError as exc:
         raise CollectorError(f"cannot open a netlink socket: {exc}") from exc
-    return NicCollector(context.config, links)
+    return NicCollector(context.options, links)

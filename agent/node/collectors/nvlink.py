@@ -1,4 +1,5 @@
-"""NVLink telemetry from NVML: one `NvLinkSample` per link of every GPU per tick.
+"""NVLink telemetry from NVML: one `NvLinkSample` per link of every GPU per tick, the
+`nvlink` section.
 
 Payload byte counters, link state and speed come from the GPU's one batched field-value
 read of the tick (shared with the GPU collector). Error counters come from
@@ -9,13 +10,31 @@ Links of a lost GPU are left out; the collector fails only when every GPU failed
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from agent.common import rates
 from agent.node import nvml
-from agent.node.collectors.base import CollectorContext, Tick, register
+from agent.node.collectors.base import (
+    CollectorContext,
+    Section,
+    SnapshotField,
+    SummaryClock,
+    Tick,
+    register,
+)
 from agent.node.errors import CollectorError
 from agent.node.families import CounterFamily, Family, GaugeFamily
-from agent.node.nvml import FieldSpec, GpuInfo, GpuLostError, LinkErrorCounts, Nvml, NvmlCallError
+from agent.node.nvml import (
+    FieldSpec,
+    GpuInfo,
+    GpuLostError,
+    LinkErrorCounts,
+    Nvml,
+    NvmlCallError,
+    NvmlOptions,
+)
+from agent.proto.fabric.aggregator.v1.aggregator_service_pb2 import NodeSummary
+from agent.proto.fabric.v1 import telemetry_pb2
 
 _FIELDS = (
     FieldSpec(nvml.FI_NVLINK_TX_KIB, per_link=True),
@@ -50,8 +69,117 @@ class NvLinkSample:
     error: str | None = None
 
 
+@dataclass(slots=True)
+class _LinkTotals:
+    """One GPU's NVLinks summed over a summary's interval."""
+
+    transmit_bytes_per_second: float = 0.0
+    receive_bytes_per_second: float = 0.0
+    links: int = 0
+    down: list[int] = field(default_factory=list)
+    errors: int = 0
+    # (link, errors) of the links with errors this interval.
+    erring: list[tuple[int, int]] = field(default_factory=list)
+
+
+class NvLinkSummarizer:
+    """Each GPU's NVLinks summed into the GPU's entry of the fleet summary: rates, links
+    down, and errors since the previous summary. The GPU section's summarizer makes the
+    entries, so this one runs after it; links of a GPU without an entry (the GPU collector
+    failed) are counted for the next summary but not reported."""
+
+    def __init__(self) -> None:
+        self._at_s: float | None = None
+        # (gpu, link) -> transmit bytes, receive bytes, errors
+        self._counters: dict[tuple[int, int], tuple[int | None, int | None, int | None]] = {}
+
+    def summarize(
+        self, samples: tuple[NvLinkSample, ...], summary: NodeSummary, clock: SummaryClock
+    ) -> None:
+        elapsed_s = clock.elapsed_s(self._at_s)
+        counters: dict[tuple[int, int], tuple[int | None, int | None, int | None]] = {}
+        totals: dict[int, _LinkTotals] = {}
+        for sample in samples:
+            key = (sample.gpu, sample.link)
+            errors = _link_errors(sample)
+            now = (sample.transmit_bytes, sample.receive_bytes, errors)
+            before = self._counters.get(key)
+            counters[key] = now
+            gpu = totals.get(sample.gpu)
+            if gpu is None:
+                gpu = totals[sample.gpu] = _LinkTotals()
+            gpu.links += 1
+            if sample.up is False:
+                gpu.down.append(sample.link)
+            gpu.transmit_bytes_per_second += _link_rate(
+                sample.gpm_transmit_bytes_per_second,
+                now[0],
+                None if before is None else before[0],
+                elapsed_s,
+            )
+            gpu.receive_bytes_per_second += _link_rate(
+                sample.gpm_receive_bytes_per_second,
+                now[1],
+                None if before is None else before[1],
+                elapsed_s,
+            )
+            if errors is not None and before is not None:
+                increase = rates.increase(errors, before[2])
+                if increase:
+                    gpu.errors += increase
+                    gpu.erring.append((sample.link, increase))
+        self._at_s = clock.completed_wall_s
+        self._counters = counters
+        for message in summary.gpus:
+            found = totals.get(message.index)
+            if found is None:
+                continue
+            message.nvlink_transmit_bytes_per_second = found.transmit_bytes_per_second
+            message.nvlink_receive_bytes_per_second = found.receive_bytes_per_second
+            message.nvlink_links = found.links
+            message.nvlink_links_down.extend(found.down)
+            message.nvlink_errors = found.errors
+            for link, errors in found.erring:
+                message.nvlink_link_errors.add(link=link, errors=errors)
+
+
+def _link_errors(sample: NvLinkSample) -> int | None:
+    """Replay, recovery and CRC errors together; None when the link reports none of them."""
+    counts = (
+        sample.replay_errors,
+        sample.recovery_errors,
+        sample.crc_flit_errors,
+        sample.crc_data_errors,
+    )
+    if all(count is None for count in counts):
+        return None
+    return sum(count for count in counts if count is not None)
+
+
+def _link_rate(
+    measured: float | None, now: int | None, before: int | None, elapsed_s: float
+) -> float:
+    """A link's bytes/s: GPM's own measurement where the GPU has one (it is exact over its
+    window); otherwise the counter's increase, 0 until a link has two readings."""
+    if measured is not None:
+        return measured
+    if now is None:
+        return 0.0
+    return rates.rate(now, before, elapsed_s) or 0.0
+
+
+NVLINK = Section(
+    "nvlink",
+    NvLinkSample,
+    snapshot_field=SnapshotField("nvlinks", telemetry_pb2.NvLinkSample),
+    summarizer=NvLinkSummarizer,
+    summarize_after=("gpu",),
+)
+
+
 class NvLinkCollector:
     name = "nvlink"
+    sections = (NVLINK,)
 
     def __init__(self, source: Nvml) -> None:
         self._nvml = source
@@ -201,6 +329,6 @@ def render(samples: Sequence[NvLinkSample]) -> list[Family]:
     return [info, up, speed, tx, rx, errors, gpm_tx, gpm_rx]
 
 
-@register("nvlink")
-def create(context: CollectorContext) -> NvLinkCollector:
+@register(NvLinkCollector, options=NvmlOptions)
+def create(context: CollectorContext[NvmlOptions]) -> NvLinkCollector:
     return NvLinkCollector(nvml.shared_session(context))

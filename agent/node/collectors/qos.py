@@ -1,4 +1,5 @@
-"""Per-class QoS statistics of the agent's HTB trees, and the reconciler's counters.
+"""Per-class QoS statistics of the agent's HTB trees (the `qos` section), and the
+reconciler's counters (the `qos_reconcile` section).
 
 The classes come from the reconciler running in this process (or, for a one-off
 `fabric-agent sample`, from the persisted QoS state); their counters from one class dump
@@ -11,16 +12,26 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
+from agent.common import rates
 from agent.common.errors import FabricError
-from agent.node.collectors.base import CollectorContext, Tick, register
+from agent.node.collectors.base import (
+    CollectorContext,
+    Section,
+    SnapshotField,
+    SummaryClock,
+    Tick,
+    register,
+)
 from agent.node.errors import CollectorError
 from agent.node.families import CounterFamily, Family, GaugeFamily
 from agent.node.qos.kernel import QosKernel
 from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.reconciler import Reconciler
 from agent.node.qos.state import StateError, load_state
+from agent.proto.fabric.aggregator.v1.aggregator_service_pb2 import NodeSummary
+from agent.proto.fabric.v1 import telemetry_pb2
 
 # The key agent.node.runtime registers its reconciler under.
 RECONCILER_KEY = "qos.reconciler"
@@ -54,6 +65,91 @@ class QosReconcileSample:
     policies: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
+class QosClassSummarizer:
+    """Each class's throughput in the fleet summary, and its drops since the previous
+    one."""
+
+    def __init__(self) -> None:
+        # (device, policy, class) -> dropped packets
+        self._drops: dict[tuple[str, str, str], int] = {}
+
+    def summarize(
+        self, samples: tuple[QosClassSample, ...], summary: NodeSummary, clock: SummaryClock
+    ) -> None:
+        drops: dict[tuple[str, str, str], int] = {}
+        for sample in samples:
+            key = (sample.device, sample.policy, sample.class_name)
+            drops[key] = sample.dropped_packets
+            summary.qos_classes.add(
+                policy=sample.policy,
+                class_name=sample.class_name,
+                device=sample.device,
+                # The collector's own rate since its previous tick: the same interval.
+                sent_bits_per_second=sample.rate_bps or 0.0,
+                drops=rates.increase(sample.dropped_packets, self._drops.get(key)),
+            )
+        self._drops = drops
+
+
+@dataclass(frozen=True, slots=True)
+class _ReconcileCounters:
+    results: Mapping[str, int]
+    drift_corrections: int
+
+
+class ReconcileSummarizer:
+    """The reconciler's passes by result and its drift corrections since the previous
+    summary."""
+
+    def __init__(self) -> None:
+        self._before: _ReconcileCounters | None = None
+
+    def summarize(
+        self, samples: tuple[QosReconcileSample, ...], summary: NodeSummary, clock: SummaryClock
+    ) -> None:
+        now: _ReconcileCounters | None = None
+        for sample in samples:
+            now = _ReconcileCounters(sample.results, sum(sample.drift_corrections.values()))
+            self._add(summary, now)
+        self._before = now
+
+    def _add(self, summary: NodeSummary, now: _ReconcileCounters) -> None:
+        message = summary.reconcile
+        # Set even when nothing changed: an empty reconcile says "enforcing, no passes",
+        # an absent one "this node reports no reconciler".
+        message.SetInParent()
+        before = self._before
+        if before is None:
+            return
+        for result, count in now.results.items():
+            # A result first seen now (the first "error" pass) counts fully.
+            passes = rates.increase(count, before.results.get(result, 0))
+            if passes:
+                message.passes[result] = passes
+        message.drift_corrections = rates.increase(now.drift_corrections, before.drift_corrections)
+
+
+QOS_CLASSES = Section(
+    "qos",
+    QosClassSample,
+    snapshot_field=SnapshotField("qos_classes", telemetry_pb2.QosClassSample),
+    summarizer=QosClassSummarizer,
+)
+# API clients read the reconciler's state through QosService; the counters reach
+# /metrics and the fleet summary.
+QOS_RECONCILE = Section(
+    "qos_reconcile", QosReconcileSample, exported=False, summarizer=ReconcileSummarizer
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QosOptions:
+    """What the qos collector takes from the configuration."""
+
+    # Where the persisted QoS state is, for a process without a reconciler.
+    state_dir: Path
+
+
 @dataclass(frozen=True)
 class _Shaped:
     policy: str
@@ -63,8 +159,9 @@ class _Shaped:
 
 class QosCollector:
     name = "qos"
+    sections = (QOS_CLASSES, QOS_RECONCILE)
 
-    def __init__(self, context: CollectorContext) -> None:
+    def __init__(self, context: CollectorContext[QosOptions]) -> None:
         self._context = context
         self._previous: dict[tuple[str, int], tuple[int, float]] = {}
         self._own_kernel: NetlinkKernel | None = None
@@ -80,7 +177,7 @@ class QosCollector:
             shaped = [_Shaped(m.name, m.device, m.minors) for m in reconciler.managed]
             return shaped, reconciler.kernel
         try:
-            state = load_state(self._context.config.state_dir)
+            state = load_state(self._context.options.state_dir)
         except StateError as exc:
             raise CollectorError(str(exc)) from exc
         if self._own_kernel is None:
@@ -88,11 +185,11 @@ class QosCollector:
         shaped = [_Shaped(p.name, p.device, p.minors) for p in state.policies.values()]
         return shaped, self._own_kernel
 
-    def collect(self, tick: Tick) -> tuple[Any, ...]:
+    def collect(self, tick: Tick) -> tuple[QosClassSample | QosReconcileSample, ...]:
         reconciler = self._reconciler()
         shaped, kernel = self._shaped(reconciler)
         now = time.monotonic()
-        samples: list[Any] = []
+        samples: list[QosClassSample | QosReconcileSample] = []
         failures: list[str] = []
         previous, self._previous = self._previous, {}
         for item in shaped:
@@ -109,8 +206,8 @@ class QosCollector:
                 rate = None
                 if key in previous:
                     bytes_before, at = previous[key]
-                    if now > at and counters.bytes >= bytes_before:
-                        rate = (counters.bytes - bytes_before) * 8 / (now - at)
+                    bytes_per_s = rates.rate(counters.bytes, bytes_before, now - at)
+                    rate = None if bytes_per_s is None else bytes_per_s * 8
                 self._previous[key] = (counters.bytes, now)
                 samples.append(
                     QosClassSample(
@@ -139,7 +236,7 @@ class QosCollector:
             raise CollectorError("class statistics: " + "; ".join(failures))
         return tuple(samples)
 
-    def metrics(self, samples: Sequence[Any]) -> Iterable[Family]:
+    def metrics(self, samples: Sequence[QosClassSample | QosReconcileSample]) -> Iterable[Family]:
         labels = ["device", "policy", "class"]
         sent = CounterFamily("fabric_qos_class_sent_bytes_total", "Bytes the class sent.", labels)
         packets = CounterFamily(
@@ -178,25 +275,22 @@ class QosCollector:
             "Policies and assignments by source (file, api) and state (enforced, pending, failed).",
             ["source", "state"],
         )
-        for sample in samples:
-            if isinstance(sample, QosClassSample):
-                key = [sample.device, sample.policy, sample.class_name]
-                sent.add_metric(key, sample.sent_bytes)
-                packets.add_metric(key, sample.sent_packets)
-                dropped.add_metric(key, sample.dropped_packets)
-                overlimits.add_metric(key, sample.overlimits)
-                backlog.add_metric(key, sample.backlog_bytes)
-            elif isinstance(sample, QosReconcileSample):
-                for result in ("success", "invalid", "error"):
-                    results.add_metric([result], sample.results.get(result, 0))
-                for device, count in sorted(sample.drift_corrections.items()):
-                    drift.add_metric([device], count)
-                expirations.add_metric([], sample.lease_expirations)
-                for source in ("file", "api"):
-                    for state in ("enforced", "pending", "failed"):
-                        policies.add_metric(
-                            [source, state], sample.policies.get((source, state), 0)
-                        )
+        for cls in QOS_CLASSES.select(samples):
+            key = [cls.device, cls.policy, cls.class_name]
+            sent.add_metric(key, cls.sent_bytes)
+            packets.add_metric(key, cls.sent_packets)
+            dropped.add_metric(key, cls.dropped_packets)
+            overlimits.add_metric(key, cls.overlimits)
+            backlog.add_metric(key, cls.backlog_bytes)
+        for reconcile in QOS_RECONCILE.select(samples):
+            for result in ("success", "invalid", "error"):
+                results.add_metric([result], reconcile.results.get(result, 0))
+            for device, count in sorted(reconcile.drift_corrections.items()):
+                drift.add_metric([device], count)
+            expirations.add_metric([], reconcile.lease_expirations)
+            for source in ("file", "api"):
+                for state in ("enforced", "pending", "failed"):
+                    policies.add_metric([source, state], reconcile.policies.get((source, state), 0))
         yield from (sent, packets, dropped, overlimits, backlog, results, drift)
         yield from (expirations, policies)
 
@@ -205,6 +299,6 @@ class QosCollector:
             self._own_kernel.close()
 
 
-@register("qos")
-def _factory(context: CollectorContext) -> QosCollector:
+@register(QosCollector, options=QosOptions)
+def _factory(context: CollectorContext[QosOptions]) -> QosCollector:
     return QosCollector(context)

@@ -1,4 +1,5 @@
-"""RDMA port counters from `<sysfs>/class/infiniband/<dev>/ports/<n>/`."""
+"""RDMA port counters from `<sysfs>/class/infiniband/<dev>/ports/<n>/`, the `rdma`
+section."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.node.collectors.base import CollectorContext, Tick, register
+from agent.node.collectors.base import CollectorContext, Section, SnapshotField, Tick, register
 from agent.node.errors import CollectorError
 from agent.node.families import CounterFamily, Family, GaugeFamily
+from agent.proto.fabric.v1 import telemetry_pb2
 
 # port_xmit_data and port_rcv_data count 32-bit words (IBTA PortCounters), not bytes.
 _DATA_WORD_BYTES = 4
@@ -49,8 +51,23 @@ class RdmaPortSample:
         return self.state == "ACTIVE"
 
 
+RDMA = Section(
+    "rdma",
+    RdmaPortSample,
+    snapshot_field=SnapshotField("rdma_ports", telemetry_pb2.RdmaPortSample),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RdmaOptions:
+    """What the RDMA collector takes from the configuration."""
+
+    sysfs_root: Path
+
+
 class RdmaCollector:
     name = "rdma"
+    sections = (RDMA,)
 
     def __init__(self, sysfs_root: Path) -> None:
         self._class_dir = sysfs_root / "class" / "infiniband"
@@ -272,6 +289,6 @@ def _netdev_port_index(netdev_dir: str) -> int | None:
     return None
 
 
-@register("rdma")
-def _create(context: CollectorContext) -> RdmaCollector:
-    return RdmaCollector(context.config.sysfs_root)
+@register(RdmaCollector, options=RdmaOptions)
+def _create(context: CollectorContext[RdmaOptions]) -> RdmaCollector:
+    return RdmaCollector(context.options.sysfs_root)

@@ -32,9 +32,9 @@ from agent.common.channel import CLIENT_KEEPALIVE_OPTIONS
 from agent.common.errors import FabricError
 from agent.common.policy.documents import model_from_request
 from agent.common.policy.model import PolicyError
-from agent.node.api.convert import ALL_SECTIONS
+from agent.node.api.convert import validate_sections
 from agent.node.api.telemetry import SnapshotSource, get_snapshot_response
-from agent.node.collectors.gpu import GpuCollector, GpuSample
+from agent.node.collectors.gpu import GPU
 from agent.node.qos.api_objects import ORIGIN_FLEET, NotFoundError
 from agent.node.snapshot import Snapshot
 from agent.node.uplink.summary import SummaryBuilder
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 60.0
-_ALL_SECTIONS = frozenset(ALL_SECTIONS)
 # Summaries are small; a snapshot reply for a large node is tens of KiB.
 _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     *CLIENT_KEEPALIVE_OPTIONS,
@@ -250,9 +249,7 @@ class Uplink:
         published = self._snapshots.latest_published()
         gpus = 0
         if published is not None:
-            gpus = sum(
-                isinstance(s, GpuSample) for s in published.snapshot.section(GpuCollector.name)
-            )
+            gpus = len(published.snapshot.samples(GPU))
         register = pb.Register(
             node_name=self.settings.node_name,
             labels=dict(self.settings.labels),
@@ -324,7 +321,8 @@ class Uplink:
         if published is None:
             reply.error = "no snapshot taken yet"
         else:
-            reply.snapshot = get_snapshot_response(published.encoded(_ALL_SECTIONS))
+            every = validate_sections(())
+            reply.snapshot = get_snapshot_response(published.encoded(every))
         return pb.AgentMessage(snapshot=reply)
 
     # --- fleet policies, applied in order on one worker thread ---

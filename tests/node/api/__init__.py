@@ -111,7 +111,7 @@ QOS_CLASS = QosClassSample(
 
 QOS_RECONCILE = QosReconcileSample(results={"ok": 3}, drift_corrections={})
 
-COLLECTORS = ("nvml", "nvlink", "nic", "rdma", "host", "qos")
+COLLECTORS = ("gpu", "nvlink", "nic", "rdma", "host", "qos")
 
 
 def snapshot(seq: int = 1, *, nics: int = 1) -> Snapshot:
@@ -128,12 +128,13 @@ def snapshot(seq: int = 1, *, nics: int = 1) -> Snapshot:
         started_wall_s=1_764_140_000.25,
         completed_wall_s=1_764_140_000.5,
         sections={
-            "nvml": (gpu(0), gpu(1, lost=True)),
+            "gpu": (gpu(0), gpu(1, lost=True)),
             "nvlink": (nvlink(0, 0), nvlink(0, 1)),
             "nic": (NIC, *extra_nics),
             "rdma": (RDMA,),
             "host": (HOST,),
-            "qos": (QOS_CLASS, QOS_RECONCILE),
+            "qos": (QOS_CLASS,),
+            "qos_reconcile": (QOS_RECONCILE,),
         },
         collectors=(
             *(CollectorStatus(name, True, 0.01, samples=1) for name in COLLECTORS),

@@ -65,7 +65,7 @@ def test_get_snapshot_over_the_socket_matches_sample(
     assert response is not None
     snapshot = response.snapshot
     sections = sampled["sections"]
-    assert [g.uuid for g in snapshot.gpus] == [g["uuid"] for g in sections["nvml"]]
+    assert [g.uuid for g in snapshot.gpus] == [g["uuid"] for g in sections["gpu"]]
     assert len(snapshot.nvlinks) == len(sections["nvlink"]) == 144
     assert [n.device for n in snapshot.nics] == [n["device"] for n in sections["nic"]] == ["lo"]
     assert [(p.device, p.port) for p in snapshot.rdma_ports] == [

@@ -58,7 +58,7 @@ def test_all_sections_when_none_requested() -> None:
     assert len(message.host) == 1
     assert [q.class_name for q in message.qos_classes] == ["bulk"]
     assert [c.name for c in message.collectors] == [
-        "nvml",
+        "gpu",
         "nvlink",
         "nic",
         "rdma",
@@ -111,6 +111,34 @@ def test_filtered_sections_and_their_collectors() -> None:
     assert not message.rdma_ports
     assert not message.host
     assert [c.name for c in message.collectors] == ["nic", "qos"]
+
+
+def test_sections_by_name_and_by_enum_add_up() -> None:
+    by_name = convert.snapshot_to_proto(snapshot(), section_names=["qos", "nic"])
+    by_enum = convert.snapshot_to_proto(snapshot(), [pb.SECTION_NIC, pb.SECTION_QOS])
+    both = convert.snapshot_to_proto(snapshot(), [pb.SECTION_NIC], ["qos"])
+
+    assert by_name == by_enum == both
+    assert list(by_name.section_names) == ["nic", "qos"]
+
+
+def test_the_api_serves_the_registered_sections_in_the_enums_order() -> None:
+    message = convert.snapshot_to_proto(snapshot())
+
+    assert list(message.section_names) == ["gpu", "nvlink", "nic", "rdma", "qos", "host"]
+    # The reconciler's counters are not exported: QosService reports on the reconciler.
+    assert not message.sections
+
+
+def test_an_unknown_name_is_refused_listing_the_agents_sections() -> None:
+    with pytest.raises(convert.SectionError) as raised:
+        convert.snapshot_to_proto(snapshot(), section_names=["gpu", "qos_reconcile"])
+
+    assert raised.value.field == "section_names[1]"
+    assert str(raised.value) == (
+        "section_names[1]: unknown section 'qos_reconcile'; this agent has gpu, nvlink, nic, "
+        "rdma, qos, host"
+    )
 
 
 def test_a_missing_section_is_empty() -> None:

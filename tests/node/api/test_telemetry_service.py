@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from agent.node.api import convert, telemetry
 from agent.node.api.telemetry import (
@@ -135,7 +137,7 @@ def test_get_snapshot_filtered(hub: SnapshotHub, stub: TelemetryServiceStub) -> 
     assert len(message.gpus) == 2
     assert len(message.rdma_ports) == 1
     assert not (message.nvlinks or message.nics or message.host or message.qos_classes)
-    assert [c.name for c in message.collectors] == ["nvml", "rdma"]
+    assert [c.name for c in message.collectors] == ["gpu", "rdma"]
 
 
 def test_unknown_section_is_invalid(hub: SnapshotHub, stub: TelemetryServiceStub) -> None:
@@ -146,6 +148,38 @@ def test_unknown_section_is_invalid(hub: SnapshotHub, stub: TelemetryServiceStub
 
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown section 0" in (raised.value.details() or "")
+
+
+def test_unknown_section_name_is_invalid_naming_the_agents(
+    hub: SnapshotHub, stub: TelemetryServiceStub
+) -> None:
+    hub.publish(snapshot())
+
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.WatchSnapshots(pb.WatchSnapshotsRequest(section_names=["disk"]), timeout=5).next()
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(raised.value)
+    assert status is not None
+    detail = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(detail)
+    (violation,) = detail.field_violations
+    assert violation.field == "section_names[0]"
+    assert violation.description == (
+        "unknown section 'disk'; this agent has gpu, nvlink, nic, rdma, qos, host"
+    )
+
+
+def test_watch_by_section_name(hub: SnapshotHub, stub: TelemetryServiceStub) -> None:
+    hub.publish(snapshot(seq=4))
+
+    stream = stub.WatchSnapshots(pb.WatchSnapshotsRequest(section_names=["rdma"]), timeout=10)
+    message = next(stream).snapshot
+    stream.cancel()
+
+    assert list(message.section_names) == ["rdma"]
+    assert len(message.rdma_ports) == 1 and not message.gpus
+    assert [c.name for c in message.collectors] == ["rdma"]
 
 
 def test_list_devices(hub: SnapshotHub, stub: TelemetryServiceStub) -> None:
@@ -387,15 +421,15 @@ def test_hub_refuses_streams_past_its_limit() -> None:
 def test_a_section_set_is_converted_once_by_concurrent_readers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    conversions: list[frozenset[int]] = []
-    real = convert.snapshot_to_proto
+    conversions: list[frozenset[str]] = []
+    real = convert.snapshot_message
 
-    def counting(item: Snapshot, sections: frozenset[int]) -> telemetry_pb2.Snapshot:
+    def counting(item: Snapshot, sections: frozenset[str]) -> telemetry_pb2.Snapshot:
         conversions.append(sections)
         time.sleep(0.05)  # long enough for every reader to arrive while it converts
         return real(item, sections)
 
-    monkeypatch.setattr(convert, "snapshot_to_proto", counting)
+    monkeypatch.setattr(convert, "snapshot_message", counting)
     published = PublishedSnapshot(snapshot(seq=5))
     every = convert.validate_sections(())
     gpus = convert.validate_sections([pb.SECTION_GPU])
@@ -413,14 +447,14 @@ def test_a_section_set_is_converted_once_by_concurrent_readers(
 def test_streams_and_calls_share_one_conversion_per_section_set(
     hub: SnapshotHub, stub: TelemetryServiceStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    conversions: list[tuple[int, frozenset[int]]] = []
-    real = convert.snapshot_to_proto
+    conversions: list[tuple[int, frozenset[str]]] = []
+    real = convert.snapshot_message
 
-    def counting(item: Snapshot, sections: frozenset[int]) -> telemetry_pb2.Snapshot:
+    def counting(item: Snapshot, sections: frozenset[str]) -> telemetry_pb2.Snapshot:
         conversions.append((item.seq, sections))
         return real(item, sections)
 
-    monkeypatch.setattr(convert, "snapshot_to_proto", counting)
+    monkeypatch.setattr(convert, "snapshot_message", counting)
     hub.publish(snapshot(seq=1))
     full = [stub.WatchSnapshots(pb.WatchSnapshotsRequest(), timeout=10) for _ in range(2)]
     host = stub.WatchSnapshots(pb.WatchSnapshotsRequest(sections=[pb.SECTION_HOST]), timeout=10)
@@ -436,8 +470,9 @@ def test_streams_and_calls_share_one_conversion_per_section_set(
     assert [m.seq for m in second + unary] == [2] * 6
     assert len(second[0].nvlinks) == 2 and not second[2].nvlinks
     # Per snapshot, one conversion for all sections and one for the host section alone.
+    every = len(convert.validate_sections(()))
     assert sorted((seq, len(sections)) for seq, sections in conversions) == [
-        (1, 1), (1, len(convert.ALL_SECTIONS)), (2, 1), (2, len(convert.ALL_SECTIONS)),
+        (1, 1), (1, every), (2, 1), (2, every),
     ]  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from agent.node.collectors.base import CollectorContext, SharedResources, Tick, registrations
+from agent.node.collectors.base import SharedResources, Tick, registrations
 from agent.node.collectors.host import HostCollector, HostSample
 from agent.node.config import AgentConfig
 from tests.exposition import exposed, series
@@ -81,9 +81,7 @@ def test_metrics_names_and_values() -> None:
 
 
 def test_registered_factory() -> None:
-    context = CollectorContext(AgentConfig(), SharedResources())
-
-    collector = registrations()["host"].factory(context)
+    collector = registrations()["host"].create(AgentConfig(), SharedResources())
 
     assert collector.name == "host"
     assert len(collector.collect(tick())) == 1

@@ -11,12 +11,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroute2 import IPRoute
 
-from agent.node.collectors.base import CollectorContext, SharedResources, Tick, registrations
-from agent.node.collectors.nic import NicCollector, NicSample
+from agent.node.collectors.base import (
+    SharedResources,
+    Tick,
+    options_from_config,
+    registrations,
+)
+from agent.node.collectors.nic import NicCollector, NicOptions, NicSample
 from agent.node.config import DEFAULT_INTERFACE_PATTERNS, AgentConfig
 from agent.node.errors import CollectorError
 from agent.node.netlink import Link, LinkStats, NetlinkLinkDumper
@@ -35,6 +41,11 @@ RTM_GETSTATS = 94
 
 FIXTURE_SYSFS = FIXTURES / "sysfs"
 LOGGER = "agent.node.collectors.nic"
+
+
+def options(**config: Any) -> NicOptions:
+    """The collector's options as the agent takes them from its configuration."""
+    return options_from_config(NicOptions, AgentConfig(**config))
 
 
 def getlink_dump_request(seq: int) -> bytes:
@@ -107,7 +118,7 @@ def test_selected_interfaces_carry_the_dump_counters_and_sysfs_speed() -> None:
             link("veth3f2a1b", 9, base=3000),
         ]
     )
-    collector = NicCollector(AgentConfig(sysfs_root=FIXTURE_SYSFS), dumper)
+    collector = NicCollector(options(sysfs_root=FIXTURE_SYSFS), dumper)
 
     samples = collector.collect(tick())
 
@@ -133,9 +144,7 @@ def test_selected_interfaces_carry_the_dump_counters_and_sysfs_speed() -> None:
 
 
 def test_speed_of_an_interface_without_a_sysfs_entry_is_none() -> None:
-    collector = NicCollector(
-        AgentConfig(sysfs_root=FIXTURE_SYSFS), FakeLinkDumper([link("eth9", 7)])
-    )
+    collector = NicCollector(options(sysfs_root=FIXTURE_SYSFS), FakeLinkDumper([link("eth9", 7)]))
 
     (sample,) = collector.collect(tick())
 
@@ -146,7 +155,7 @@ def test_speed_that_is_not_a_number_raises_naming_the_file(tmp_path: Path) -> No
     speed = tmp_path / "class" / "net" / "eth2" / "speed"
     speed.parent.mkdir(parents=True)
     speed.write_text("fast\n")
-    collector = NicCollector(AgentConfig(sysfs_root=tmp_path), FakeLinkDumper([link("eth2", 4)]))
+    collector = NicCollector(options(sysfs_root=tmp_path), FakeLinkDumper([link("eth2", 4)]))
 
     with pytest.raises(CollectorError, match=r"eth2/speed.*'fast'"):
         collector.collect(tick())
@@ -155,7 +164,7 @@ def test_speed_that_is_not_a_number_raises_naming_the_file(tmp_path: Path) -> No
 def test_dump_failure_raises_with_the_kernel_error() -> None:
     dumper = FakeLinkDumper()
     dumper.error = OSError(errno.ENOBUFS, "No buffer space available")
-    collector = NicCollector(AgentConfig(sysfs_root=FIXTURE_SYSFS), dumper)
+    collector = NicCollector(options(sysfs_root=FIXTURE_SYSFS), dumper)
 
     with pytest.raises(CollectorError, match=r"netlink link dump failed.*No buffer space"):
         collector.collect(tick())
@@ -165,9 +174,7 @@ def test_unmatched_include_pattern_warns_once_and_again_only_after_recovering(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     dumper = FakeLinkDumper([link("eth2", 4)])
-    collector = NicCollector(
-        AgentConfig(sysfs_root=FIXTURE_SYSFS, interfaces=("eth*", "ib*")), dumper
-    )
+    collector = NicCollector(options(sysfs_root=FIXTURE_SYSFS, interfaces=("eth*", "ib*")), dumper)
     caplog.set_level(logging.INFO, logger=LOGGER)
 
     for seq in range(1, 4):
@@ -186,7 +193,7 @@ def test_unmatched_include_pattern_warns_once_and_again_only_after_recovering(
 
 def test_metrics_use_the_contract_names_and_omit_unknown_speeds() -> None:
     dumper = FakeLinkDumper([link("eth2", 4, base=1000), link("eth3", 5, operstate="down")])
-    collector = NicCollector(AgentConfig(sysfs_root=FIXTURE_SYSFS), dumper)
+    collector = NicCollector(options(sysfs_root=FIXTURE_SYSFS), dumper)
     samples = collector.collect(tick())
 
     scraped = exposed(collector.metrics(samples))
@@ -212,7 +219,7 @@ def test_metrics_use_the_contract_names_and_omit_unknown_speeds() -> None:
 
 def test_close_closes_the_link_dumper() -> None:
     dumper = FakeLinkDumper()
-    collector = NicCollector(AgentConfig(sysfs_root=FIXTURE_SYSFS), dumper)
+    collector = NicCollector(options(sysfs_root=FIXTURE_SYSFS), dumper)
 
     collector.close()
 
@@ -220,9 +227,7 @@ def test_close_closes_the_link_dumper() -> None:
 
 
 def test_registered_factory_builds_a_working_collector() -> None:
-    context = CollectorContext(AgentConfig(), SharedResources())
-
-    collector = registrations()["nic"].factory(context)
+    collector = registrations()["nic"].create(AgentConfig(), SharedResources())
     try:
         samples = collector.collect(tick())
     finally:
@@ -250,7 +255,7 @@ def test_dumper_reports_the_links_of_its_namespace(veth_pair: VethPair) -> None:
 def test_byte_and_packet_counters_match_the_kernel_under_traffic(
     veth_pair: VethPair, netns_sysfs: Path, veth_traffic: VethTraffic
 ) -> None:
-    config = AgentConfig(sysfs_root=netns_sysfs, interfaces=("*",))
+    config = options(sysfs_root=netns_sysfs, interfaces=("*",))
     collector = NicCollector(config, NetlinkLinkDumper(netns=veth_pair.netns))
     try:
         veth_traffic.send(count=500, payload_bytes=1200)
@@ -289,7 +294,7 @@ def test_byte_and_packet_counters_match_the_kernel_under_traffic(
 def test_interface_patterns_select_real_links(
     veth_pair: VethPair, patterns: tuple[str, ...], expected: set[str]
 ) -> None:
-    config = AgentConfig(sysfs_root=FIXTURE_SYSFS, interfaces=patterns)
+    config = options(sysfs_root=FIXTURE_SYSFS, interfaces=patterns)
     collector = NicCollector(config, NetlinkLinkDumper(netns=veth_pair.netns))
     try:
         devices = {s.device for s in collector.collect(tick())}
@@ -302,7 +307,7 @@ def test_interface_patterns_select_real_links(
 def test_pattern_matching_no_real_interface_warns_once(
     veth_pair: VethPair, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = AgentConfig(sysfs_root=FIXTURE_SYSFS, interfaces=("fab*", "eth*"))
+    config = options(sysfs_root=FIXTURE_SYSFS, interfaces=("fab*", "eth*"))
     collector = NicCollector(config, NetlinkLinkDumper(netns=veth_pair.netns))
     caplog.set_level(logging.INFO, logger=LOGGER)
     try:

@@ -271,14 +271,15 @@ def test_no_library_in_a_fresh_process(tmp_path: Path) -> None:
     # A process holds one libnvidia-ml.so.1; this one never loads any.
     script = """
 import json, logging, sys
+from pathlib import Path
 from agent.node.collectors.base import CollectorContext, SharedResources, Tick
 from agent.node.collectors.gpu import create
-from agent.node.config import AgentConfig
 from agent.node.errors import CollectorError
 from agent.node.families import Family
+from agent.node.nvml import NvmlOptions
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 shared = SharedResources()
-collector = create(CollectorContext(AgentConfig(nvml_library=sys.argv[1]), shared))
+collector = create(CollectorContext(NvmlOptions(Path(sys.argv[1])), shared))
 errors = []
 for seq in range(5):
     try:

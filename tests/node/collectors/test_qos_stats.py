@@ -12,9 +12,9 @@ from agent.node.collectors.qos import (
     RECONCILER_KEY,
     QosClassSample,
     QosCollector,
+    QosOptions,
     QosReconcileSample,
 )
-from agent.node.config import AgentConfig
 from agent.node.errors import CollectorError
 from agent.node.qos.reconciler import QosSettings, Reconciler
 from agent.node.qos.state import AppliedPolicy, QosState, save_state
@@ -59,7 +59,7 @@ def test_class_counters_follow_traffic(
         Reconciler.close,
     )
     reconciler.reconcile()
-    collector = QosCollector(CollectorContext(AgentConfig(state_dir=tmp_path / "state"), shared))
+    collector = QosCollector(CollectorContext(QosOptions(tmp_path / "state"), shared))
     try:
         first = collector.collect(tick(1))
         veth_traffic.send(200, payload_bytes=1000)
@@ -95,13 +95,13 @@ def test_without_a_reconciler_the_state_file_names_the_classes(tmp_path: Path) -
         QosState({"gone": AppliedPolicy("gone", "f.yaml", "fabnosuch9", "egress", "fabnosuch9",
                                         {"a": 0x10})}),
     )  # fmt: skip
-    collector = QosCollector(CollectorContext(AgentConfig(state_dir=tmp_path), SharedResources()))
+    collector = QosCollector(CollectorContext(QosOptions(tmp_path), SharedResources()))
 
     with pytest.raises(CollectorError, match="fabnosuch9: no such device"):
         collector.collect(tick(1))
 
 
 def test_no_policies_no_samples(tmp_path: Path) -> None:
-    collector = QosCollector(CollectorContext(AgentConfig(state_dir=tmp_path), SharedResources()))
+    collector = QosCollector(CollectorContext(QosOptions(tmp_path), SharedResources()))
 
     assert collector.collect(tick(1)) == ()

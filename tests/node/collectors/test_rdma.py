@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.node.collectors.base import CollectorContext, SharedResources, Tick, registrations
+from agent.node.collectors.base import SharedResources, Tick, registrations
 from agent.node.collectors.rdma import RdmaCollector, RdmaPortSample
 from agent.node.config import AgentConfig
 from agent.node.errors import CollectorError
@@ -206,9 +206,9 @@ def test_metrics_use_the_contract_names_and_omit_absent_hw_counters() -> None:
 
 
 def test_registered_factory_reads_the_configured_sysfs_root() -> None:
-    context = CollectorContext(AgentConfig(sysfs_root=FIXTURE_SYSFS), SharedResources())
-
-    collector = registrations()["rdma"].factory(context)
+    collector = registrations()["rdma"].create(
+        AgentConfig(sysfs_root=FIXTURE_SYSFS), SharedResources()
+    )
 
     assert collector.name == "rdma"
     assert len(collector.collect(tick())) == 2

@@ -87,7 +87,7 @@ def test_rates_and_deltas_over_the_interval() -> None:
     second = later(
         first,
         seconds=2.0,
-        nvml=(dataclasses.replace(gpu(0), utilization_gpu_ratio=0.75, power_watts=512.5),),
+        gpu=(dataclasses.replace(gpu(0), utilization_gpu_ratio=0.75, power_watts=512.5),),
         nvlink=(
             dataclasses.replace(
                 link0, transmit_bytes=link0.transmit_bytes + 2 * 10**9, replay_errors=3
@@ -131,8 +131,8 @@ def test_rates_and_deltas_over_the_interval() -> None:
 
 def test_new_xids_count_the_increase_and_new_xids_fully() -> None:
     builder = SummaryBuilder()
-    first = later(snapshot(), nvml=(dataclasses.replace(gpu(0), xid_errors=((13, 1),)),))
-    second = later(first, nvml=(dataclasses.replace(gpu(0), xid_errors=((13, 3), (31, 1))),))
+    first = later(snapshot(), gpu=(dataclasses.replace(gpu(0), xid_errors=((13, 1),)),))
+    second = later(first, gpu=(dataclasses.replace(gpu(0), xid_errors=((13, 3), (31, 1))),))
     third = later(second)
     builder.next(first)
 
@@ -143,7 +143,7 @@ def test_new_xids_count_the_increase_and_new_xids_fully() -> None:
 def test_gpu_falling_off_the_bus_is_lost_with_its_xid() -> None:
     builder = SummaryBuilder()
     first = snapshot()
-    second = later(first, nvml=(gpu(0, lost=True), gpu(1, lost=True)), nvlink=())
+    second = later(first, gpu=(gpu(0, lost=True), gpu(1, lost=True)), nvlink=())
     builder.next(first)
 
     gpu0 = gpu_summary(builder.next(second), 0)
@@ -157,15 +157,13 @@ def test_qos_drops_rate_and_reconcile_deltas() -> None:
     builder = SummaryBuilder()
     first = later(
         snapshot(),
-        qos=(
-            QOS_CLASS,
-            dataclasses.replace(QOS_RECONCILE, drift_corrections={"eth0": 1}),
-        ),
+        qos=(QOS_CLASS,),
+        qos_reconcile=(dataclasses.replace(QOS_RECONCILE, drift_corrections={"eth0": 1}),),
     )
     second = later(
         first,
-        qos=(
-            dataclasses.replace(QOS_CLASS, dropped_packets=11, rate_bps=8e6),
+        qos=(dataclasses.replace(QOS_CLASS, dropped_packets=11, rate_bps=8e6),),
+        qos_reconcile=(
             dataclasses.replace(
                 QOS_RECONCILE,
                 results={"ok": 5, "error": 1},
@@ -191,22 +189,20 @@ def test_counter_resets_count_from_zero_never_negative() -> None:
     builder = SummaryBuilder()
     first = later(
         snapshot(),
-        nvml=(dataclasses.replace(gpu(0), xid_errors=((13, 5),)),),
+        gpu=(dataclasses.replace(gpu(0), xid_errors=((13, 5),)),),
         nvlink=(dataclasses.replace(nvlink(0, 0), replay_errors=100),),
         nic=(dataclasses.replace(NIC, receive_bytes=10**12, receive_drops=50),),
-        qos=(
-            dataclasses.replace(QOS_CLASS, dropped_packets=500),
-            dataclasses.replace(QOS_RECONCILE, drift_corrections={"eth0": 9}),
-        ),
+        qos=(dataclasses.replace(QOS_CLASS, dropped_packets=500),),
+        qos_reconcile=(dataclasses.replace(QOS_RECONCILE, drift_corrections={"eth0": 9}),),
     )
     # A GPU reset, an interface reset and an agent restart between the two ticks.
     second = later(
         first,
-        nvml=(dataclasses.replace(gpu(0), xid_errors=((13, 1),)),),
+        gpu=(dataclasses.replace(gpu(0), xid_errors=((13, 1),)),),
         nvlink=(dataclasses.replace(nvlink(0, 0), transmit_bytes=6000, replay_errors=4),),
         nic=(dataclasses.replace(NIC, receive_bytes=4000, receive_drops=2),),
-        qos=(
-            dataclasses.replace(QOS_CLASS, dropped_packets=7),
+        qos=(dataclasses.replace(QOS_CLASS, dropped_packets=7),),
+        qos_reconcile=(
             dataclasses.replace(QOS_RECONCILE, results={"ok": 1}, drift_corrections={}),
         ),
     )
@@ -241,12 +237,12 @@ def test_devices_appearing_start_from_their_own_counters() -> None:
 def test_devices_disappearing_are_forgotten() -> None:
     builder = SummaryBuilder()
     first = snapshot()
-    gone = later(first, nic=(), nvml=(gpu(1, lost=True),), nvlink=())
+    gone = later(first, nic=(), gpu=(gpu(1, lost=True),), nvlink=())
     # Back with higher counters: a device seen anew, not a delta across its absence.
     back = later(
         gone,
         nic=(dataclasses.replace(NIC, receive_bytes=NIC.receive_bytes + 10**6),),
-        nvml=(dataclasses.replace(gpu(0), xid_errors=((13, 4),)), gpu(1, lost=True)),
+        gpu=(dataclasses.replace(gpu(0), xid_errors=((13, 4),)), gpu(1, lost=True)),
         nvlink=(dataclasses.replace(nvlink(0, 0), replay_errors=8),),
     )
     builder.next(first)
@@ -261,10 +257,10 @@ def test_devices_disappearing_are_forgotten() -> None:
 
 def test_a_replaced_gpu_or_recreated_interface_is_a_new_device() -> None:
     builder = SummaryBuilder()
-    first = later(snapshot(), nvml=(dataclasses.replace(gpu(0), xid_errors=((13, 1),)),))
+    first = later(snapshot(), gpu=(dataclasses.replace(gpu(0), xid_errors=((13, 1),)),))
     second = later(
         first,
-        nvml=(dataclasses.replace(gpu(0), uuid="GPU-replaced", xid_errors=((48, 3),)),),
+        gpu=(dataclasses.replace(gpu(0), uuid="GPU-replaced", xid_errors=((48, 3),)),),
         nic=(dataclasses.replace(NIC, ifindex=9, receive_bytes=NIC.receive_bytes + 10**6),),
     )
     builder.next(first)

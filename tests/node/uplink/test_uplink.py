@@ -114,7 +114,7 @@ def start() -> Iterator[Callable[..., Running]]:
             target=f"127.0.0.1:{port}",
             node_name="node-a",
             labels={"pool": "training"},
-            capabilities=("nvml", "qos-enforce"),
+            capabilities=("gpu", "qos-enforce"),
             summary_interval_s=0.2,
             backoff_min_s=0.05,
             backoff_max_s=0.2,
@@ -155,7 +155,7 @@ def test_registers_then_summarises_only_the_latest_snapshot(
 
     register = aggregator.next("register").register
     assert (register.node_name, dict(register.labels)) == ("node-a", {"pool": "training"})
-    assert list(register.capabilities) == ["nvml", "qos-enforce"]
+    assert list(register.capabilities) == ["gpu", "qos-enforce"]
     assert register.summary_interval.ToMilliseconds() == 200
     assert aggregator.next("summary").summary.seq == 3
     uplink.offer(snapshot(4))

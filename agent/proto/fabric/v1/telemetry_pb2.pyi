@@ -9,6 +9,7 @@ a device does not report are left unset (proto3 `optional`).
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -667,6 +668,8 @@ class Snapshot(_message.Message):
     RDMA_PORTS_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
     QOS_CLASSES_FIELD_NUMBER: _builtins.int
+    SECTIONS_FIELD_NUMBER: _builtins.int
+    SECTION_NAMES_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     agent_version: _builtins.str
     seq: _builtins.int
@@ -687,6 +690,18 @@ class Snapshot(_message.Message):
     def host(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostSample]: ...
     @_builtins.property
     def qos_classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___QosClassSample]: ...
+    @_builtins.property
+    def sections(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotSection]:
+        """The sections that have no typed field above (a collector added since), by name."""
+
+    @_builtins.property
+    def section_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every section this snapshot carries, typed or not, in the agent's order: those asked
+        for, or all the agent has. A section listed here with no samples is empty on the node
+        (or its collector failed: see `collectors`). Agents older than this field leave it
+        empty.
+        """
+
     def __init__(
         self,
         *,
@@ -703,11 +718,46 @@ class Snapshot(_message.Message):
         rdma_ports: _abc.Iterable[Global___RdmaPortSample] | None = ...,
         host: _abc.Iterable[Global___HostSample] | None = ...,
         qos_classes: _abc.Iterable[Global___QosClassSample] | None = ...,
+        sections: _abc.Iterable[Global___SnapshotSection] | None = ...,
+        section_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "collectors", b"collectors", "completed_unix_seconds", b"completed_unix_seconds", "gpus", b"gpus", "host", b"host", "interval_seconds", b"interval_seconds", "nics", b"nics", "node_name", b"node_name", "nvlinks", b"nvlinks", "qos_classes", b"qos_classes", "rdma_ports", b"rdma_ports", "seq", b"seq", "started_unix_seconds", b"started_unix_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "collectors", b"collectors", "completed_unix_seconds", b"completed_unix_seconds", "gpus", b"gpus", "host", b"host", "interval_seconds", b"interval_seconds", "nics", b"nics", "node_name", b"node_name", "nvlinks", b"nvlinks", "qos_classes", b"qos_classes", "rdma_ports", b"rdma_ports", "section_names", b"section_names", "sections", b"sections", "seq", b"seq", "started_unix_seconds", b"started_unix_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Snapshot: _TypeAlias = Snapshot  # noqa: Y015
+
+@_typing.final
+class SnapshotSection(_message.Message):
+    """A section without a typed field in Snapshot: its samples' fields as the agent's sample
+    type has them. Numbers are doubles in a Struct: exact up to 2^53.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The samples' field names in the sample type's order (a Struct keeps none)."""
+
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+        samples: _abc.Iterable[_struct_pb2.Struct] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "name", b"name", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotSection: _TypeAlias = SnapshotSection  # noqa: Y015

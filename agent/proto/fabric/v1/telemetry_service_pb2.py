@@ -26,35 +26,35 @@ from agent.proto.fabric.v1 import telemetry_pb2 as fabric_dot_v1_dot_telemetry__
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fabric/v1/telemetry_service.proto\x12\tfabric.v1\x1a\x19\x66\x61\x62ric/v1/telemetry.proto\x1a\x1egoogle/protobuf/duration.proto\":\n\x12GetSnapshotRequest\x12$\n\x08sections\x18\x01 \x03(\x0e\x32\x12.fabric.v1.Section\"<\n\x13GetSnapshotResponse\x12%\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.fabric.v1.Snapshot\"j\n\x15WatchSnapshotsRequest\x12$\n\x08sections\x18\x01 \x03(\x0e\x32\x12.fabric.v1.Section\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"O\n\x16WatchSnapshotsResponse\x12%\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.fabric.v1.Snapshot\x12\x0e\n\x06missed\x18\x02 \x01(\x04\";\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"R\n\x13ListDevicesResponse\x12\"\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x11.fabric.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8a\x01\n\x06\x44\x65vice\x12#\n\x03gpu\x18\x01 \x01(\x0b\x32\x14.fabric.v1.GpuDeviceH\x00\x12#\n\x03nic\x18\x02 \x01(\x0b\x32\x14.fabric.v1.NicDeviceH\x00\x12.\n\trdma_port\x18\x03 \x01(\x0b\x32\x19.fabric.v1.RdmaPortDeviceH\x00\x42\x06\n\x04kind\"n\n\tGpuDevice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\x12\x0c\n\x04lost\x18\x05 \x01(\x08\x12\x14\n\x0cnvlink_count\x18\x06 \x01(\r\"e\n\tNicDevice\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0f\n\x07ifindex\x18\x02 \x01(\r\x12\x11\n\toperstate\x18\x03 \x01(\t\x12\x16\n\tspeed_bps\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_speed_bps\"\x85\x01\n\x0eRdmaPortDevice\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nlink_layer\x18\x04 \x01(\t\x12\x0e\n\x06netdev\x18\x05 \x01(\t\x12\x15\n\x08rate_bps\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_rate_bps*\x8d\x01\n\x07Section\x12\x17\n\x13SECTION_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSECTION_GPU\x10\x01\x12\x12\n\x0eSECTION_NVLINK\x10\x02\x12\x0f\n\x0bSECTION_NIC\x10\x03\x12\x10\n\x0cSECTION_RDMA\x10\x04\x12\x0f\n\x0bSECTION_QOS\x10\x05\x12\x10\n\x0cSECTION_HOST\x10\x06\x32\x87\x02\n\x10TelemetryService\x12L\n\x0bGetSnapshot\x12\x1d.fabric.v1.GetSnapshotRequest\x1a\x1e.fabric.v1.GetSnapshotResponse\x12W\n\x0eWatchSnapshots\x12 .fabric.v1.WatchSnapshotsRequest\x1a!.fabric.v1.WatchSnapshotsResponse0\x01\x12L\n\x0bListDevices\x12\x1d.fabric.v1.ListDevicesRequest\x1a\x1e.fabric.v1.ListDevicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fabric/v1/telemetry_service.proto\x12\tfabric.v1\x1a\x19\x66\x61\x62ric/v1/telemetry.proto\x1a\x1egoogle/protobuf/duration.proto\"Q\n\x12GetSnapshotRequest\x12$\n\x08sections\x18\x01 \x03(\x0e\x32\x12.fabric.v1.Section\x12\x15\n\rsection_names\x18\x02 \x03(\t\"<\n\x13GetSnapshotResponse\x12%\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.fabric.v1.Snapshot\"\x81\x01\n\x15WatchSnapshotsRequest\x12$\n\x08sections\x18\x01 \x03(\x0e\x32\x12.fabric.v1.Section\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rsection_names\x18\x03 \x03(\t\"O\n\x16WatchSnapshotsResponse\x12%\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.fabric.v1.Snapshot\x12\x0e\n\x06missed\x18\x02 \x01(\x04\";\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"R\n\x13ListDevicesResponse\x12\"\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x11.fabric.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8a\x01\n\x06\x44\x65vice\x12#\n\x03gpu\x18\x01 \x01(\x0b\x32\x14.fabric.v1.GpuDeviceH\x00\x12#\n\x03nic\x18\x02 \x01(\x0b\x32\x14.fabric.v1.NicDeviceH\x00\x12.\n\trdma_port\x18\x03 \x01(\x0b\x32\x19.fabric.v1.RdmaPortDeviceH\x00\x42\x06\n\x04kind\"n\n\tGpuDevice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\x12\x0c\n\x04lost\x18\x05 \x01(\x08\x12\x14\n\x0cnvlink_count\x18\x06 \x01(\r\"e\n\tNicDevice\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0f\n\x07ifindex\x18\x02 \x01(\r\x12\x11\n\toperstate\x18\x03 \x01(\t\x12\x16\n\tspeed_bps\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_speed_bps\"\x85\x01\n\x0eRdmaPortDevice\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nlink_layer\x18\x04 \x01(\t\x12\x0e\n\x06netdev\x18\x05 \x01(\t\x12\x15\n\x08rate_bps\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_rate_bps*\x8d\x01\n\x07Section\x12\x17\n\x13SECTION_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSECTION_GPU\x10\x01\x12\x12\n\x0eSECTION_NVLINK\x10\x02\x12\x0f\n\x0bSECTION_NIC\x10\x03\x12\x10\n\x0cSECTION_RDMA\x10\x04\x12\x0f\n\x0bSECTION_QOS\x10\x05\x12\x10\n\x0cSECTION_HOST\x10\x06\x32\x87\x02\n\x10TelemetryService\x12L\n\x0bGetSnapshot\x12\x1d.fabric.v1.GetSnapshotRequest\x1a\x1e.fabric.v1.GetSnapshotResponse\x12W\n\x0eWatchSnapshots\x12 .fabric.v1.WatchSnapshotsRequest\x1a!.fabric.v1.WatchSnapshotsResponse0\x01\x12L\n\x0bListDevices\x12\x1d.fabric.v1.ListDevicesRequest\x1a\x1e.fabric.v1.ListDevicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.proto.fabric.v1.telemetry_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SECTION']._serialized_start=1056
-  _globals['_SECTION']._serialized_end=1197
+  _globals['_SECTION']._serialized_start=1103
+  _globals['_SECTION']._serialized_end=1244
   _globals['_GETSNAPSHOTREQUEST']._serialized_start=107
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=165
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=167
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=227
-  _globals['_WATCHSNAPSHOTSREQUEST']._serialized_start=229
-  _globals['_WATCHSNAPSHOTSREQUEST']._serialized_end=335
-  _globals['_WATCHSNAPSHOTSRESPONSE']._serialized_start=337
-  _globals['_WATCHSNAPSHOTSRESPONSE']._serialized_end=416
-  _globals['_LISTDEVICESREQUEST']._serialized_start=418
-  _globals['_LISTDEVICESREQUEST']._serialized_end=477
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=479
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=561
-  _globals['_DEVICE']._serialized_start=564
-  _globals['_DEVICE']._serialized_end=702
-  _globals['_GPUDEVICE']._serialized_start=704
-  _globals['_GPUDEVICE']._serialized_end=814
-  _globals['_NICDEVICE']._serialized_start=816
-  _globals['_NICDEVICE']._serialized_end=917
-  _globals['_RDMAPORTDEVICE']._serialized_start=920
-  _globals['_RDMAPORTDEVICE']._serialized_end=1053
-  _globals['_TELEMETRYSERVICE']._serialized_start=1200
-  _globals['_TELEMETRYSERVICE']._serialized_end=1463
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=188
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=190
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=250
+  _globals['_WATCHSNAPSHOTSREQUEST']._serialized_start=253
+  _globals['_WATCHSNAPSHOTSREQUEST']._serialized_end=382
+  _globals['_WATCHSNAPSHOTSRESPONSE']._serialized_start=384
+  _globals['_WATCHSNAPSHOTSRESPONSE']._serialized_end=463
+  _globals['_LISTDEVICESREQUEST']._serialized_start=465
+  _globals['_LISTDEVICESREQUEST']._serialized_end=524
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=526
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=608
+  _globals['_DEVICE']._serialized_start=611
+  _globals['_DEVICE']._serialized_end=749
+  _globals['_GPUDEVICE']._serialized_start=751
+  _globals['_GPUDEVICE']._serialized_end=861
+  _globals['_NICDEVICE']._serialized_start=863
+  _globals['_NICDEVICE']._serialized_end=964
+  _globals['_RDMAPORTDEVICE']._serialized_start=967
+  _globals['_RDMAPORTDEVICE']._serialized_end=1100
+  _globals['_TELEMETRYSERVICE']._serialized_start=1247
+  _globals['_TELEMETRYSERVICE']._serialized_end=1510
 # @@protoc_insertion_point(module_scope)

@@ -38,7 +38,10 @@ class _SectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Section.Value
     SECTION_HOST: _Section.ValueType  # 6
 
 class Section(_Section, metaclass=_SectionEnumTypeWrapper):
-    """A part of the snapshot, by the collector that fills it."""
+    """DEPRECATED: name sections in `section_names` instead. The sections the agent had when
+    the API was made; kept so that clients sending it keep working. SECTION_GPU stands for
+    the section named "gpu", and so on.
+    """
 
 SECTION_UNSPECIFIED: Section.ValueType  # 0
 SECTION_GPU: Section.ValueType  # 1
@@ -54,18 +57,27 @@ class GetSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SECTIONS_FIELD_NUMBER: _builtins.int
+    SECTION_NAMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sections(self) -> _containers.RepeatedScalarFieldContainer[Global___Section.ValueType]:
-        """The sections to return; empty: all of them."""
+        """Deprecated: use section_names. Sections to return; adds to section_names."""
+
+    @_builtins.property
+    def section_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sections to return by name, as Snapshot.section_names lists them; with
+        `sections` empty too: all of them. A name the agent does not have is
+        INVALID_ARGUMENT, its message listing the sections the agent has.
+        """
 
     def __init__(
         self,
         *,
         sections: _abc.Iterable[Global___Section.ValueType] | None = ...,
+        section_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sections", b"sections"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["section_names", b"section_names", "sections", b"sections"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -97,9 +109,10 @@ class WatchSnapshotsRequest(_message.Message):
 
     SECTIONS_FIELD_NUMBER: _builtins.int
     INTERVAL_FIELD_NUMBER: _builtins.int
+    SECTION_NAMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sections(self) -> _containers.RepeatedScalarFieldContainer[Global___Section.ValueType]:
-        """The sections to return; empty: all of them."""
+        """Deprecated: use section_names. Sections to return; adds to section_names."""
 
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
@@ -107,15 +120,20 @@ class WatchSnapshotsRequest(_message.Message):
         interval: every snapshot the agent takes. Negative is INVALID_ARGUMENT.
         """
 
+    @_builtins.property
+    def section_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As in GetSnapshotRequest."""
+
     def __init__(
         self,
         *,
         sections: _abc.Iterable[Global___Section.ValueType] | None = ...,
         interval: _duration_pb2.Duration | None = ...,
+        section_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "sections", b"sections"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "section_names", b"section_names", "sections", b"sections"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

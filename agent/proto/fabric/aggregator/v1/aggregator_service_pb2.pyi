@@ -255,7 +255,7 @@ class Register(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What this node can do: the collectors it runs ("nvml", "nvlink", "nic", "rdma",
+        """What this node can do: the collectors it runs ("gpu", "nvlink", "nic", "rdma",
         "host", "qos") and "qos-enforce" when it applies QoS policies.
         """
 
