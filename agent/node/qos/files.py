@@ -11,6 +11,7 @@ from pathlib import Path
 
 from agent.common.policy.model import (
     LoadedPolicy,
+    ParseCache,
     PolicyViolation,
     QosPolicy,
     check_host,
@@ -44,10 +45,12 @@ def read_files(
     *,
     interface_exists: Callable[[str], bool],
     cgroup_root: Path | None,
+    cache: ParseCache | None = None,
 ) -> FileRead:
     """Load and check the files: the model, ownership across them, then (when those
-    hold) the interfaces and cgroups they name on this host."""
-    loaded, violations = load_policy_files(paths)
+    hold) the interfaces and cgroups they name on this host. `cache`: the files' parses
+    from the last read (agent.common.policy.model.load_policy_files)."""
+    loaded, violations = load_policy_files(paths, cache)
     if not violations:
         violations.extend(
             check_host(loaded, interface_exists=interface_exists, cgroup_root=cgroup_root)

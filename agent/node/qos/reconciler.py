@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from agent.common.policy.model import LoadedPolicy, PolicyObject, PolicyViolation
+from agent.common.policy.model import LoadedPolicy, ParseCache, PolicyObject, PolicyViolation
 from agent.node.qos.api_objects import (
     ENFORCED,
     FAILED,
@@ -87,6 +87,7 @@ class Reconciler:
         self._states: dict[str, tuple[str, str]] = {}
         self._file_policies: list[LoadedPolicy] = []
         self._last_good: list[LoadedPolicy] | None = None
+        self._parsed: ParseCache = {}
         self._reported: set[str] = set()
         self.lease_expirations = 0
         self.policy_counts: Counter[tuple[str, str]] = Counter()
@@ -305,6 +306,7 @@ class Reconciler:
             policy_files(self.settings.policy_dir),
             interface_exists=self.kernel.interface_exists,
             cgroup_root=self.settings.cgroup_root,
+            cache=self._parsed,
         )
 
     def _effective_files(self, read: FileRead) -> list[LoadedPolicy]:

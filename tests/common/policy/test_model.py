@@ -16,6 +16,7 @@ from agent.common.errors import FabricError
 from agent.common.policy.model import (
     EffectiveClass,
     LoadedPolicy,
+    ParseCache,
     PolicyError,
     PolicyViolation,
     QosPolicy,
@@ -24,6 +25,7 @@ from agent.common.policy.model import (
     detect_cgroup2_root,
     load_policies,
     load_policy_file,
+    load_policy_files,
     render_schema,
 )
 from tests import ROOT
@@ -558,3 +560,22 @@ def test_loaded_policy_violation_helper() -> None:
     assert str(loaded.violation("spec.interface", "why")) == (
         "f.yaml (document 3): spec.interface: why"
     )
+
+
+def test_parse_cache_reuses_unchanged_files_and_sees_every_edit(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text((FIXTURES / "owner-a.yaml").read_text())
+    cache: ParseCache = {}
+
+    first, _ = load_policy_files([path], cache)
+    again, _ = load_policy_files([path], cache)
+    path.write_text(path.read_text().replace("eth1", "eth7"))
+    edited, _ = load_policy_files([path], cache)
+    path.write_text("spec: [\n")
+    broken, violations = load_policy_files([path], cache)
+    gone, _ = load_policy_files([], cache)
+
+    assert again[0] is first[0]  # the same parse, not a new one
+    assert edited[0].policy.spec.interface == "eth7"
+    assert broken == [] and "not valid YAML" in str(violations[0])
+    assert gone == [] and cache == {}
