@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -254,7 +255,15 @@ class Agent:
         self._shared.close()
 
     def install_signal_handlers(self) -> None:
+        agent_pid = os.getpid()
+
         def on_signal(signum: int, _frame: FrameType | None) -> None:
+            if os.getpid() != agent_pid:
+                # A child forked by a library (pyroute2's namespace helpers) that is
+                # being ended: end as the signal says, not as the agent stopping.
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             log.info("received %s, stopping", signal.Signals(signum).name)
             self.stop()
 
