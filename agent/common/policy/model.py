@@ -58,7 +58,12 @@ _FWMARK = re.compile(r"^0x([0-9a-fA-F]{1,8})/0x([0-9a-fA-F]{1,8})$")
 # A whole mark in decimal text: how a message's string field carries a YAML integer.
 _FWMARK_NUMBER = re.compile(r"^[0-9]{1,10}$")
 # Linux IFNAMSIZ is 16 including the terminating NUL.
-_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+# What the kernel allows for a cgroup's name and path (NAME_MAX, PATH_MAX).
+NAME_MAX, MAX_CGROUP_PATH = 255, 4095
+# nft matches a cgroup by a quoted path: a quote or a control character cannot be in it.
+_CGROUP_UNQUOTABLE = re.compile(r'["\x00-\x1f\x7f]')
+# '"' too: nft names the interface in a quoted string, which cannot hold one.
+_IFNAME = re.compile(r'^[^\s/:"]{1,15}$')
 
 
 # --- field types -----------------------------------------------------------------------
@@ -89,7 +94,7 @@ def _dns_label(value: object) -> str:
 def _interface_name(value: object) -> str:
     if not isinstance(value, str) or not _IFNAME.match(value) or value in {".", ".."}:
         raise ValueError(
-            f"{value!r} is not an interface name (1-15 characters, no spaces, '/' or ':')"
+            f"{value!r} is not an interface name (1-15 characters, no spaces, '/', ':' or '\"')"
         )
     return value
 
@@ -139,11 +144,17 @@ def _cgroup_path(value: object) -> str:
         raise ValueError(f"{value!r} is not a cgroup path")
     if value.startswith("/"):
         raise ValueError(f"{value!r}: cgroup paths are relative to the cgroup2 root, no leading /")
+    if len(value) > MAX_CGROUP_PATH:
+        raise ValueError(f"cgroup path of {len(value)} characters: at most {MAX_CGROUP_PATH}")
+    if _CGROUP_UNQUOTABLE.search(value):
+        raise ValueError(f"{value!r}: a '\"' or a control character cannot be matched by nft")
     parts = value.split("/")
     if ".." in parts:
         raise ValueError(f"{value!r}: '..' is not allowed in a cgroup path")
     if any(part in {"", "."} for part in parts):
         raise ValueError(f"{value!r}: empty or '.' path component")
+    if any(len(part) > NAME_MAX for part in parts):
+        raise ValueError(f"{value!r}: a path component over {NAME_MAX} characters")
     return value
 
 
@@ -234,8 +245,10 @@ CgroupPath = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[^/]",
-            "description": "cgroup v2 path relative to the cgroup2 root, no '..'",
+            "pattern": r'^[^/"\x00-\x1f\x7f][^"\x00-\x1f\x7f]*$',
+            "maxLength": MAX_CGROUP_PATH,
+            "description": "cgroup v2 path relative to the cgroup2 root, no '..', no "
+            "component over 255 characters",
         }
     ),
 ]
@@ -741,10 +754,19 @@ def check_host(
                 if cgroup_root is None:
                     reason = f"cgroup not found: {entry.cgroup} (cgroup v2 is not mounted)"
                     violations.append(loaded.violation(path, reason))
-                elif not (cgroup_root / entry.cgroup).is_dir():
+                elif not cgroup_exists(cgroup_root, entry.cgroup):
                     reason = f"cgroup not found: {cgroup_root / entry.cgroup}"
                     violations.append(loaded.violation(path, reason))
     return violations
+
+
+def cgroup_exists(cgroup_root: Path, cgroup: str) -> bool:
+    """Whether `cgroup` is a directory under `cgroup_root`; a path the file system cannot
+    look up (too long, no permission) is not one: it cannot be matched either."""
+    try:
+        return (cgroup_root / cgroup).is_dir()
+    except OSError:
+        return False
 
 
 def interface_exists(name: str) -> bool:

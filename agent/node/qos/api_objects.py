@@ -30,9 +30,11 @@ from agent.common.policy.model import (
     PolicyObject,
     QosAssignment,
     QosPolicy,
+    cgroup_exists,
     check_host,
     parse_document,
 )
+from agent.node.qos.desired import owner_text, policy_device
 from agent.node.qos.state import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -283,7 +285,7 @@ def admit(
     """The files win names and interfaces, then API policies in name order; then every
     assignment joins its class where its policy and cgroups are there."""
     file_names = {p.policy.metadata.name: p.file for p in files}
-    owners = {(p.policy.spec.interface, p.policy.spec.direction): p for p in files}
+    owners = {policy_device(p.policy): p for p in files}
     admitted: list[LoadedPolicy] = []
     refused: dict[str, Precondition] = {}
     models = usable_models(entries)
@@ -294,14 +296,11 @@ def admit(
             continue
         if not isinstance(model, QosPolicy):
             continue
-        spec = model.spec
-        owner = owners.get((spec.interface, spec.direction))
+        device = policy_device(model)
+        owner = owners.get(device)
         if owner is not None:
             where = "file " + owner.file if owner.file != API_SOURCE else "the API"
-            reason = (
-                f"{spec.interface} {spec.direction} is owned by policy "
-                f"{owner.policy.metadata.name!r} from {where}"
-            )
+            reason = owner_text(owner, where)
             refused[name] = Precondition("OWNERSHIP", "spec.interface", reason)
             continue
         loaded = LoadedPolicy(API_SOURCE, None, model)
@@ -310,14 +309,14 @@ def admit(
             kind = "INTERFACE" if problems[0].path == "spec.interface" else "CGROUP"
             refused[name] = Precondition(kind, problems[0].path, problems[0].reason)
             continue
-        owners[(spec.interface, spec.direction)] = loaded
+        owners[device] = loaded
         admitted.append(loaded)
     assignments = [m for m in models.values() if isinstance(m, QosAssignment)]
 
-    def cgroup_exists(path: str) -> bool:
-        return cgroup_root is not None and (cgroup_root / path).is_dir()
+    def exists(path: str) -> bool:
+        return cgroup_root is not None and cgroup_exists(cgroup_root, path)
 
-    merge = merge_assignments([*files, *admitted], assignments, cgroup_exists)
+    merge = merge_assignments([*files, *admitted], assignments, exists)
     bases: dict[str, Mapping[str, Any]] = {
         p.policy.metadata.name: p.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
         for p in [*files, *admitted]

@@ -1,10 +1,10 @@
-"""From the policies to enforce to the kernel objects the agent wants: one pure function,
-`desired_state`, that every way in (the daemon's pass, `fabric-agent policy plan`, the
-API's dry runs) goes through.
+"""From the policies to enforce to the kernel objects the agent wants: pure functions
+that every way in (the daemon's pass, `fabric-agent policy plan`, the API's dry runs)
+goes through.
 
-Per policy: the HTB tree on its interface (ingress policies: on the interface's IFB
-device, with the redirect to it); for all policies together: the body of the agent's
-nftables table.
+Per policy (`desired_state`): the HTB tree on its interface (ingress policies: on the
+interface's IFB device, with the redirect to it); for the policies enforced together
+(`nft_body`): the body of the agent's nftables table.
 
 Class minors are stable: a class keeps the minor it had (the caller passes the last
 applied allocation), new classes take the lowest free minor from `FIRST_LEAF_MINOR`, so
@@ -27,12 +27,11 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
-from agent.common.errors import FabricError
 from agent.common.policy.model import EffectiveClass, LoadedPolicy, Match, QosPolicy
 from agent.common.policy.units import PortRange
 from agent.node.qos import nftrules
 from agent.node.qos.htb import AGENT_ROOT_MAJOR, HtbClass, HtbTree, U32Filter, U32Match
-from agent.node.qos.kernel import NFT_DEVICE, ifb_name
+from agent.node.qos.kernel import ifb_name
 
 ROOT_MINOR = 1
 FIRST_LEAF_MINOR = 0x10
@@ -84,11 +83,9 @@ class DesiredPolicy:
 
 @dataclass(frozen=True)
 class DesiredState:
-    """Every policy's kernel objects, the nftables table's body, and why a policy (or the
-    table, under `NFT_DEVICE`) could not be expressed."""
+    """Every policy's kernel objects, and why a policy could not be built."""
 
     policies: tuple[DesiredPolicy, ...]
-    nft_body: str
     errors: Mapping[str, str]
 
     def policy(self, name: str) -> DesiredPolicy | None:
@@ -107,6 +104,23 @@ class KernelOptions:
     nft_cgroup_base: Path = nftrules.NFT_CGROUP_BASE
     # Replace root qdiscs the agent does not own, whatever the policies say.
     take_over: bool = False
+
+
+def policy_device(policy: QosPolicy) -> str:
+    """The device a policy's tree lives on: its interface, or for ingress its IFB. Two
+    policies own the same device or none: the unit of ownership is the device."""
+    spec = policy.spec
+    return ifb_name(spec.interface) if spec.direction == "ingress" else spec.interface
+
+
+def owner_text(owner: LoadedPolicy, source: str) -> str:
+    """`owner`'s claim on its device, for the one refused: "eth0 egress is owned by
+    policy 'node' from file /etc/...", naming the IFB where that is the device."""
+    spec = owner.policy.spec
+    claim = f"{spec.interface} {spec.direction}"
+    if spec.direction == "ingress":
+        claim = f"{policy_device(owner.policy)} (the IFB of {spec.interface} ingress)"
+    return f"{claim} is owned by policy {owner.policy.metadata.name!r} from {source}"
 
 
 def desired_state(
@@ -128,7 +142,7 @@ def desired_state(
         policy = loaded.policy
         name = policy.metadata.name
         spec = policy.spec
-        device = ifb_name(spec.interface) if spec.direction == "ingress" else spec.interface
+        device = policy_device(policy)
         try:
             desired = build_tree(
                 policy,
@@ -151,16 +165,17 @@ def desired_state(
                 take_over=spec.take_over or options.take_over,
             )
         )
-    body = ""
-    try:
-        body = nftrules.render_table(
-            [(p.policy, p.minors) for p in built],
-            cgroup_root=options.cgroup_root,
-            nft_cgroup_base=options.nft_cgroup_base,
-        )
-    except FabricError as exc:
-        errors[NFT_DEVICE] = str(exc)
-    return DesiredState(tuple(built), body, errors)
+    return DesiredState(tuple(built), errors)
+
+
+def nft_body(
+    policies: Sequence[tuple[QosPolicy, Mapping[str, int]]], options: KernelOptions
+) -> str:
+    """The body of the agent's nftables table for the policies it enforces, with their
+    class minors; raises NftRenderError for what nft cannot express. Pure."""
+    return nftrules.render_table(
+        policies, cgroup_root=options.cgroup_root, nft_cgroup_base=options.nft_cgroup_base
+    )
 
 
 def allocate_minors(names: Sequence[str], previous: Mapping[str, int]) -> dict[str, int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from agent.common.errors import FabricError
 from agent.node.qos.desired import DesiredPolicy
 from agent.node.qos.kernel import NFT_DEVICE, LoadNftTable, QosKernel
-from agent.node.qos.planner import Plan, PolicyPlan
+from agent.node.qos.planner import Plan, PolicyPlan, plan_nft
 from agent.node.qos.state import AppliedPolicy, QosState
 
 log = logging.getLogger(__name__)
@@ -48,22 +48,21 @@ def enforce(
     `enforced_before` what the last pass enforced (a difference there is drift, not an
     edit)."""
     changes: list[str] = []
-    errors: dict[str, str] = dict(plan.errors)
+    errors: dict[str, str] = plan.errors
     drift: Counter[str] = Counter()
     applied: dict[str, AppliedPolicy] = {}
     enforced: dict[str, DesiredPolicy] = {}
-    for name in plan.errors:
-        log.error("QoS policy %s: %s", name, plan.errors[name])
-        if name in previous.policies:
-            applied[name] = previous.policies[name]
+    for name in plan.desired.errors:
+        log.error("QoS policy %s: %s", name, plan.desired.errors[name])
+    failed_now: set[str] = set()
     for item in plan.policies:
         desired = item.desired
         error = item.error or _apply(item, kernel)
         if error is not None:
             errors[item.name] = error
             log.error("QoS policy %s (%s): %s", item.name, desired.file, error)
-            if item.name in previous.policies:
-                applied[item.name] = previous.policies[item.name]
+            if item.error is None:
+                failed_now.add(item.name)
             continue
         if item.steps:
             done = [line for step in item.steps for line in step.done()]
@@ -82,7 +81,14 @@ def enforce(
                 )
         applied[item.name] = _record(desired)
         enforced[item.name] = desired
+    # What a failed policy had stays, and so does what it was to take over.
+    kept = {name for name in errors if name in previous.policies}
+    kept |= {old for owner in errors for old in plan.handovers.get(owner, ())}
+    for name in kept:
+        applied[name] = previous.policies[name]
     for removal in plan.removals:
+        if removal.name in failed_now:
+            continue  # moved, and refused where it was going: its old tree stays
         try:
             for step in removal.steps:
                 kernel.apply(step)
@@ -95,14 +101,19 @@ def enforce(
             continue
         changes.extend(f"{removal.name}: {line}" for step in removal.steps for line in step.done())
         log.info("QoS policy %s removed from %s", removal.name, removal.applied.device)
+    nft = plan.nft
+    if failed_now:
+        # The table was planned as if every policy went in; those that did not keep
+        # their rules as they were.
+        nft = plan_nft(plan.desired, previous, kept, kernel, plan.options)
     nft_body, nft_listing = previous.nft_body, previous.nft_listing
-    if not plan.nft.body and plan.nft.error is None:
+    if not nft.body and nft.error is None:
         nft_body, nft_listing = "", None
-    if plan.nft.error is not None:
-        errors[NFT_DEVICE] = plan.nft.error
-        log.error("QoS nftables table: %s", plan.nft.error)
-    elif plan.nft.step is not None:
-        step = plan.nft.step
+    if nft.error is not None:
+        errors[NFT_DEVICE] = nft.error
+        log.error("QoS nftables table: %s", nft.error)
+    elif nft.step is not None:
+        step = nft.step
         try:
             kernel.apply(step)
             if isinstance(step, LoadNftTable):
@@ -113,7 +124,7 @@ def enforce(
             log.error("QoS nftables table: %s", exc)
         else:
             changes.extend(step.done())
-            if plan.nft.drifted:
+            if nft.drifted:
                 drift[NFT_DEVICE] += 1
                 log.warning("QoS drift in the nftables table corrected")
     state = QosState(applied, nft_body, nft_listing)

@@ -18,6 +18,7 @@ from agent.common.policy.model import (
     load_policy_files,
 )
 from agent.node.qos.api_objects import API_SOURCE
+from agent.node.qos.desired import owner_text, policy_device
 from agent.node.qos.state import QosState
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,22 @@ def read_files(
     hold) the interfaces and cgroups they name on this host. `cache`: the files' parses
     from the last read (agent.common.policy.model.load_policy_files)."""
     loaded, violations = load_policy_files(paths, cache)
+    owners: dict[str, LoadedPolicy] = {}
+    for policy in loaded:
+        # An egress policy on another one's IFB: the model's (interface, direction)
+        # check passes it (and reports the same pair itself), the devices collide.
+        owner = owners.setdefault(policy_device(policy.policy), policy)
+        if owner is not policy and _claim(owner) != _claim(policy):
+            violations.append(policy.violation("spec.interface", owner_text(owner, owner.file)))
     if not violations:
         violations.extend(
             check_host(loaded, interface_exists=interface_exists, cgroup_root=cgroup_root)
         )
     return FileRead(loaded, violations)
+
+
+def _claim(loaded: LoadedPolicy) -> tuple[str, str]:
+    return loaded.policy.spec.interface, loaded.policy.spec.direction
 
 
 def policies_from_state(state: QosState) -> list[LoadedPolicy]:

@@ -213,18 +213,24 @@ def _delete_filter(ipr: Any, index: int, parent: int) -> None:
 def remove_ingress_redirect(interface: str, *, netns: str | None = None) -> bool:
     """Undo `ensure_ingress_redirect`: the agent's filter, the ingress qdisc when no other
     filter is attached to it, and the IFB device (with the tree on it). False when there
-    was nothing of the agent's to remove."""
+    was nothing of the agent's to remove. An interface that is gone took its ingress
+    qdisc and filter with it; its IFB device is still the agent's to delete."""
     ifb = ifb_name(interface)
     removed = False
     with _iproute(netns) as ipr:
-        index = _index(ipr, interface)
-        hook = _read_hook(ipr, index)
+        found = ipr.link_lookup(ifname=interface)
+        index = int(found[0]) if found else None
+        hook = (
+            _read_hook(ipr, index)
+            if index is not None
+            else _Hook(None, INGRESS_HANDLE, [], None, 0)
+        )
         try:
-            if hook.ours:
+            if hook.ours and index is not None:
                 _delete_filter(ipr, index, hook.parent)
                 removed = True
             # clsact is never the agent's (it adds `ingress`): it stays, as do foreign filters.
-            if hook.kind == "ingress" and not hook.foreign:
+            if hook.kind == "ingress" and not hook.foreign and index is not None:
                 ipr.tc("del", index=index, handle=INGRESS_HANDLE, parent=TC_H_INGRESS)
                 removed = True
             link = _ifb_link(ipr, ifb)

@@ -37,13 +37,13 @@ cgroup paths: nft resolves `socket cgroupv2 level N "path"` under /sys/fs/cgroup
 table is loaded, so a cgroup2 mount elsewhere below it (/sys/fs/cgroup/unified on hybrid
 hosts) is reached through a path relative to /sys/fs/cgroup, while `level` counts the
 components below the cgroup2 root. A cgroup missing at load time makes nft refuse the
-whole table: `missing_cgroups` says which, before loading.
+whole table: the reconciler loads only entries whose cgroup exists (agent.common.policy.model
+check_host, agent.node.qos.api_objects merge_assignments).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
@@ -63,37 +63,6 @@ _ICMP = {4: "icmp", 6: "ipv6-icmp"}
 
 class NftRenderError(FabricError):
     """The desired state cannot be written as nft rules; the message says which field."""
-
-
-@dataclass(frozen=True)
-class MissingCgroup:
-    """A cgroup an egress policy matches on that does not exist (nft would refuse it)."""
-
-    policy: str
-    path: str  # field path, e.g. spec.classes[0].match[1].cgroup
-    cgroup: str
-    directory: Path
-
-
-def missing_cgroups(policies: Iterable[QosPolicy], *, cgroup_root: Path) -> list[MissingCgroup]:
-    """The cgroups `render_table` would reference that are not directories under
-    `cgroup_root` (the cgroup2 mount), in policy order."""
-    missing = []
-    for policy in policies:
-        if policy.spec.direction != "egress":
-            continue
-        for i, cls in enumerate(policy.spec.classes):
-            for j, entry in enumerate(cls.match):
-                if entry.cgroup is not None and not (cgroup_root / entry.cgroup).is_dir():
-                    missing.append(
-                        MissingCgroup(
-                            policy.metadata.name,
-                            f"spec.classes[{i}].match[{j}].cgroup",
-                            entry.cgroup,
-                            cgroup_root / entry.cgroup,
-                        )
-                    )
-    return missing
 
 
 def render_table(

@@ -51,6 +51,15 @@ class QosSettings:
             cgroup_root=config.cgroup_root or detect_cgroup2_root(),
         )
 
+    def kernel_options(self, kernel: QosKernel) -> KernelOptions:
+        """How policies become kernel objects here, with `kernel`'s leaf qdisc."""
+        return KernelOptions(
+            leaf_kind=kernel.capabilities().leaf_kind,
+            cgroup_root=self.cgroup_root or NFT_CGROUP_BASE,
+            nft_cgroup_base=self.nft_cgroup_base,
+            take_over=self.take_over,
+        )
+
 
 @dataclass(frozen=True)
 class PassPlan:
@@ -76,16 +85,11 @@ def plan_pass(
         interface_exists=kernel.interface_exists,
         cgroup_root=settings.cgroup_root,
     )
-    options = KernelOptions(
-        leaf_kind=kernel.capabilities().leaf_kind,
-        cgroup_root=settings.cgroup_root or NFT_CGROUP_BASE,
-        nft_cgroup_base=settings.nft_cgroup_base,
-        take_over=settings.take_over,
-    )
+    options = settings.kernel_options(kernel)
     desired = desired_state(
         admission.policies,
         previous_minors={name: p.minors for name, p in state.policies.items()},
         bases=admission.bases,
         options=options,
     )
-    return PassPlan(admission, desired, plan(desired, kernel, state))
+    return PassPlan(admission, desired, plan(desired, kernel, state, options))

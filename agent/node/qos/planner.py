@@ -7,16 +7,22 @@ HTB tree (agent.node.qos.htb.plan: the difference only). Policies the agent appl
 before and no longer wants are taken down, unless their device now belongs to another
 policy (renamed, or handed over). The nftables table is loaded when its body changed or
 the kernel's copy differs from the one last loaded.
+
+A policy that cannot be put in place keeps what it had: nothing of it is removed (not
+the tree it had on another interface either), and its nftables rules are those it was
+last applied with (none when it never was), so a failed policy neither loses its
+shaping nor gains remarking it does not have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from agent.common.errors import FabricError
+from agent.common.policy.model import QosPolicy
 from agent.node.qos import htb
-from agent.node.qos.desired import DesiredPolicy, DesiredState
+from agent.node.qos.desired import DesiredPolicy, DesiredState, KernelOptions, nft_body
 from agent.node.qos.kernel import (
     NFT_DEVICE,
     DeleteNftTable,
@@ -77,12 +83,26 @@ class Plan:
     policies: tuple[PolicyPlan, ...]
     removals: tuple[Removal, ...]
     nft: NftPlan
-    # Policies that could not even be built (agent.node.qos.desired.DesiredState.errors).
-    errors: dict[str, str] = field(default_factory=dict)
+    # What the plan was made from, for enforcement to plan the table again when a policy
+    # fails as it is applied.
+    desired: DesiredState
+    options: KernelOptions
+    # Applied policies whose device another policy takes over, by the name of that
+    # policy: their record goes once it is in place, and stays if it fails.
+    handovers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         return not any(p.steps for p in self.policies) and not self.removals and not self.nft.step
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """Why a policy (or the table, under NFT_DEVICE) cannot be put in place."""
+        errors = dict(self.desired.errors)
+        errors.update({p.name: p.error for p in self.policies if p.error is not None})
+        if self.nft.error is not None:
+            errors[NFT_DEVICE] = self.nft.error
+        return errors
 
     def lines(self, names: Iterable[str] | None = None) -> list[str]:
         """Every change as `policy: change` (the table's as its own line), in the order
@@ -98,20 +118,58 @@ class Plan:
         return lines
 
 
-def plan(desired: DesiredState, kernel: QosKernel, applied: QosState) -> Plan:
+def plan(
+    desired: DesiredState, kernel: QosKernel, applied: QosState, options: KernelOptions
+) -> Plan:
     """The plan that turns what `kernel` holds into `desired`; `applied` is what the agent
     last applied (its policies' devices, the table as last loaded)."""
     policies = tuple(_plan_policy(policy, kernel) for policy in desired.policies)
-    in_use = {p.device for p in desired.policies}
-    removals = tuple(
-        Removal(previous, _removal_steps(previous))
-        for name, previous in sorted(applied.policies.items())
-        if not _kept(name, previous, desired, in_use)
+    failed = set(desired.errors) | {p.name for p in policies if p.error is not None}
+    owners = {p.device: p.name for p in desired.policies}
+    removals: list[Removal] = []
+    handovers: dict[str, list[str]] = {}
+    for name, previous in sorted(applied.policies.items()):
+        wanted = desired.policy(name)
+        if name in failed or (wanted is not None and wanted.device == previous.device):
+            continue  # in place, or kept where it was while it cannot be moved
+        owner = owners.get(previous.device)
+        if owner is not None:
+            # Renamed, or handed to another policy: its tree is that policy's now.
+            handovers.setdefault(owner, []).append(name)
+            continue
+        removals.append(Removal(previous, _removal_steps(previous)))
+    kept = failed | {old for owner in failed for old in handovers.get(owner, ())}
+    nft = plan_nft(desired, applied, kept, kernel, options)
+    return Plan(
+        policies,
+        tuple(removals),
+        nft,
+        desired,
+        options,
+        {owner: tuple(names) for owner, names in handovers.items()},
     )
-    nft_error = desired.errors.get(NFT_DEVICE)
-    nft = NftPlan(error=nft_error) if nft_error else _plan_nft(desired.nft_body, kernel, applied)
-    errors = {k: v for k, v in desired.errors.items() if k != NFT_DEVICE}
-    return Plan(policies, removals, nft, errors)
+
+
+def plan_nft(
+    desired: DesiredState,
+    applied: QosState,
+    kept: Collection[str],
+    kernel: QosKernel,
+    options: KernelOptions,
+) -> NftPlan:
+    """The table for the desired policies, but for `kept` ones: those are classified as
+    they were last applied (or not at all), since their trees stay as they were."""
+    classified = [(p.policy, p.minors) for p in desired.policies if p.name not in kept]
+    for name in sorted(kept):
+        record = applied.policies.get(name)
+        policy = _applied_policy(record) if record is not None else None
+        if record is not None and policy is not None:
+            classified.append((policy, record.minors))
+    try:
+        body = nft_body(classified, options)
+    except FabricError as exc:
+        return NftPlan(error=str(exc))
+    return _plan_table(body, kernel, applied)
 
 
 def _plan_policy(policy: DesiredPolicy, kernel: QosKernel) -> PolicyPlan:
@@ -137,15 +195,6 @@ def _plan_policy(policy: DesiredPolicy, kernel: QosKernel) -> PolicyPlan:
     return PolicyPlan(policy, tuple(steps))
 
 
-def _kept(name: str, previous: AppliedPolicy, desired: DesiredState, in_use: set[str]) -> bool:
-    """Whether what `previous` put in the kernel stays: its policy still wants that device,
-    or the device is another policy's now (which plans it from what is there)."""
-    wanted = desired.policy(name)
-    if wanted is not None and wanted.device == previous.device:
-        return True
-    return previous.device in in_use
-
-
 def _removal_steps(previous: AppliedPolicy) -> tuple[KernelStep, ...]:
     steps: list[KernelStep] = [RemoveTree(previous.device)]
     if previous.direction == "ingress":
@@ -153,7 +202,14 @@ def _removal_steps(previous: AppliedPolicy) -> tuple[KernelStep, ...]:
     return tuple(steps)
 
 
-def _plan_nft(body: str, kernel: QosKernel, applied: QosState) -> NftPlan:
+def _applied_policy(record: AppliedPolicy) -> QosPolicy | None:
+    try:
+        return QosPolicy.model_validate(record.document, by_alias=True, by_name=False)
+    except ValueError:
+        return None  # a record no model accepts classifies nothing
+
+
+def _plan_table(body: str, kernel: QosKernel, applied: QosState) -> NftPlan:
     if not body.strip():
         # Nothing to classify: a host without libnftables (or a run without
         # CAP_NET_ADMIN and no policies) never needs the table.

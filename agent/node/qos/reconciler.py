@@ -66,6 +66,8 @@ class PassResult:
     errors: tuple[str, ...] = ()
     violations: tuple[PolicyViolation, ...] = ()
     drift: Mapping[str, int] = field(default_factory=dict)
+    # The errors by policy name (NFT_DEVICE: the nftables table).
+    failed: Mapping[str, str] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -88,6 +90,8 @@ class Reconciler:
         self._file_policies: list[LoadedPolicy] = []
         self._last_good: list[LoadedPolicy] | None = None
         self._parsed: ParseCache = {}
+        # The errors of the last pass, by policy name (NFT_DEVICE: the table).
+        self._last_failed: Mapping[str, str] = {}
         self._reported: set[str] = set()
         self.lease_expirations = 0
         self.policy_counts: Counter[tuple[str, str]] = Counter()
@@ -154,12 +158,13 @@ class Reconciler:
             read = self._read()
             self._check(name, entry, candidate, read)
             if validate_only:
-                changes = self._dry_run(candidate, read, _touched(entry))
+                changes = self._dry_run(entry, candidate, read)
                 return ApiOutcome(entry_view(entry, self._states, self._devices()), changes)
             previous = self.api.get(name)
+            failed_before = self._last_failed
             self.api.put(entry)
             outcome = self._pass(read)
-            failure = self._failure_for(entry, outcome)
+            failure = _failure(entry, outcome.failed, failed_before)
             if failure is not None:
                 # Back to what was enforced before the call.
                 if previous is None:
@@ -190,7 +195,7 @@ class Reconciler:
             check_origin(entry, origin)
             candidate = {n: e for n, e in self._entries().items() if n != name}
             if validate_only:
-                return ApiOutcome(None, self._dry_run(candidate, self._read(), _touched(entry)))
+                return ApiOutcome(None, self._dry_run(entry, candidate, self._read(), refuse=False))
             self.api.remove(name)
             self.api.save()
             outcome = self._pass()
@@ -220,7 +225,7 @@ class Reconciler:
             candidate = {**self._entries(), name: entry}
             read = self._read()
             self._check(name, entry, candidate, read)
-            return list(self._dry_run(candidate, read, _touched(entry)))
+            return list(self._dry_run(entry, candidate, read))
 
     def fleet_names(self) -> set[str]:
         """The API objects the fleet aggregator applied."""
@@ -240,7 +245,8 @@ class Reconciler:
     def remove_all(self) -> None:
         """Take every tree, ingress redirect and the nftables table down (--on-exit remove)."""
         with self._lock:
-            nothing = plan(DesiredState((), "", {}), self.kernel, self._state)
+            options = self.settings.kernel_options(self.kernel)
+            nothing = plan(DesiredState((), {}), self.kernel, self._state, options)
             enforce(nothing, self.kernel, self._state, enforced_before={})
             self._enforced.clear()
             self._state = QosState()
@@ -293,12 +299,14 @@ class Reconciler:
         self.results[result] += 1
         for device, count in done.drift.items():
             self.drift[device] += count
+        self._last_failed = dict(done.errors)
         return PassResult(
             result,
             done.changes,
             tuple(f"{name}: {error}" for name, error in done.errors.items()),
             tuple(read.violations),
             done.drift,
+            done.errors,
         )
 
     def _read(self) -> FileRead:
@@ -334,13 +342,24 @@ class Reconciler:
         check_admitted(name, entry, admission)
 
     def _dry_run(
-        self, candidate: Mapping[str, ApiEntry], read: FileRead, touched: set[str]
+        self,
+        entry: ApiEntry,
+        candidate: Mapping[str, ApiEntry],
+        read: FileRead,
+        *,
+        refuse: bool = True,
     ) -> tuple[str, ...]:
-        """The changes a pass over `candidate` would make to the policies `touched`, and
-        to the nftables table."""
+        """The changes a pass over `candidate` would make to what `entry` touches (its
+        policy; an assignment's policy too) and to the nftables table. RefusedError when
+        the pass would fail for it, as applying it would (`refuse`)."""
         planned = plan_pass(
             self._effective_files(read), candidate, self._state, self.kernel, self.settings
         )
+        failure = _failure(entry, planned.plan.errors, self._last_failed) if refuse else None
+        if failure is not None:
+            raise RefusedError([Precondition("KERNEL", entry.name, failure)])
+        target = assignment_target(entry)
+        touched = {entry.name} if target is None else {entry.name, target}
         return tuple(planned.plan.lines(touched))
 
     def _expire_leases(self, now: float) -> None:
@@ -356,19 +375,6 @@ class Reconciler:
             )
         if expired:
             self.api.save()
-
-    def _failure_for(self, entry: ApiEntry, outcome: PassResult) -> str | None:
-        """The error a pass reported for what entry changes, if any."""
-        state, message = self._states.get(entry.name, (FAILED, "not enforced"))
-        target = assignment_target(entry)
-        if target is not None:
-            target_state, target_message = self._states.get(target, (ENFORCED, ""))
-            if target_state == FAILED:
-                return target_message
-            return message if state == FAILED else None
-        if state == FAILED:
-            return message
-        return next((e for e in outcome.errors if e.startswith(f"{NFT_DEVICE}:")), None)
 
     def _api_entry(self, name: str) -> ApiEntry:
         entry = self.api.get(name)
@@ -389,7 +395,12 @@ class Reconciler:
             self._reported = current
 
 
-def _touched(entry: ApiEntry) -> set[str]:
-    """The policies an API object changes: itself, and for an assignment its policy."""
-    target = assignment_target(entry)
-    return {entry.name} if target is None else {entry.name, target}
+def _failure(entry: ApiEntry, errors: Mapping[str, str], before: Mapping[str, str]) -> str | None:
+    """Why a pass with `entry` in it fails for `entry`: its policy's error (an
+    assignment's: the policy it joins), or an error of the nftables table that the pass
+    before did not have (`before`; one that was there already is not `entry`'s doing)."""
+    name = assignment_target(entry) or entry.name
+    if name in errors:
+        return errors[name]
+    table = errors.get(NFT_DEVICE)
+    return table if table != before.get(NFT_DEVICE) else None

@@ -671,7 +671,10 @@ def remove_tree(
     device: str, *, netns: str | None = None, root_major: int = AGENT_ROOT_MAJOR
 ) -> bool:
     """Delete the agent's root qdisc (and with it every class, leaf and filter); False if
-    there was none. Another root qdisc raises KernelStateConflict."""
+    there was none, or no device either (it went, and its tree with it). Another root
+    qdisc raises KernelStateConflict."""
+    if not device_exists(device, netns=netns):
+        return False
     current = read_tree(device, netns=netns, root_major=root_major)
     if current is None:
         return False

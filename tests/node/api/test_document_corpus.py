@@ -77,6 +77,10 @@ CORPUS: list[tuple[str, Edit, bool]] = [
     ("icmp with ports", lambda d: match(d).update(protocol="icmp"), False),
     ("an absolute cgroup", lambda d: match(d).update(cgroup="/system.slice/x"), False),
     ("a cgroup going up", lambda d: match(d).update(cgroup="a/../b"), False),
+    ("a cgroup nft cannot quote", lambda d: match(d).update(cgroup='job"1'), False),
+    ("a cgroup name too long", lambda d: match(d).update(cgroup="job-" + "x" * 300), False),
+    ("a cgroup", lambda d: match(d).update(cgroup="system.slice/job_7"), True),
+    ("an interface nft cannot quote", lambda d: spec(d).update(interface='fab"1'), False),
     ("an empty match entry", lambda d: bulk(d).update(match=[{}]), False),
     ("ingress", lambda d: spec(d).update(direction="ingress"), True),
     ("another direction", lambda d: spec(d).update(direction="sideways"), False),
@@ -111,6 +115,8 @@ def test_a_document_means_the_same_as_a_file_and_through_the_api(
 ) -> None:
     path = tmp_path / "corpus.yaml"
     path.write_text(yaml.safe_dump(document(edit)))
+    # The agent checks this host too: the one cgroup a valid document names is there.
+    (tmp_path / "cgroup" / "system.slice" / "job_7").mkdir(parents=True)
 
     as_file = verdict(fabric_agent(["policy", "validate", "--offline", str(path)]),
                       capsys.readouterr().err)  # fmt: skip

@@ -161,7 +161,8 @@ class FakeKernel:
         elif isinstance(step, EnsureRedirect):
             self._ensure_redirect(step.interface)
         elif isinstance(step, RemoveTree):
-            if self.read_tree(step.device) is not None:
+            # A device that is gone took its tree with it.
+            if self.interface_exists(step.device) and self.read_tree(step.device) is not None:
                 del self._trees[step.device]
         elif isinstance(step, RemoveRedirect):
             self._remove_redirect(step.interface)
@@ -182,6 +183,13 @@ class FakeKernel:
 
     def add_interface(self, name: str) -> None:
         self.interfaces.add(name)
+
+    def delete_interface(self, name: str) -> None:
+        """The interface goes, and with it its tree and its ingress hook (not its IFB)."""
+        self.interfaces.discard(name)
+        self._trees.pop(name, None)
+        self._foreign.pop(name, None)
+        self._ingress.pop(name, None)
 
     def add_foreign_root(self, device: str, kind: str = "tbf", major: int = 5) -> None:
         """Someone else's root qdisc on `device` (`<kind> <major>:`)."""
@@ -343,7 +351,6 @@ class FakeKernel:
         hook.redirect_to = ifb
 
     def _remove_redirect(self, interface: str) -> None:
-        self._device(interface)
         hook = self._ingress.get(interface)
         if hook is not None:
             hook.redirect_to = None

@@ -47,6 +47,8 @@ class Hands(Protocol):
 
     def change_nft_table(self) -> None: ...
 
+    def delete_interface(self, name: str) -> None: ...
+
 
 class RealHands:
     def __init__(self, netns: str) -> None:
@@ -71,6 +73,9 @@ class RealHands:
 
     def change_nft_table(self) -> None:
         self.run("nft", "add", "chain", "inet", "fabric_agent", "extra")
+
+    def delete_interface(self, name: str) -> None:
+        self.run("ip", "link", "del", name)
 
 
 @dataclass
@@ -265,3 +270,19 @@ def test_the_nftables_table_loads_whole_reads_back_and_goes(subject: Subject) ->
     assert kernel.read_nft_table() != loaded
     kernel.apply(DeleteNftTable())
     assert kernel.read_nft_table() is None
+
+
+def test_what_a_vanished_interface_had_is_removed_without_error(subject: Subject) -> None:
+    kernel, device = subject.kernel, subject.other
+    ifb = ifb_name(device)
+    kernel.apply(EnsureRedirect(device, ifb))
+    put(kernel, tree(ifb))
+    put(kernel, tree(device))
+
+    subject.hands.delete_interface(device)
+    kernel.apply(RemoveTree(device))
+    kernel.apply(RemoveTree(ifb))
+    kernel.apply(RemoveRedirect(device))
+
+    assert not kernel.interface_exists(device)
+    assert not kernel.interface_exists(ifb)

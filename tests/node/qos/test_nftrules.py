@@ -18,7 +18,9 @@ import pytest
 from pyroute2 import netns as pyroute2_netns
 
 from agent.common.policy.model import (
+    LoadedPolicy,
     QosPolicy,
+    check_host,
     detect_cgroup2_root,
     load_policies,
     load_policy_file,
@@ -30,9 +32,7 @@ from agent.node.qos.nftrules import (
     NFT_CGROUP_BASE,
     TABLE_FAMILY,
     TABLE_NAME,
-    MissingCgroup,
     NftRenderError,
-    missing_cgroups,
     render_table,
 )
 from tests import ROOT
@@ -222,21 +222,6 @@ def test_output_is_deterministic() -> None:
     assert render(a, b).index("jump local-test-eth1") < render(a, b).index("jump local-test-eth2")
 
 
-def test_missing_cgroups_names_the_field(tmp_path: Path) -> None:
-    (tmp_path / "system.slice" / "data-loader.service").mkdir(parents=True)
-
-    missing = missing_cgroups([training()], cgroup_root=tmp_path)
-
-    assert missing == [
-        MissingCgroup(
-            "training-node",
-            "spec.classes[0].match[1].cgroup",
-            "system.slice/slurmstepd.scope/job_4242",
-            tmp_path / "system.slice/slurmstepd.scope/job_4242",
-        )
-    ]
-
-
 # --- in the kernel ---------------------------------------------------------------------
 
 
@@ -306,7 +291,9 @@ def test_rendered_table_loads_and_reads_back(
         with pytest.raises(NftError, match="cgroupv2 path fails"):
             nft.replace_table(TABLE_FAMILY, TABLE_NAME, render(p, cgroup_root=root))
         assert nft.list_table(TABLE_FAMILY, TABLE_NAME) == listing
-        assert [m.path for m in missing_cgroups([p], cgroup_root=root)] == [
+        missing = check_host([LoadedPolicy("p.yaml", None, p)], interface_exists=lambda _: True,
+                             cgroup_root=root)  # fmt: skip
+        assert [v.path for v in missing] == [
             "spec.classes[0].match[1].cgroup",
             "spec.classes[2].match[0].cgroup",
         ]
