@@ -82,9 +82,8 @@ def enforce(
         applied[item.name] = _record(desired)
         enforced[item.name] = desired
     # What a failed policy had stays, and so does what it was to take over.
-    kept = {name for name in errors if name in previous.policies}
-    kept |= {old for owner in errors for old in plan.handovers.get(owner, ())}
-    for name in kept:
+    unplaced = set(errors) | {old for owner in errors for old in plan.handovers.get(owner, ())}
+    for name in unplaced & previous.policies.keys():
         applied[name] = previous.policies[name]
     for removal in plan.removals:
         if removal.name in failed_now:
@@ -105,7 +104,7 @@ def enforce(
     if failed_now:
         # The table was planned as if every policy went in; those that did not keep
         # their rules as they were.
-        nft = plan_nft(plan.desired, previous, kept, kernel, plan.options)
+        nft = plan_nft(plan.desired, previous, unplaced, kernel, plan.options)
     nft_body, nft_listing = previous.nft_body, previous.nft_listing
     if not nft.body and nft.error is None:
         nft_body, nft_listing = "", None

@@ -278,3 +278,16 @@ def test_an_ingress_policy_whose_interface_vanished_leaves_no_ifb(
         assert load_state(dirs[1]).policies == {}
     finally:
         reconciler.close()
+
+
+def test_a_new_policy_the_kernel_refuses_as_it_is_applied_gets_no_rules(
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
+) -> None:
+    kernel.fail_requests(lambda change: 1)  # EPERM for every tree change
+    write(dirs[0], DEVICE)
+
+    result = reconciler.reconcile()
+
+    assert result.result == "error" and "rolled back" in result.errors[0]
+    assert kernel.tree(DEVICE) is None
+    assert "dscp set" not in nft_text(kernel)
