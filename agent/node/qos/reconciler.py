@@ -50,6 +50,7 @@ from agent.node.qos.desired import DesiredPolicy, DesiredState
 from agent.node.qos.enforce import enforce
 from agent.node.qos.files import FileRead, policies_from_state, policy_files, read_files
 from agent.node.qos.kernel import NFT_DEVICE, QosKernel
+from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.pipeline import QosSettings, plan_pass
 from agent.node.qos.planner import plan
 from agent.node.qos.state import QosState, load_state, save_state
@@ -74,12 +75,8 @@ class Reconciler:
     """Owns the agent's traffic-control and nftables state on this host."""
 
     def __init__(self, settings: QosSettings, kernel: QosKernel | None = None) -> None:
-        if kernel is None:
-            from agent.node.qos.netlink_kernel import NetlinkKernel
-
-            kernel = NetlinkKernel(settings.netns)
         self.settings = settings
-        self.kernel = kernel
+        self.kernel = kernel if kernel is not None else NetlinkKernel(settings.netns)
         # Reentrant: an API call holds it across its admission checks and its pass.
         self._lock = threading.RLock()
         self._state = load_state(settings.state_dir)

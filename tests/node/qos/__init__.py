@@ -8,7 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from agent.common.policy.model import detect_cgroup2_root
+from agent.common.policy.model import (
+    QosAssignment,
+    QosPolicy,
+    detect_cgroup2_root,
+    parse_document,
+)
 from agent.node.qos.htb import Change, HtbTree, plan
 from agent.node.qos.kernel import QosKernel, TreeChanges
 from agent.node.qos.netlink_kernel import NetlinkKernel
@@ -87,3 +92,23 @@ def assignment_document(name: str, cgroup: str, policy: str, cls: str) -> dict[s
         "metadata": {"name": name},
         "spec": {"policy": policy, "className": cls, "match": [{"cgroup": cgroup}]},
     }
+
+
+def api_policy(
+    device: str, name: str = "job-net", rate: str = "300Mbit", **spec: object
+) -> QosPolicy:
+    """`api_policy_document` as its model, with the first class at `rate`."""
+    document = api_policy_document(device, name, **spec)
+    document["spec"]["classes"][0]["rate"] = rate
+    model = parse_document(document, "test")
+    assert isinstance(model, QosPolicy)
+    return model
+
+
+def assignment(
+    name: str, cgroup: str, policy: str = "node", cls: str = "collectives"
+) -> QosAssignment:
+    """`assignment_document` as its model."""
+    model = parse_document(assignment_document(name, cgroup, policy, cls), "test")
+    assert isinstance(model, QosAssignment)
+    return model

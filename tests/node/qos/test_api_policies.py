@@ -13,28 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from agent.common.policy.model import QosAssignment, QosPolicy, parse_document
 from agent.node.qos.api_objects import API_FILE, ENFORCED, ORIGIN_FLEET, PENDING, RefusedError
 from agent.node.qos.reconciler import Reconciler
-from tests.node.qos import DEVICE, SPARE, api_policy_document, assignment_document, fake_settings
+from tests.node.qos import (
+    DEVICE,
+    SPARE,
+    api_policy,
+    assignment,
+    fake_settings,
+)
 from tests.node.qos.fake_kernel import FakeKernel
 from tests.node.qos.test_reconciler import write
-
-
-def api_policy(device: str, name: str = "job-net", rate: str = "300Mbit") -> QosPolicy:
-    document = api_policy_document(device, name)
-    document["spec"]["classes"][0]["rate"] = rate
-    model = parse_document(document, "test")
-    assert isinstance(model, QosPolicy)
-    return model
-
-
-def assignment(
-    name: str, cgroup: str, policy: str = "node", cls: str = "collectives"
-) -> QosAssignment:
-    model = parse_document(assignment_document(name, cgroup, policy, cls), "test")
-    assert isinstance(model, QosAssignment)
-    return model
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.common.errors import FabricError
-from agent.common.policy.model import PolicyError, QosAssignment, QosPolicy, parse_document
+from agent.common.policy.model import PolicyError
 from agent.node.qos.api_objects import ENFORCED, RefusedError
 from agent.node.qos.kernel import RemoveTree, TcCapabilities, ifb_name
 from agent.node.qos.reconciler import Reconciler
@@ -24,26 +24,12 @@ from tests.conftest import VethPair
 from tests.node.qos import (
     DEVICE,
     SPARE,
-    api_policy_document,
-    assignment_document,
+    api_policy,
+    assignment,
     make,
 )
 from tests.node.qos.fake_kernel import FakeKernel
 from tests.node.qos.test_reconciler import write
-
-
-def api_policy(device: str, name: str = "job-net", **spec: object) -> QosPolicy:
-    model = parse_document(api_policy_document(device, name, **spec), "test")
-    assert isinstance(model, QosPolicy)
-    return model
-
-
-def assignment(
-    name: str, cgroup: str, policy: str = "node", cls: str = "collectives"
-) -> QosAssignment:
-    model = parse_document(assignment_document(name, cgroup, policy, cls), "test")
-    assert isinstance(model, QosAssignment)
-    return model
 
 
 def nft_text(kernel: FakeKernel) -> str:
