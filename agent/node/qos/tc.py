@@ -11,12 +11,14 @@ import enum
 import functools
 import ipaddress
 import os
+import re
 import secrets
 import select
 import socket
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -63,6 +65,10 @@ from agent.node.qos.kernel import (
 )
 
 TC_H_ROOT = 0xFFFFFFFF
+# The throwaway namespaces of the capability probe: fabcap-<pid>-<6 hex digits>.
+PROBE_PREFIX = "fabcap-"
+_PROBE_NAME = re.compile(rf"{PROBE_PREFIX}(\d+)-[0-9a-f]{{6}}")
+RUN_NETNS = Path("/run/netns")
 # Offsets from the network header (u32 matches there).
 _IPV4 = {"dscp": 1, "ip_proto": 9, "src": 12, "dst": 16, "sport": 20, "dport": 22}
 _IPV6 = {"dscp": 0, "ip_proto": 6, "src": 8, "dst": 24, "sport": 40, "dport": 42}
@@ -749,7 +755,8 @@ def detect_capabilities() -> TcCapabilities:
     Creating a namespace needs CAP_SYS_ADMIN, which the systemd unit does not grant: then
     the probes run on a temporary IFB device the agent creates here and deletes again
     (CAP_NET_ADMIN is enough, and no existing interface is touched either)."""
-    name = f"fabcap-{os.getpid()}-{secrets.token_hex(3)}"
+    remove_stale_probes()
+    name = f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
     try:
         pyroute2_netns.create(name)
     except OSError:
@@ -761,6 +768,36 @@ def detect_capabilities() -> TcCapabilities:
             return _probe_all(ipr, lo)
     finally:
         pyroute2_netns.remove(name)
+
+
+def remove_stale_probes() -> list[str]:
+    """Delete the probe namespaces of agents that died while probing (a SIGKILL skips
+    the cleanup); the names carry the prober's pid, and a live one's are left alone."""
+    try:
+        names = [entry.name for entry in RUN_NETNS.iterdir()]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _PROBE_NAME.fullmatch(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            pyroute2_netns.remove(name)
+        except OSError:
+            continue  # another agent's cleanup got there first, or no permission
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _probe_on_own_device() -> TcCapabilities:

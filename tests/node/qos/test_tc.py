@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 from agent.common.policy.units import PortRange
 from agent.node.qos.htb import HtbClass, HtbTree, U32Filter, U32Match, plan
 from agent.node.qos.kernel import KernelStateConflict, TcApplyError, TcCapabilities
-from agent.node.qos.tc import apply, class_stats, read_tree
+from agent.node.qos.tc import PROBE_PREFIX, apply, class_stats, read_tree, remove_stale_probes
 from tests.conftest import VethPair, VethTraffic
 from tests.node.qos import netlink_put
 
@@ -286,6 +288,25 @@ def test_capabilities_without_namespaces_probe_on_a_device_of_their_own(
 
     assert result.stdout.strip() == repr(tc_capabilities)
     assert "fabcap" not in links
+
+
+def test_probe_namespaces_of_dead_agents_are_removed(tc_capabilities: TcCapabilities) -> None:
+    # A probe cut off by SIGKILL (pid of a process that has ended), and a live one's.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stale = f"{PROBE_PREFIX}{ended.pid}-{secrets.token_hex(3)}"
+    live = f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
+    for name in (stale, live):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        removed = remove_stale_probes()
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    finally:
+        for name in (stale, live):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+
+    assert stale in removed and stale not in names
+    assert live not in removed and live in names
 
 
 def test_an_idle_class_share_is_borrowed_up_to_the_ceiling(shaped_pair: VethPair) -> None:
