@@ -536,7 +536,7 @@ def test_agent_mtls_and_certificate_reload_on_sighup(
     with tls_channel(agent.port, pki.ca.cert_pem, pki.allowed) as allowed:
         allowed_code, details = apply_code(allowed)
     with tls_channel(agent.port, pki.ca.cert_pem, pki.other) as other:
-        other_code, _ = apply_code(other)
+        other_code, other_details = apply_code(other)
     pki.server.cert.write_bytes(renewed.cert_pem)
     pki.server.key.write_bytes(renewed.key_pem)
     agent.process.send_signal(signal.SIGHUP)
@@ -546,7 +546,7 @@ def test_agent_mtls_and_certificate_reload_on_sighup(
     assert up, stderr
     # Past the authorizer; the real agent then checks the policy against this host.
     assert allowed_code not in REFUSED, details
-    assert other_code == grpc.StatusCode.PERMISSION_DENIED
+    assert other_code == grpc.StatusCode.PERMISSION_DENIED, other_details
     assert reloaded, stderr
     assert "TLS reload: new connections use the certificate" in stderr
     assert agent.process.returncode == 0, stderr

@@ -176,7 +176,12 @@ def test_xids_are_counted_per_gpu_and_code(
     collector.collect(fakenvml.tick())
     fakenvml.advance(2.0)
 
-    samples = collect_until(collector, fakenvml, lambda s: s[5].xid_errors == ((79, 2),))
+    # The waiter hands events over one at a time: wait for both GPUs' counts.
+    samples = collect_until(
+        collector,
+        fakenvml,
+        lambda s: s[5].xid_errors == ((79, 2),) and s[2].xid_errors == ((13, 1),),
+    )
 
     assert samples[5].xid_errors == ((79, 2),)
     assert samples[2].xid_errors == ((13, 1),)
