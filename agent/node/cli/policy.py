@@ -119,7 +119,6 @@ def plan(settings: QosSettings, kernel: QosKernel, files: Sequence[Path] = ()) -
     read = read_files(
         list(files) or policy_files(settings.policy_dir),
         interface_exists=kernel.interface_exists,
-        cgroup_root=settings.cgroup_root,
     )
     if read.violations:
         for violation in read.violations:
@@ -137,6 +136,8 @@ def plan(settings: QosSettings, kernel: QosKernel, files: Sequence[Path] = ()) -
     planned = plan_pass(read.policies, entries, state, kernel, settings)
     for name, problem in sorted(planned.admission.refused.items()):
         print(f"API object {name}: not enforced: {problem}", file=sys.stderr)
+    for name, waiting in sorted(planned.desired.waiting.items()):
+        print(f"policy {name}: {waiting}", file=sys.stderr)
     return _print_plan(planned.plan)
 
 

@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
-from agent.common.policy.model import EffectiveClass, LoadedPolicy, Match, QosPolicy
+from agent.common.policy.model import (
+    EffectiveClass,
+    LoadedPolicy,
+    Match,
+    QosPolicy,
+    cgroup_exists,
+)
 from agent.common.policy.units import PortRange
 from agent.node.qos import nftrules
 from agent.node.qos.htb import AGENT_ROOT_MAJOR, HtbClass, HtbTree, U32Filter, U32Match
@@ -87,6 +93,9 @@ class DesiredState:
 
     policies: tuple[DesiredPolicy, ...]
     errors: Mapping[str, str]
+    # Policies with cgroup matches whose cgroup is not there: which ones they wait for
+    # (their nftables rules are left out until the cgroup appears).
+    waiting: Mapping[str, str] = field(default_factory=dict)
 
     def policy(self, name: str) -> DesiredPolicy | None:
         return next((p for p in self.policies if p.name == name), None)
@@ -138,11 +147,17 @@ def desired_state(
     are not affected."""
     built: list[DesiredPolicy] = []
     errors: dict[str, str] = {}
+    waiting: dict[str, str] = {}
     for loaded in policies:
         policy = loaded.policy
         name = policy.metadata.name
         spec = policy.spec
         device = policy_device(policy)
+        missing = nftrules.missing_cgroups(policy, options.cgroup_root)
+        if missing:
+            waiting[name] = "waiting for cgroup " + ", ".join(
+                f"{cgroup} (class {cls})" for cls, cgroup in missing
+            )
         try:
             desired = build_tree(
                 policy,
@@ -165,16 +180,20 @@ def desired_state(
                 take_over=spec.take_over or options.take_over,
             )
         )
-    return DesiredState(tuple(built), errors)
+    return DesiredState(tuple(built), errors, waiting)
 
 
 def nft_body(
     policies: Sequence[tuple[QosPolicy, Mapping[str, int]]], options: KernelOptions
 ) -> str:
     """The body of the agent's nftables table for the policies it enforces, with their
-    class minors; raises NftRenderError for what nft cannot express. Pure."""
+    class minors; raises NftRenderError for what nft cannot express. Reads only whether
+    the cgroups it matches are there: those that are not are left out."""
     return nftrules.render_table(
-        policies, cgroup_root=options.cgroup_root, nft_cgroup_base=options.nft_cgroup_base
+        policies,
+        cgroup_root=options.cgroup_root,
+        nft_cgroup_base=options.nft_cgroup_base,
+        cgroup_present=lambda cgroup: cgroup_exists(options.cgroup_root, cgroup),
     )
 
 

@@ -4,6 +4,8 @@ A policy whose step fails keeps what it had (the kernel rolls the failed step ba
 state keeps its last applied record) and is reported with its error; the others go on.
 A change to a policy whose document did not change since the last pass is drift
 (someone changed the kernel behind the agent's back): it is restored and counted.
+Changes are logged here; errors are returned, for the caller to log when they change
+(a failure that lasts would otherwise be logged on every pass).
 """
 
 from __future__ import annotations
@@ -52,15 +54,12 @@ def enforce(
     drift: Counter[str] = Counter()
     applied: dict[str, AppliedPolicy] = {}
     enforced: dict[str, DesiredPolicy] = {}
-    for name in plan.desired.errors:
-        log.error("QoS policy %s: %s", name, plan.desired.errors[name])
     failed_now: set[str] = set()
     for item in plan.policies:
         desired = item.desired
         error = item.error or _apply(item, kernel)
         if error is not None:
             errors[item.name] = error
-            log.error("QoS policy %s (%s): %s", item.name, desired.file, error)
             if item.error is None:
                 failed_now.add(item.name)
             continue
@@ -94,9 +93,6 @@ def enforce(
         except FabricError as exc:
             errors[removal.name] = str(exc)
             applied[removal.name] = removal.applied
-            log.error(
-                "QoS policy %s not removed from %s: %s", removal.name, removal.applied.device, exc
-            )
             continue
         changes.extend(f"{removal.name}: {line}" for step in removal.steps for line in step.done())
         log.info("QoS policy %s removed from %s", removal.name, removal.applied.device)
@@ -110,7 +106,6 @@ def enforce(
         nft_body, nft_listing = "", None
     if nft.error is not None:
         errors[NFT_DEVICE] = nft.error
-        log.error("QoS nftables table: %s", nft.error)
     elif nft.step is not None:
         step = nft.step
         try:
@@ -120,7 +115,6 @@ def enforce(
                 nft_body, nft_listing = step.body, kernel.read_nft_table()
         except FabricError as exc:
             errors[NFT_DEVICE] = str(exc)
-            log.error("QoS nftables table: %s", exc)
         else:
             changes.extend(step.done())
             if nft.drifted:

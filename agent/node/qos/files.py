@@ -1,21 +1,30 @@
 """The operator's policy files: the policy directory read and checked against this host,
-and the policies last applied from files, rebuilt from the state when the directory is
-invalid (a restart into a broken directory keeps enforcing what it had)."""
+file by file, and the policies last applied from files, rebuilt from the state (what a
+broken file or one still being written keeps enforced).
+
+Each file stands alone: one that cannot be read or parsed, or a policy naming an
+interface this host lacks or a device, interface or name an earlier file holds, is
+refused by itself, and every other file's policies are taken as read. A file is taken
+once it is complete: its size and modification time unchanged for a settle time (a
+writer caught mid-write would otherwise be enforced as written, a truncated document
+included); until then the version read before stands.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.common.policy.model import (
     LoadedPolicy,
     ParseCache,
+    PolicyError,
     PolicyViolation,
     QosPolicy,
-    check_host,
-    load_policy_files,
+    load_policies,
+    read_policy_text,
 )
 from agent.node.qos.api_objects import API_SOURCE
 from agent.node.qos.desired import owner_text, policy_device
@@ -27,47 +36,268 @@ POLICY_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A policy of a readable file that is not taken, and why."""
+
+    loaded: LoadedPolicy
+    violation: PolicyViolation
+
+    @property
+    def name(self) -> str:
+        return self.loaded.policy.metadata.name
+
+    @property
+    def reason(self) -> str:
+        return _reason(self.violation)
+
+
+@dataclass(frozen=True)
 class FileRead:
-    """The policies of a set of files, and every violation (none: all may be enforced)."""
+    """What a read of the policy files found.
+
+    `policies`: those that may be enforced as read; `violations`: every problem found
+    (none: every policy may be enforced); `refused`: the policies of readable files left
+    out; `broken`: the files none of whose policies could be read (unreadable, not YAML,
+    a document the model refuses), with their reasons; `unsettled`: files still
+    changing, whose previous version stands (those never read before: not read yet)."""
 
     policies: list[LoadedPolicy]
     violations: list[PolicyViolation]
+    refused: tuple[Refusal, ...] = ()
+    broken: Mapping[str, str] = field(default_factory=dict)
+    unsettled: tuple[str, ...] = ()
 
 
 def policy_files(directory: Path) -> list[Path]:
-    """The policy files in `directory`, in name order; none when it does not exist."""
+    """The policy files in `directory`, in name order; none when it does not exist.
+    Dotfiles are an editor's or a config manager's work in progress (`.node.yaml.swp`,
+    `.node.yaml`), as are other suffixes (`node.yaml.tmp`): they are never read."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.glob("*") if p.suffix in POLICY_SUFFIXES and p.is_file())
+    return sorted(
+        p
+        for p in directory.glob("*")
+        if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+
+
+class FileSettler:
+    """Which files are complete: a file is taken once its size and modification time
+    (and inode: a rename puts a new one in place) have not changed for `settle_s`, by
+    their age or as seen across passes. `clock`: wall-clock seconds (tests set it)."""
+
+    def __init__(self, settle_s: float, clock: Callable[[], float]) -> None:
+        self.settle_s = settle_s
+        self._clock = clock
+        # Path -> (signature, when this signature was first seen).
+        self._seen: dict[str, tuple[tuple[int, int, int], float]] = {}
+
+    def settled(self, path: Path) -> bool:
+        if self.settle_s <= 0:
+            return True
+        try:
+            st = path.stat()
+        except OSError:
+            return True  # the read reports it
+        now = self._clock()
+        signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+        seen = self._seen.get(str(path))
+        if seen is None or seen[0] != signature:
+            seen = (signature, now)
+            self._seen[str(path)] = seen
+        age_s = now - st.st_mtime_ns / 1e9
+        return age_s >= self.settle_s or now - seen[1] >= self.settle_s
+
+    def forget_except(self, paths: Sequence[Path]) -> None:
+        keep = {str(p) for p in paths}
+        for name in set(self._seen) - keep:
+            del self._seen[name]
 
 
 def read_files(
     paths: Sequence[Path],
     *,
     interface_exists: Callable[[str], bool],
-    cgroup_root: Path | None,
     cache: ParseCache | None = None,
+    settled: Callable[[Path], bool] | None = None,
+    kept: Callable[[Collection[str]], Sequence[LoadedPolicy]] = lambda files: (),
 ) -> FileRead:
-    """Load and check the files: the model, ownership across them, then (when those
-    hold) the interfaces and cgroups they name on this host. `cache`: the files' parses
-    from the last read (agent.common.policy.model.load_policy_files)."""
-    loaded, violations = load_policy_files(paths, cache)
-    owners: dict[str, LoadedPolicy] = {}
-    for policy in loaded:
-        # An egress policy on another one's IFB: the model's (interface, direction)
-        # check passes it (and reports the same pair itself), the devices collide.
-        owner = owners.setdefault(policy_device(policy.policy), policy)
-        if owner is not policy and _claim(owner) != _claim(policy):
-            violations.append(policy.violation("spec.interface", owner_text(owner, owner.file)))
-    if not violations:
-        violations.extend(
-            check_host(loaded, interface_exists=interface_exists, cgroup_root=cgroup_root)
-        )
-    return FileRead(loaded, violations)
+    """Load and check each file on its own: the model, then ownership against the
+    policies `kept` returns for the files that cannot be taken (those stay enforced
+    from the state, and hold their names and devices) and the files before it, then
+    the interface on this host. `cache`: each file's text and parse from the last
+    read, updated in place; `settled`: whether a file may be taken now (else its cached
+    version is, or none).
+
+    cgroups are not checked: a missing one costs only its own nftables rule until it
+    appears (agent.node.qos.nftrules)."""
+    cache = cache if cache is not None else {}
+    parsed: ParseCache = {}
+    candidates: list[LoadedPolicy] = []
+    violations: list[PolicyViolation] = []
+    broken: dict[str, str] = {}
+    unsettled: list[str] = []
+    for path in paths:
+        name = str(path)
+        previous = cache.get(name)
+        if settled is not None and not settled(path):
+            unsettled.append(name)
+            if previous is None:
+                continue
+            entry = previous
+        else:
+            try:
+                text = read_policy_text(path)
+            except PolicyError as exc:
+                violations.extend(exc.violations)
+                broken[name] = "; ".join(_reason(v) for v in exc.violations)
+                continue
+            if previous is not None and previous[0] == text:
+                entry = previous
+            else:
+                try:
+                    entry = (text, load_policies(text, name))
+                except PolicyError as exc:
+                    entry = (text, exc)
+        parsed[name] = entry
+        if isinstance(entry[1], PolicyError):
+            violations.extend(entry[1].violations)
+            broken[name] = "; ".join(_reason(v) for v in entry[1].violations)
+        else:
+            candidates.extend(entry[1])
+    cache.clear()
+    cache.update(parsed)
+    unread = [f for f in unsettled if f not in parsed]
+    taken, refused = admit_files(candidates, kept([*broken, *unread]), interface_exists)
+    violations.extend(r.violation for r in refused)
+    return FileRead(taken, violations, tuple(refused), broken, tuple(unsettled))
+
+
+def admit_files(
+    candidates: Sequence[LoadedPolicy],
+    kept: Sequence[LoadedPolicy],
+    interface_exists: Callable[[str], bool],
+) -> tuple[list[LoadedPolicy], list[Refusal]]:
+    """The candidates that may be enforced beside `kept`, in file order: a name, an
+    (interface, direction) or a device already held goes to the first holder, and an
+    interface this host lacks is refused."""
+    names: dict[str, LoadedPolicy] = {p.policy.metadata.name: p for p in kept}
+    claims: dict[tuple[str, str], LoadedPolicy] = {_claim(p): p for p in kept}
+    devices: dict[str, LoadedPolicy] = {policy_device(p.policy): p for p in kept}
+    taken: list[LoadedPolicy] = []
+    refused: list[Refusal] = []
+    for loaded in candidates:
+        spec, name = loaded.policy.spec, loaded.policy.metadata.name
+        problem: tuple[str, str] | None = None
+        if name in names:
+            problem = (
+                "metadata.name",
+                f"policy name {name!r} is also used in {_where(names[name])}",
+            )
+        elif _claim(loaded) in claims:
+            other = claims[_claim(loaded)]
+            problem = (
+                "spec.interface",
+                f"{spec.interface} {spec.direction} is already owned by policy "
+                f"{other.policy.metadata.name!r} in {_where(other)}",
+            )
+        elif policy_device(loaded.policy) in devices:
+            # An egress policy on another one's IFB: the devices collide.
+            other = devices[policy_device(loaded.policy)]
+            problem = ("spec.interface", owner_text(other, _where(other)))
+        elif not interface_exists(spec.interface):
+            problem = ("spec.interface", f"unknown interface {spec.interface!r} on this host")
+        if problem is not None:
+            refused.append(Refusal(loaded, loaded.violation(*problem)))
+            continue
+        names[name] = loaded
+        claims[_claim(loaded)] = loaded
+        devices[policy_device(loaded.policy)] = loaded
+        taken.append(loaded)
+    return taken, refused
+
+
+def _where(loaded: LoadedPolicy) -> str:
+    if loaded.document is None:
+        return loaded.file
+    return f"{loaded.file} (document {loaded.document})"
+
+
+def _reason(violation: PolicyViolation) -> str:
+    text = str(violation)
+    return text.removeprefix(violation.file + ": ") if violation.file else text
 
 
 def _claim(loaded: LoadedPolicy) -> tuple[str, str]:
     return loaded.policy.spec.interface, loaded.policy.spec.direction
+
+
+@dataclass(frozen=True)
+class FileSet:
+    """The file policies a pass enforces and what it cannot take of the files.
+
+    `policies`: those taken as read, then those kept as last applied (`stale`, by name,
+    with why their file is not taken). `refused`: the policies of readable files that
+    are not enforced at all (never applied, or their last version could not stay);
+    `unnamed`: broken files that name no policy the agent had applied from them."""
+
+    policies: list[LoadedPolicy]
+    stale: Mapping[str, str]
+    refused: tuple[Refusal, ...]
+    unnamed: Mapping[str, str]
+
+
+def kept_from_state(state: QosState) -> Callable[[Collection[str]], list[LoadedPolicy]]:
+    """For `read_files`: the policies last applied from the given files."""
+
+    def kept(files: Collection[str]) -> list[LoadedPolicy]:
+        wanted = set(files)
+        return [p for p in policies_from_state(state) if p.file in wanted]
+
+    return kept
+
+
+def file_set(read: FileRead, state: QosState) -> FileSet:
+    """What of `read` a pass enforces, given what the agent last applied (`state`)."""
+    applied = {p.policy.metadata.name: p for p in policies_from_state(state)}
+    unread = [f for f in read.unsettled if f not in _files(read)]
+    stale: dict[str, str] = {}
+    kept: list[LoadedPolicy] = []
+    unnamed: dict[str, str] = {}
+    for file in [*read.broken, *unread]:
+        mine = [p for p in applied.values() if p.file == file]
+        reason = read.broken.get(file)
+        if reason is None:
+            kept.extend(mine)  # still being written: the version applied stands
+            continue
+        if not mine:
+            unnamed[file] = reason
+        for policy in mine:
+            kept.append(policy)
+            stale[policy.policy.metadata.name] = f"{file}: {reason}"
+    holders = [*read.policies, *kept]
+    names = {p.policy.metadata.name for p in holders}
+    devices = {policy_device(p.policy) for p in holders}
+    refused: list[Refusal] = []
+    for refusal in read.refused:
+        before = applied.get(refusal.name)
+        if (
+            before is not None
+            and before.file == refusal.loaded.file
+            and refusal.name not in names
+            and policy_device(before.policy) not in devices
+        ):
+            kept.append(before)
+            names.add(refusal.name)
+            devices.add(policy_device(before.policy))
+            stale[refusal.name] = str(refusal.violation)
+            continue
+        refused.append(refusal)
+    return FileSet([*read.policies, *kept], stale, tuple(refused), unnamed)
+
+
+def _files(read: FileRead) -> set[str]:
+    return {p.file for p in read.policies} | {r.loaded.file for r in read.refused}
 
 
 def policies_from_state(state: QosState) -> list[LoadedPolicy]:

@@ -37,18 +37,20 @@ cgroup paths: nft resolves `socket cgroupv2 level N "path"` under /sys/fs/cgroup
 table is loaded, so a cgroup2 mount elsewhere below it (/sys/fs/cgroup/unified on hybrid
 hosts) is reached through a path relative to /sys/fs/cgroup, while `level` counts the
 components below the cgroup2 root. A cgroup missing at load time makes nft refuse the
-whole table: the reconciler loads only entries whose cgroup exists (agent.common.policy.model
-check_host, agent.node.qos.api_objects merge_assignments).
+whole table: entries whose cgroup is not there when the table is rendered are left out
+(`missing_cgroups` names them; a service's cgroup goes whenever the service stops), and
+come back in the table rendered once the cgroup is there again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from agent.common.errors import FabricError
-from agent.common.policy.model import EffectiveClass, Match, QosPolicy
+from agent.common.policy.model import EffectiveClass, Match, QosPolicy, cgroup_exists
 from agent.common.policy.units import PortRange
 from agent.node.qos.htb import AGENT_ROOT_MAJOR
 
@@ -71,19 +73,23 @@ def render_table(
     cgroup_root: Path,
     nft_cgroup_base: Path = NFT_CGROUP_BASE,
     root_major: int = AGENT_ROOT_MAJOR,
+    cgroup_present: Callable[[str], bool] = lambda cgroup: True,
 ) -> str:
     """The body of `table inet fabric_agent` for these policies and their class minors
     (`DesiredTree.minors`), for `Nftables.replace_table(TABLE_FAMILY, TABLE_NAME, body)`.
 
     Deterministic (policies in name order); empty when nothing needs nftables, which
     loads as an empty table. Raises NftRenderError for what nft cannot express.
+    Entries whose cgroup `cgroup_present` says is not there are left out.
     """
     hooks: dict[str, list[str]] = {"output": [], "forward": []}
     chains: list[str] = []
     for policy, minors in sorted(policies, key=lambda item: item[0].metadata.name):
         if policy.spec.direction != "egress":
             continue
-        renderer = _PolicyRenderer(policy, minors, cgroup_root, nft_cgroup_base, root_major)
+        renderer = _PolicyRenderer(
+            policy, minors, cgroup_root, nft_cgroup_base, root_major, cgroup_present
+        )
         for hook, prefix, local in (("output", "local", True), ("forward", "routed", False)):
             rules = renderer.rules(local=local)
             if not rules:
@@ -100,6 +106,19 @@ def render_table(
         if jumps
     ]
     return "\n".join(base + chains)
+
+
+def missing_cgroups(policy: QosPolicy, cgroup_root: Path) -> list[tuple[str, str]]:
+    """The (class, cgroup) of the policy's cgroup matches whose cgroup is not under
+    `cgroup_root` now: the rules `render_table` leaves out."""
+    if policy.spec.direction != "egress":
+        return []
+    return [
+        (cls.name, str(entry.cgroup))
+        for cls in policy.spec.classes
+        for entry in cls.match
+        if entry.cgroup is not None and not cgroup_exists(cgroup_root, entry.cgroup)
+    ]
 
 
 def _chain(name: str, header: str | None, rules: Sequence[str]) -> str:
@@ -125,8 +144,16 @@ class _PolicyRenderer:
         cgroup_root: Path,
         nft_cgroup_base: Path,
         root_major: int,
+        cgroup_present: Callable[[str], bool],
     ) -> None:
-        self._classes = policy.effective_classes()
+        # Entries whose cgroup is not there would make nft refuse the whole table.
+        self._classes = tuple(
+            replace(
+                c,
+                match=tuple(m for m in c.match if m.cgroup is None or cgroup_present(m.cgroup)),
+            )
+            for c in policy.effective_classes()
+        )
         self._minors = minors
         self._cgroup_root = cgroup_root
         self._nft_cgroup_base = nft_cgroup_base

@@ -40,6 +40,9 @@ class QosSettings:
     # Where nft looks cgroup paths up (it always uses /sys/fs/cgroup; tests that render
     # tables for a fake kernel point it at their own tree).
     nft_cgroup_base: Path = NFT_CGROUP_BASE
+    # A policy file is taken once its size and modification time have not changed for
+    # this long: a file caught mid-write is not enforced as written.
+    file_settle_s: float = 1.0
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> QosSettings:

@@ -4,8 +4,15 @@ Each pass reads the policy directory, plans against what the kernel holds
 (agent.node.qos.pipeline, the same path `policy plan` and the API's dry runs take) and
 applies the plan (agent.node.qos.enforce): the same policies twice make no kernel change,
 one edited class changes only that class, and what someone removed behind the agent's
-back comes back and is counted as drift. A policy directory that fails validation
-changes nothing: what is enforced stays enforced until the files are valid again.
+back comes back and is counted as drift.
+
+Each policy file stands alone (agent.node.qos.files). A file that cannot be read or
+parsed, or a policy in it that is refused (an interface this host lacks, a name or an
+interface an earlier file holds), fails by itself: the policies that file last had in
+the kernel stay as they were applied (listed FAILED with the reason), a policy never
+applied is not enforced, and every other policy is enforced and repaired as usual. A
+file still being written is not taken until it settles. Problems are logged when they
+appear, change or go away, not on every pass.
 
 Orchestrators apply policies and assignments through the API (`apply_object`,
 `delete_object`, `renew_lease`). An API call takes the same lock as a pass and runs a
@@ -19,8 +26,9 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.common.policy.model import LoadedPolicy, ParseCache, PolicyObject, PolicyViolation
 from agent.node.qos.api_objects import (
@@ -48,7 +56,15 @@ from agent.node.qos.api_objects import (
 )
 from agent.node.qos.desired import DesiredPolicy, DesiredState
 from agent.node.qos.enforce import enforce
-from agent.node.qos.files import FileRead, policies_from_state, policy_files, read_files
+from agent.node.qos.files import (
+    FileRead,
+    FileSet,
+    FileSettler,
+    file_set,
+    kept_from_state,
+    policy_files,
+    read_files,
+)
 from agent.node.qos.kernel import NFT_DEVICE, QosKernel
 from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.pipeline import QosSettings, plan_pass
@@ -74,7 +90,14 @@ class PassResult:
 class Reconciler:
     """Owns the agent's traffic-control and nftables state on this host."""
 
-    def __init__(self, settings: QosSettings, kernel: QosKernel | None = None) -> None:
+    def __init__(
+        self,
+        settings: QosSettings,
+        kernel: QosKernel | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock`: the wall clock policy files settle by (tests set it)."""
         self.settings = settings
         self.kernel = kernel if kernel is not None else NetlinkKernel(settings.netns)
         # Reentrant: an API call holds it across its admission checks and its pass.
@@ -84,12 +107,14 @@ class Reconciler:
         # What the last pass enforced, and each policy's and assignment's (state, message).
         self._enforced: dict[str, DesiredPolicy] = {}
         self._states: dict[str, tuple[str, str]] = {}
-        self._file_policies: list[LoadedPolicy] = []
-        self._last_good: list[LoadedPolicy] | None = None
+        self._files = FileSet([], {}, (), {})
         self._parsed: ParseCache = {}
+        self._settler = FileSettler(settings.file_settle_s, clock)
         # The errors of the last pass, by policy name (NFT_DEVICE: the table).
         self._last_failed: Mapping[str, str] = {}
-        self._reported: set[str] = set()
+        # What is wrong now, as last logged (subject, text): a problem is logged as it
+        # appears or changes.
+        self._reported: dict[str, tuple[str, str]] = {}
         self.lease_expirations = 0
         self.policy_counts: Counter[tuple[str, str]] = Counter()
         self.results: Counter[str] = Counter()
@@ -232,8 +257,7 @@ class Reconciler:
     def policies(self) -> list[PolicyView]:
         """Every file policy, then every API object, as of the last pass."""
         with self._lock:
-            files = sorted(self._file_policies, key=lambda p: p.policy.metadata.name)
-            views = [file_view(loaded, self._states, self._devices()) for loaded in files]
+            views = self._file_views()
             views.extend(
                 entry_view(entry, self._states, self._devices()) for entry in self.api.entries()
             )
@@ -258,21 +282,9 @@ class Reconciler:
         """`read`: the policy files as `_read` just returned them, to save reading twice."""
         self._expire_leases(time.time())
         read = read if read is not None else self._read()
-        result = "success"
-        if read.violations:
-            self._report_violations(read.violations)
-            result = "invalid"
-            if self._last_good is None:
-                self._last_good = policies_from_state(self._state)
-            files = self._last_good
-        else:
-            if self._reported:
-                log.info("QoS policies in %s are valid again", self.settings.policy_dir)
-                self._reported.clear()
-            self._last_good = files = read.policies
-        self._file_policies = list(files)
+        files = self._files = file_set(read, self._state)
         entries = self._entries()
-        planned = plan_pass(files, entries, self._state, self.kernel, self.settings)
+        planned = plan_pass(files.policies, entries, self._state, self.kernel, self.settings)
         done = enforce(planned.plan, self.kernel, self._state, enforced_before=self._enforced)
         if done.state != self._state:
             save_state(self.settings.state_dir, done.state)
@@ -284,19 +296,27 @@ class Reconciler:
         for loaded in planned.admission.policies:
             name = loaded.policy.metadata.name
             error = done.errors.get(name)
-            states[name] = (FAILED, error) if error is not None else (ENFORCED, "")
+            stale = files.stale.get(name)
+            waiting = planned.desired.waiting.get(name, "")
+            if stale is not None:
+                kept = "the version last applied stays" if name in done.enforced else ""
+                text = "; ".join(t for t in (stale, kept, error) if t)
+                states[name] = (FAILED, text)
+            else:
+                states[name] = (FAILED, error) if error is not None else (ENFORCED, waiting)
         self._states = states
+        views = self._file_views()
         # Read by the qos collector every tick, without waiting for the lock.
         self.policy_counts = Counter(
-            [("file", states.get(p.policy.metadata.name, (PENDING, ""))[0]) for p in files]
+            [("file", view.state) for view in views]
             + [("api", states.get(name, (PENDING, ""))[0]) for name in entries]
         )
-        if done.errors and result == "success":
-            result = "error"
+        result = "invalid" if read.violations else "error" if done.errors else "success"
         self.results[result] += 1
         for device, count in done.drift.items():
             self.drift[device] += count
         self._last_failed = dict(done.errors)
+        self._report(read, files, done.errors)
         return PassResult(
             result,
             done.changes,
@@ -306,20 +326,34 @@ class Reconciler:
             done.errors,
         )
 
+    def _file_views(self) -> list[PolicyView]:
+        """The file policies as of the last pass: those enforced (or kept) by name, then
+        those refused, then broken files that name no policy (listed by file)."""
+        files = self._files
+        devices = self._devices()
+        ordered = sorted(files.policies, key=lambda p: p.policy.metadata.name)
+        views = [file_view(loaded, self._states, devices) for loaded in ordered]
+        for refusal in files.refused:
+            failed = {refusal.name: (FAILED, refusal.reason)}
+            views.append(file_view(refusal.loaded, failed, {}))
+        for file, reason in sorted(files.unnamed.items()):
+            views.append(PolicyView(Path(file).name, "file", file, "QosPolicy", {}, FAILED, reason))
+        return views
+
     def _read(self) -> FileRead:
+        paths = policy_files(self.settings.policy_dir)
+        self._settler.forget_except(paths)
         return read_files(
-            policy_files(self.settings.policy_dir),
+            paths,
             interface_exists=self.kernel.interface_exists,
-            cgroup_root=self.settings.cgroup_root,
             cache=self._parsed,
+            settled=self._settler.settled,
+            kept=kept_from_state(self._state),
         )
 
     def _effective_files(self, read: FileRead) -> list[LoadedPolicy]:
-        """The file policies a pass would enforce given `read`: the valid set, else the
-        last valid one."""
-        if read.violations:
-            return list(self._last_good or policies_from_state(self._state))
-        return read.policies
+        """The file policies a pass would enforce given `read`."""
+        return file_set(read, self._state).policies
 
     def _devices(self) -> dict[str, str]:
         return {name: policy.device for name, policy in self._enforced.items()}
@@ -383,13 +417,25 @@ class Reconciler:
             raise RefusedError([Precondition("SOURCE", name, reason)])
         raise NotFoundError(f"no API policy named {name!r}")
 
-    def _report_violations(self, violations: Sequence[PolicyViolation]) -> None:
-        """Log the violations when they change, not on every pass."""
-        current = {str(v) for v in violations}
-        if current != self._reported:
-            for text in sorted(current - self._reported):
-                log.error("QoS policy rejected, nothing changed: %s", text)
-            self._reported = current
+    def _report(self, read: FileRead, files: FileSet, errors: Mapping[str, str]) -> None:
+        """Log each problem as it appears or changes, and once when it is gone."""
+        current: dict[str, tuple[str, str]] = {}
+        for file, reason in read.broken.items():
+            current[f"file {file}"] = (f"QoS policy file {file}", f"not taken: {reason}")
+        for refusal in read.refused:
+            key = f"policy {refusal.loaded.file} {refusal.name}"
+            current[key] = (f"QoS policy {refusal.name}", f"refused: {refusal.violation}")
+        for name, error in errors.items():
+            what = "QoS nftables table" if name == NFT_DEVICE else f"QoS policy {name}"
+            current[f"kernel {name}"] = (what, error)
+        for key, (subject, text) in sorted(current.items()):
+            if self._reported.get(key) != (subject, text):
+                stale = key.startswith("policy") and key.rsplit(" ", 1)[-1] in files.stale
+                note = " (the version last applied stays enforced)" if stale else ""
+                log.error("%s: %s%s", subject, text, note)
+        for key in sorted(self._reported.keys() - current.keys()):
+            log.info("%s: the problem is gone", self._reported[key][0])
+        self._reported = current
 
 
 def _failure(entry: ApiEntry, errors: Mapping[str, str], before: Mapping[str, str]) -> str | None:

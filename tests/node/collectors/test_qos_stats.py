@@ -55,7 +55,9 @@ def test_class_counters_follow_traffic(
     shared = SharedResources()
     reconciler = shared.get(
         RECONCILER_KEY,
-        lambda: Reconciler(QosSettings(policy_dir, tmp_path / "state", netns=shaped_pair.netns)),
+        lambda: Reconciler(
+            QosSettings(policy_dir, tmp_path / "state", netns=shaped_pair.netns, file_settle_s=0)
+        ),
         Reconciler.close,
     )
     reconciler.reconcile()

@@ -29,15 +29,22 @@ def make(pair: VethPair, dirs: tuple[Path, Path]) -> Reconciler:
     """A reconciler on `pair`'s first namespace with (policy dir, state dir) `dirs`."""
     policy_dir, state_dir = dirs
     settings = QosSettings(
-        policy_dir, state_dir, cgroup_root=detect_cgroup2_root(), netns=pair.netns
+        policy_dir,
+        state_dir,
+        cgroup_root=detect_cgroup2_root(),
+        netns=pair.netns,
+        file_settle_s=0.0,
     )
     return Reconciler(settings)
 
 
 def fake_settings(dirs: tuple[Path, Path], cgroups: Path) -> QosSettings:
     """Settings for a reconciler on the fake kernel: (policy dir, state dir) `dirs`, and
-    `cgroups` as the cgroup2 mount."""
-    return QosSettings(dirs[0], dirs[1], cgroup_root=cgroups, nft_cgroup_base=cgroups)
+    `cgroups` as the cgroup2 mount. Files are taken as soon as they are written (the
+    tests write them whole)."""
+    return QosSettings(
+        dirs[0], dirs[1], cgroup_root=cgroups, nft_cgroup_base=cgroups, file_settle_s=0.0
+    )
 
 
 def put_tree(kernel: QosKernel, desired: HtbTree) -> list[Change]:

@@ -1,5 +1,5 @@
-"""The reconciler against the fake kernel: apply only differences, correct drift, reject
-bad policies without touching what is enforced, adopt its own state after a restart."""
+"""The reconciler against the fake kernel: apply only differences, correct drift, keep a
+policy whose file turns bad as it was last applied, adopt its own state after a restart."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_drift_is_corrected_and_counted(
     assert tree is not None and 0x11 in {c.minor for c in tree.classes}
 
 
-def test_bad_policy_changes_nothing(
+def test_a_bad_edit_keeps_the_policy_as_last_applied_and_marks_it_failed(
     reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
 ) -> None:
     write(dirs[0], DEVICE)
@@ -122,6 +122,8 @@ def test_bad_policy_changes_nothing(
     assert kernel.dump() == before
     assert (dirs[1] / "qos-state.json").read_text() == state
     assert reconciler.results["invalid"] == 1
+    (view,) = reconciler.policies()
+    assert view.state == "failed" and "2Gbit exceeds bandwidth 1Gbit" in view.message
 
 
 def test_restart_adopts_the_kernel_state(
