@@ -2,6 +2,8 @@
 
 A policy whose step fails keeps what it had (the kernel rolls the failed step back; the
 state keeps its last applied record) and is reported with its error; the others go on.
+A policy that fails the first time it is applied leaves nothing behind: not its tree,
+not the ingress redirect made for it.
 A change to a policy whose document did not change since the last pass is drift
 (someone changed the kernel behind the agent's back): it is restored and counted.
 Changes are logged here; errors are returned, for the caller to log when they change
@@ -17,7 +19,15 @@ from dataclasses import dataclass
 
 from agent.common.errors import FabricError
 from agent.node.qos.desired import DesiredPolicy
-from agent.node.qos.kernel import NFT_DEVICE, LoadNftTable, QosKernel
+from agent.node.qos.kernel import (
+    NFT_DEVICE,
+    EnsureRedirect,
+    KernelStep,
+    LoadNftTable,
+    QosKernel,
+    RemoveRedirect,
+    RemoveTree,
+)
 from agent.node.qos.planner import Plan, PolicyPlan, plan_nft
 from agent.node.qos.state import AppliedPolicy, QosState
 
@@ -62,6 +72,7 @@ def enforce(
             errors[item.name] = error
             if item.error is None:
                 failed_now.add(item.name)
+                _clear_attempt(item, kernel, previous)
             continue
         if item.steps:
             done = [line for step in item.steps for line in step.done()]
@@ -132,6 +143,29 @@ def _apply(item: PolicyPlan, kernel: QosKernel) -> str | None:
     except FabricError as exc:
         return str(exc)
     return None
+
+
+def _clear_attempt(item: PolicyPlan, kernel: QosKernel, previous: QosState) -> None:
+    """Remove what a failed first attempt at a policy left: the agent's tree on its
+    device and the ingress redirect it made. A failed tree change rolls itself back, but
+    the redirect (and its IFB device) came in a step before it, and nothing would ever
+    remove them: the policy was never recorded. What an applied policy holds (the same
+    device, after a rename) is left alone."""
+    desired = item.desired
+    held = {p.device for p in previous.policies.values()}
+    redirected = {p.interface for p in previous.policies.values() if p.direction == "ingress"}
+    steps: list[KernelStep] = []
+    if desired.device not in held:
+        steps.append(RemoveTree(desired.device))
+    made_redirect = any(isinstance(step, EnsureRedirect) for step in item.steps)
+    if made_redirect and desired.interface not in redirected:
+        steps.append(RemoveRedirect(desired.interface))
+    for step in steps:
+        try:
+            kernel.apply(step)
+        except FabricError as exc:
+            # Someone else's root qdisc, or the device went: nothing of the agent's there.
+            log.debug("QoS policy %s: nothing to clear on %s: %s", item.name, desired.device, exc)
 
 
 def _record(desired: DesiredPolicy) -> AppliedPolicy:
