@@ -6,8 +6,13 @@ namespaces, veth pairs, HTB, nftables and iperf3 where the claim is about the ke
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -101,3 +106,80 @@ def test_an_ingress_policy_the_kernel_refuses_leaves_no_ifb_redirect_or_tree(
         assert f" {ifb}:" not in links
         assert "ingress ffff:" not in qdiscs and "htb fa:" not in qdiscs
     assert load_state(dirs[1]).policies == {}
+
+
+# --- defaultClass changes with traffic flowing ------------------------------------------
+
+MBIT = 1_000_000
+
+
+def _flow(pair: VethPair, seconds: int, interval_s: float) -> list[float]:
+    """Mbit/s per `interval_s` of a TCP flow from `pair`'s namespace to its peer (port
+    5201, which no class of the test's policy matches), as the receiver counted it."""
+    server = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{pair.peer_netns}", "iperf3", "-s", "-1", "-B",
+         pair.peer_address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)  # the server's listen: iperf3 has no readiness signal
+        client = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{pair.netns}", "iperf3", "-c", pair.peer_address,
+             "-t", str(seconds), "-i", str(interval_s), "-J"],
+            capture_output=True, text=True, timeout=seconds + 30, check=True,
+        )  # fmt: skip
+        report: dict[str, Any] = json.loads(client.stdout)
+        return [i["sum"]["bits_per_second"] / MBIT for i in report["intervals"]]
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
+def _default_class_policy(device: str, default: str) -> str:
+    document = api_policy_document(device, name="shaped", defaultClass=default)
+    document["spec"]["classes"] = [
+        {"name": "unused", "priority": 0, "rate": "10Mbit", "ceil": "10Mbit",
+         "match": [{"dstPorts": ["9"]}]},
+        {"name": "slow", "priority": 1, "rate": "40Mbit", "ceil": "40Mbit"},
+        {"name": "fast", "priority": 2, "rate": "80Mbit", "ceil": "80Mbit"},
+    ]  # fmt: skip
+    return yaml.safe_dump(document)
+
+
+def test_default_class_changes_with_a_flow_running_and_no_moment_unshaped(
+    shaped_pair: VethPair, tmp_path: Path
+) -> None:
+    if shutil.which("iperf3") is None:
+        pytest.skip("needs iperf3")
+    dirs = (tmp_path / "policies", tmp_path / "state")
+    dirs[0].mkdir()
+    path = dirs[0] / "shaped.yaml"
+    path.write_text(_default_class_policy(shaped_pair.device, "slow"))
+    reconciler = make(shaped_pair, dirs)
+    rates: list[float] = []
+    try:
+        assert reconciler.reconcile().result == "success"
+        (policy,) = reconciler.managed
+        slow, fast = policy.minors["slow"], policy.minors["fast"]
+        flow = threading.Thread(target=lambda: rates.extend(_flow(shaped_pair, 6, 0.25)))
+        flow.start()
+        time.sleep(2.5)  # the flow runs in "slow"
+        path.write_text(_default_class_policy(shaped_pair.device, "fast"))
+        changed = reconciler.reconcile()
+        counted = reconciler.kernel.class_stats(shaped_pair.device)
+        again = reconciler.reconcile()
+        flow.join()
+        stats = reconciler.kernel.class_stats(shaped_pair.device)
+    finally:
+        reconciler.close()
+
+    assert changed.result == "success", changed.errors
+    assert again.changes == ()
+    # Shaped throughout: no interval above the new ceiling (80 Mbit/s) by more than a
+    # margin; unshaped, a veth carries gigabits.
+    assert len(rates) >= 20 and max(rates) < 80 * 1.25, rates
+    # Before the change the flow was held to "slow", after it ran in "fast".
+    assert max(rates[2:8]) < 40 * 1.25, rates
+    assert stats[fast].bytes - counted[fast].bytes > 10 * MBIT // 8
+    assert stats[slow].bytes - counted[slow].bytes < MBIT // 8

@@ -13,7 +13,8 @@ that class. The root class `fa:1` carries the policy's whole bandwidth; every po
 class is a leaf under it.
 
 Address, port, protocol and DSCP matches become u32 filters on the root qdisc, in policy
-order (the first matching filter wins, as the first matching class should). Matches on
+order (the first matching filter wins, as the first matching class should), then a
+catch-all filter per address family to the default class (`CATCH_ALL_PREFS`). Matches on
 a cgroup or a firewall mark cannot be expressed in u32; they are classified by the
 agent's nftables table (`meta priority set`), which HTB honours before its filters.
 """
@@ -43,6 +44,11 @@ ROOT_MINOR = 1
 FIRST_LEAF_MINOR = 0x10
 # Filter prefs start here and go up in policy order, one per generated filter.
 FIRST_FILTER_PREF = 100
+# The catch-all filters to the default class, after every other (one per family: a pref
+# holds one protocol). HTB cannot change a qdisc's `default`, so the qdisc keeps the one
+# it was created with and these carry the policy's defaultClass: changing it is one
+# filter change, with no moment unshaped. The qdisc's default is left for non-IP frames.
+CATCH_ALL_PREFS = {"ip": 0xFFFE, "ipv6": 0xFFFF}
 
 _IP_PROTOCOLS = {"tcp": 6, "udp": 17}
 _ICMP = {"ip": 1, "ipv6": 58}
@@ -238,7 +244,13 @@ def build_tree(
         root_major=AGENT_ROOT_MAJOR,
         default_minor=minors[default.name],
         classes=tuple(htb_classes),
-        filters=tuple(u32_filters(classes, minors)),
+        filters=(
+            *u32_filters(classes, minors),
+            *(
+                U32Filter(pref, minors[default.name], U32Match(protocol=family))
+                for family, pref in CATCH_ALL_PREFS.items()
+            ),
+        ),
         leaf_kind=leaf_kind,
     )
     return DesiredTree(policy.metadata.name, tree, minors)

@@ -396,7 +396,8 @@ def _class_diffs(old: HtbClass, new: HtbClass) -> list[str]:
 def plan(desired: HtbTree, actual: HtbTree | None) -> list[Change]:
     """The changes that turn `actual` (None: the agent has no tree there) into `desired`,
     in the order `apply` runs them. Equal trees give no changes; one class's rate gives one
-    class change, never a rebuild."""
+    class change, never a rebuild. The root qdisc keeps the default class it was created
+    with (see the comment below)."""
     if actual is not None and (actual.device, actual.root_major) != (
         desired.device,
         desired.root_major,
@@ -440,8 +441,10 @@ def plan(desired: HtbTree, actual: HtbTree | None) -> list[Change]:
 
     if actual is None:
         changes.append(change(Action.ADD, desired))
-    elif actual.default_minor != desired.default_minor:
-        changes.append(change(Action.CHANGE, desired, actual))
+    # A different default class is no change: HTB refuses to change a qdisc (EINVAL,
+    # "Change operation not supported"), and replacing it would unshape the device for
+    # as long as the rebuild takes. The desired tree's catch-all filters (a filter
+    # change like any other) carry the default class instead.
 
     for cls in sorted(desired.classes, key=lambda c: (desired.depth(c.minor), c.minor)):
         old = old_classes.get(cls.minor)

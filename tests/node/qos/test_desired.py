@@ -52,6 +52,9 @@ def test_training_node_tree() -> None:
         (101, 0x10, U32Match(protocol="ipv6", dport=PortRange(29500, 29599))),
         (102, 0x11, U32Match(protocol="ip", dst="10.40.0.0/16", ip_proto=6,
                              dport=PortRange.single(2049))),
+        # What no class matched: the default class, by catch-all filters.
+        (0xFFFE, 0x13, U32Match(protocol="ip")),
+        (0xFFFF, 0x13, U32Match(protocol="ipv6")),
     ]  # fmt: skip
 
 
@@ -75,7 +78,7 @@ spec:
 """
     tree = build_tree(policy(text)).tree
 
-    assert [(f.match.sport, f.match.dport, f.match.ip_proto) for f in tree.filters] == [
+    assert [(f.match.sport, f.match.dport, f.match.ip_proto) for f in tree.filters[:-2]] == [
         (PortRange(8000, 8000), PortRange(1, 1023), 17),
         (PortRange(8443, 8443), PortRange(1, 1023), 17),
     ]
