@@ -11,20 +11,25 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from agent.common.policy.model import detect_cgroup2_root
 from agent.node.qos.htb import Phase
 from agent.node.qos.kernel import (
     KernelStep,
+    NftError,
     TcApplyError,
     TcCapabilities,
     TreeChanges,
     ifb_name,
 )
+from agent.node.qos.nftables import Nftables
+from agent.node.qos.nftrules import NFT_CGROUP_BASE, TABLE_FAMILY, TABLE_NAME
 from agent.node.qos.reconciler import Reconciler
 from agent.node.qos.state import load_state
 from tests.conftest import VethPair
@@ -183,3 +188,62 @@ def test_default_class_changes_with_a_flow_running_and_no_moment_unshaped(
     assert max(rates[2:8]) < 40 * 1.25, rates
     assert stats[fast].bytes - counted[fast].bytes > 10 * MBIT // 8
     assert stats[slow].bytes - counted[slow].bytes < MBIT // 8
+
+
+# --- a cgroup that vanishes -------------------------------------------------------------
+
+
+def _cgroup_policy(device: str, cgroup: str) -> str:
+    document = api_policy_document(device, name="node")
+    document["spec"]["classes"] = [
+        {"name": "service", "priority": 1, "rate": "100Mbit", "dscp": 10,
+         "match": [{"cgroup": cgroup}]},
+        {"name": "collectives", "priority": 0, "rate": "300Mbit", "dscp": 26,
+         "match": [{"dstPorts": ["29500-29599"], "protocol": "tcp"}]},
+        {"name": "rest", "priority": 7, "rate": "100Mbit"},
+    ]  # fmt: skip
+    return yaml.safe_dump(document)
+
+
+def test_a_vanished_cgroup_costs_only_its_own_rule_and_it_returns_with_the_cgroup(
+    shaped_pair: VethPair, tmp_path: Path
+) -> None:
+    cgroup_root = detect_cgroup2_root()
+    if cgroup_root is None or not cgroup_root.is_relative_to(NFT_CGROUP_BASE):
+        pytest.skip("needs a cgroup v2 mount at or below /sys/fs/cgroup")
+    try:
+        Nftables().close()
+    except NftError as exc:
+        pytest.skip(f"needs libnftables: {exc}")
+    service = cgroup_root / f"fabric-hostile-{uuid.uuid4().hex[:8]}"
+    service.mkdir()
+    dirs = (tmp_path / "policies", tmp_path / "state")
+    dirs[0].mkdir()
+    (dirs[0] / "node.yaml").write_text(_cgroup_policy(shaped_pair.device, service.name))
+    reconciler = make(shaped_pair, dirs)
+    netns = ["nsenter", f"--net=/run/netns/{shaped_pair.netns}"]
+    try:
+        reconciler.reconcile()
+        with_service = json.dumps(reconciler.kernel.read_nft_table())
+        service.rmdir()  # the service stopped
+        # A firewall reload flushes the table behind the agent's back.
+        subprocess.run([*netns, "nft", "delete", "table", TABLE_FAMILY, TABLE_NAME], check=True)
+        without = reconciler.reconcile()
+        table_without = json.dumps(reconciler.kernel.read_nft_table())
+        listed = {v.name: v for v in reconciler.policies()}["node"]
+        service.mkdir()  # the service started again
+        back = reconciler.reconcile()
+        table_back = json.dumps(reconciler.kernel.read_nft_table())
+    finally:
+        reconciler.close()
+        if service.exists():
+            service.rmdir()
+
+    assert "cgroupv2" in with_service
+    assert without.result == "success", without.errors
+    assert table_without != "null" and "cgroupv2" not in table_without
+    assert '"af31"' in table_without  # DSCP 26: the other class still remarks
+    assert listed.state == "enforced" and f"waiting for cgroup {service.name}" in listed.message
+    assert back.result == "success", back.errors
+    assert "nftables table reloaded" in back.changes
+    assert service.name in table_back
