@@ -104,7 +104,9 @@ def view_to_proto(view: PolicyView) -> qos_service_pb2.PolicyInfo:
         device=view.device,
     )
     try:
-        info.object.CopyFrom(objects.encode_document(view.document))
+        # A policy file that could not be parsed has no document to carry.
+        if view.document:
+            info.object.CopyFrom(objects.encode_document(view.document))
     except objects.ObjectError as exc:
         # A document the model accepted always fits the message; say so if not.
         log.error("policy %s does not fit fabric.v1.PolicyObject: %s", view.name, exc)

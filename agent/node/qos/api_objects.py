@@ -281,9 +281,14 @@ def admit(
     *,
     interface_exists: Callable[[str], bool],
     cgroup_root: Path | None,
+    cgroups_required: bool = True,
 ) -> Admission:
     """The files win names and interfaces, then API policies in name order; then every
-    assignment joins its class where its policy and cgroups are there."""
+    assignment joins its class where its policy and cgroups are there.
+
+    `cgroups_required`: an API policy naming a cgroup that is not there is refused (what
+    an API call is told); a pass takes it without those rules instead (a cgroup that
+    vanished after the policy was applied costs only its own rule, not the policy)."""
     file_names = {p.policy.metadata.name: p.file for p in files}
     owners = {policy_device(p.policy): p for p in files}
     admitted: list[LoadedPolicy] = []
@@ -305,6 +310,8 @@ def admit(
             continue
         loaded = LoadedPolicy(API_SOURCE, None, model)
         problems = check_host([loaded], interface_exists=interface_exists, cgroup_root=cgroup_root)
+        if not cgroups_required:
+            problems = [p for p in problems if p.path == "spec.interface"]
         if problems:
             kind = "INTERFACE" if problems[0].path == "spec.interface" else "CGROUP"
             refused[name] = Precondition(kind, problems[0].path, problems[0].reason)

@@ -87,6 +87,7 @@ def plan_pass(
         entries,
         interface_exists=kernel.interface_exists,
         cgroup_root=settings.cgroup_root,
+        cgroups_required=False,
     )
     options = settings.kernel_options(kernel)
     desired = desired_state(

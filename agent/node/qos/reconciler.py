@@ -110,6 +110,7 @@ class Reconciler:
         self._files = FileSet([], {}, (), {})
         self._parsed: ParseCache = {}
         self._settler = FileSettler(settings.file_settle_s, clock)
+        self._settling = False
         # The errors of the last pass, by policy name (NFT_DEVICE: the table).
         self._last_failed: Mapping[str, str] = {}
         # What is wrong now, as last logged (subject, text): a problem is logged as it
@@ -139,8 +140,8 @@ class Reconciler:
         return outcome
 
     def run(self, stop: threading.Event, interval_s: float) -> None:
-        """Reconcile every `interval_s`, at once when `wake` is set (SIGHUP), and when
-        a lease runs out."""
+        """Reconcile every `interval_s`, at once when `wake` is set (SIGHUP), when a
+        lease runs out, and when a policy file being written has settled."""
         while not stop.is_set():
             started = time.monotonic()
             try:
@@ -152,8 +153,12 @@ class Reconciler:
             wait_s = interval_s - (time.monotonic() - started)
             with self._lock:
                 expiry = self.api.next_expiry()
+                settling = self._settling
             if expiry is not None:
                 wait_s = min(wait_s, expiry - time.time())
+            if settling:
+                # A file being written is taken once it settles, not a whole interval on.
+                wait_s = min(wait_s, self.settings.file_settle_s)
             self.wake.wait(max(0.0, wait_s))
             self.wake.clear()
 
@@ -283,6 +288,7 @@ class Reconciler:
         self._expire_leases(time.time())
         read = read if read is not None else self._read()
         files = self._files = file_set(read, self._state)
+        self._settling = bool(read.unsettled)
         entries = self._entries()
         planned = plan_pass(files.policies, entries, self._state, self.kernel, self.settings)
         done = enforce(planned.plan, self.kernel, self._state, enforced_before=self._enforced)

@@ -95,6 +95,20 @@ def test_file_owned_name_is_failed_precondition(node: Node) -> None:
     assert node.kernel() == before
 
 
+def test_a_policy_file_that_cannot_be_parsed_is_listed_failed_by_file(node: Node) -> None:
+    junk = node.state_dir.parent / "policies" / "junk.yaml"
+    junk.write_text("spec: [\n")
+
+    node.stub.ApplyPolicy(apply_request(document(node.spare)))  # a pass, at once
+    listed = {p.name: p for p in node.stub.ListPolicies(pb.ListPoliciesRequest()).policies}
+
+    assert listed["node"].state == pb.POLICY_STATE_ENFORCED
+    assert listed["job-net"].state == pb.POLICY_STATE_ENFORCED
+    assert listed["junk.yaml"].state == pb.POLICY_STATE_FAILED
+    assert listed["junk.yaml"].file == str(junk)
+    assert "not valid YAML" in listed["junk.yaml"].message
+
+
 def test_apply_list_status_renew_delete(node: Node) -> None:
     applied = node.stub.ApplyPolicy(apply_request(document(node.spare), lease_ttl=seconds(600)))
     assert applied.policy.state == pb.POLICY_STATE_ENFORCED

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.common.policy.model import Match
 from agent.node.qos.api_objects import API_FILE, ENFORCED, ORIGIN_FLEET, PENDING, RefusedError
 from agent.node.qos.reconciler import Reconciler
 from tests.node.qos import (
@@ -253,3 +254,25 @@ def test_fleet_and_local_api_objects_change_only_their_own(
         assert kernel.tree(SPARE) is None
     finally:
         second.close()
+
+
+def test_an_api_policy_whose_cgroup_vanished_keeps_its_tree_and_waits_for_the_cgroup(
+    reconciler: Reconciler, kernel: FakeKernel, cgroups: Path, job_cgroup: str
+) -> None:
+    (cgroups / job_cgroup).mkdir()
+    policy = api_policy(SPARE)
+    classes = policy.spec.classes
+    bulk = classes[0].model_copy(update={"match": (*classes[0].match, Match(cgroup=job_cgroup))})
+    spec = policy.spec.model_copy(update={"classes": (bulk, *classes[1:])})
+    reconciler.apply_object(policy.model_copy(update={"spec": spec}))
+    tree = kernel.tree(SPARE)
+    assert job_cgroup in nft_table(kernel)
+
+    (cgroups / job_cgroup).rmdir()
+    result = reconciler.reconcile()
+
+    assert result.result == "success", result.errors
+    assert kernel.tree(SPARE) == tree
+    assert job_cgroup not in nft_table(kernel)
+    (view,) = reconciler.policies()
+    assert view.state == ENFORCED and f"waiting for cgroup {job_cgroup}" in view.message
