@@ -224,8 +224,15 @@ def _where(loaded: LoadedPolicy) -> str:
 
 
 def _reason(violation: PolicyViolation) -> str:
-    text = str(violation)
-    return text.removeprefix(violation.file + ": ") if violation.file else text
+    """The violation without its file (the caller names the file once)."""
+    parts = []
+    if violation.line is not None:
+        parts.append(f"line {violation.line}:{violation.column}")
+    if violation.document is not None:
+        parts.append(f"document {violation.document}")
+    if violation.path:
+        parts.append(violation.path)
+    return ": ".join([*parts, violation.reason])
 
 
 def _claim(loaded: LoadedPolicy) -> tuple[str, str]:

@@ -273,7 +273,9 @@ class Reconciler:
         with self._lock:
             options = self.settings.kernel_options(self.kernel)
             nothing = plan(DesiredState((), {}), self.kernel, self._state, options)
-            enforce(nothing, self.kernel, self._state, enforced_before={})
+            done = enforce(nothing, self.kernel, self._state, enforced_before={})
+            for name, error in sorted(done.errors.items()):
+                log.error("QoS %s not removed: %s", name, error)
             self._enforced.clear()
             self._state = QosState()
             save_state(self.settings.state_dir, self._state)
@@ -436,12 +438,28 @@ class Reconciler:
             current[f"kernel {name}"] = (what, error)
         for key, (subject, text) in sorted(current.items()):
             if self._reported.get(key) != (subject, text):
-                stale = key.startswith("policy") and key.rsplit(" ", 1)[-1] in files.stale
-                note = " (the version last applied stays enforced)" if stale else ""
-                log.error("%s: %s%s", subject, text, note)
+                log.error("%s: %s%s", subject, text, _kept_note(key, files))
         for key in sorted(self._reported.keys() - current.keys()):
             log.info("%s: the problem is gone", self._reported[key][0])
         self._reported = current
+
+
+def _kept_note(key: str, files: FileSet) -> str:
+    """What stays enforced despite the problem under `key`, for its log line."""
+    kind, _, rest = key.partition(" ")
+    if kind == "file":
+        kept = sorted(
+            p.policy.metadata.name
+            for p in files.policies
+            if p.file == rest and p.policy.metadata.name in files.stale
+        )
+        if len(kept) == 1:
+            return f" (policy {kept[0]} stays as last applied)"
+        if kept:
+            return f" (policies {', '.join(kept)} stay as last applied)"
+    elif kind == "policy" and rest.rsplit(" ", 1)[-1] in files.stale:
+        return " (the version last applied stays enforced)"
+    return ""
 
 
 def _failure(entry: ApiEntry, errors: Mapping[str, str], before: Mapping[str, str]) -> str | None:
