@@ -138,6 +138,25 @@ def test_a_conflicting_file_costs_only_the_later_policy(
     assert listed["rival"][0] == FAILED and "already owned by policy 'node'" in listed["rival"][1]
 
 
+def test_a_later_file_reusing_a_policy_name_costs_only_itself(
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
+) -> None:
+    write(dirs[0], DEVICE, name="node")
+    reconciler.reconcile()
+    enforced = kernel.tree(DEVICE)
+
+    copy = dirs[0] / "node-copy.yaml"  # the same name, on another interface
+    copy.write_text(write(dirs[0], SPARE, name="spare").read_text().replace("spare", "node"))
+    result = reconciler.reconcile()
+
+    assert kernel.tree(DEVICE) == enforced
+    assert kernel.tree(SPARE) is not None  # spare.yaml is enforced
+    views = [(v.name, v.file, v.state) for v in reconciler.policies()]
+    assert ("node", str(dirs[0] / "node.yaml"), ENFORCED) in views
+    assert ("node", str(copy), FAILED) in views
+    assert any("policy name 'node' is also used" in str(v) for v in result.violations)
+
+
 def test_a_file_whose_policy_was_enforced_keeps_it_when_it_turns_bad_and_after_a_restart(
     kernel: FakeKernel, dirs: tuple[Path, Path], cgroups: Path
 ) -> None:

@@ -3,8 +3,9 @@ file by file, and the policies last applied from files, rebuilt from the state (
 broken file or one still being written keeps enforced).
 
 Each file stands alone: one that cannot be read or parsed, or a policy naming an
-interface this host lacks or a device, interface or name an earlier file holds, is
-refused by itself, and every other file's policies are taken as read. A file is taken
+interface this host lacks or a device, interface or name another policy holds (the one
+enforced already, else the earlier file), is refused by itself, and every other file's
+policies are taken as read. A file is taken
 once it is complete: its size and modification time unchanged for a settle time (a
 writer caught mid-write would otherwise be enforced as written, a truncated document
 included); until then the version read before stands.
@@ -121,13 +122,15 @@ def read_files(
     cache: ParseCache | None = None,
     settled: Callable[[Path], bool] | None = None,
     kept: Callable[[Collection[str]], Sequence[LoadedPolicy]] = lambda files: (),
+    incumbents: Collection[tuple[str, str]] = (),
 ) -> FileRead:
     """Load and check each file on its own: the model, then ownership against the
     policies `kept` returns for the files that cannot be taken (those stay enforced
     from the state, and hold their names and devices) and the files before it, then
     the interface on this host. `cache`: each file's text and parse from the last
     read, updated in place; `settled`: whether a file may be taken now (else its cached
-    version is, or none).
+    version is, or none); `incumbents`: the (name, file) of the policies enforced now,
+    which keep their names and interfaces against files that claim them later.
 
     cgroups are not checked: a missing one costs only its own nftables rule until it
     appears (agent.node.qos.nftrules)."""
@@ -168,7 +171,7 @@ def read_files(
     cache.clear()
     cache.update(parsed)
     unread = [f for f in unsettled if f not in parsed]
-    taken, refused = admit_files(candidates, kept([*broken, *unread]), interface_exists)
+    taken, refused = admit_files(candidates, kept([*broken, *unread]), interface_exists, incumbents)
     violations.extend(r.violation for r in refused)
     return FileRead(taken, violations, tuple(refused), broken, tuple(unsettled))
 
@@ -177,10 +180,14 @@ def admit_files(
     candidates: Sequence[LoadedPolicy],
     kept: Sequence[LoadedPolicy],
     interface_exists: Callable[[str], bool],
+    incumbents: Collection[tuple[str, str]] = (),
 ) -> tuple[list[LoadedPolicy], list[Refusal]]:
-    """The candidates that may be enforced beside `kept`, in file order: a name, an
-    (interface, direction) or a device already held goes to the first holder, and an
-    interface this host lacks is refused."""
+    """The candidates that may be enforced beside `kept`: a name, an (interface,
+    direction) or a device already held goes to the first holder, and an interface this
+    host lacks is refused. `incumbents` ((name, file) enforced now) come first, then the
+    others in file order: a file added later never takes what is enforced."""
+    first = set(incumbents)
+    candidates = sorted(candidates, key=lambda p: (p.policy.metadata.name, p.file) not in first)
     names: dict[str, LoadedPolicy] = {p.policy.metadata.name: p for p in kept}
     claims: dict[tuple[str, str], LoadedPolicy] = {_claim(p): p for p in kept}
     devices: dict[str, LoadedPolicy] = {policy_device(p.policy): p for p in kept}

@@ -8,7 +8,7 @@ back comes back and is counted as drift.
 
 Each policy file stands alone (agent.node.qos.files). A file that cannot be read or
 parsed, or a policy in it that is refused (an interface this host lacks, a name or an
-interface an earlier file holds), fails by itself: the policies that file last had in
+interface another file's policy holds), fails by itself: the policies that file last had in
 the kernel stay as they were applied (listed FAILED with the reason), a policy never
 applied is not enforced, and every other policy is enforced and repaired as usual. A
 file still being written is not taken until it settles. Problems are logged when they
@@ -357,6 +357,7 @@ class Reconciler:
             cache=self._parsed,
             settled=self._settler.settled,
             kept=kept_from_state(self._state),
+            incumbents=[(p.name, p.file) for p in self._state.policies.values()],
         )
 
     def _effective_files(self, read: FileRead) -> list[LoadedPolicy]:
