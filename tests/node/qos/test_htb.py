@@ -107,6 +107,19 @@ def test_plan_from_nothing_builds_everything_in_order() -> None:
     assert [c.phase for c in changes] == sorted(c.phase for c in changes)
 
 
+def test_a_different_default_class_never_changes_the_qdisc() -> None:
+    """HTB refuses to change a qdisc (EINVAL): the default class is the desired tree's
+    catch-all filters' business, the qdisc keeps the default it was created with."""
+    catch_all = U32Filter(0xFFFE, 0x12, U32Match())
+    before = dataclasses.replace(tree(default=0x12), filters=(*tree().filters, catch_all))
+    moved = dataclasses.replace(catch_all, flow_minor=0x11)
+    after = dataclasses.replace(tree(default=0x11), filters=(*tree().filters, moved))
+
+    changes = plan(after, before)
+
+    assert [str(c) for c in changes] == ["~ filter pref 65534 ip -> :12 => ip -> :11"]
+
+
 def test_plan_same_tree_is_empty() -> None:
     assert plan(tree(), tree()) == []
 
