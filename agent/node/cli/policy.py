@@ -33,7 +33,7 @@ from agent.common.policy.units import format_bps
 from agent.node.cli.flags import add_config_flags, config_overrides
 from agent.node.config import load_config
 from agent.node.qos.api_objects import API_SOURCE, ApiPolicyStore
-from agent.node.qos.files import policy_files, read_files
+from agent.node.qos.files import file_set, kept_from_state, policy_files, read_files
 from agent.node.qos.kernel import QosKernel
 from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.pipeline import QosSettings, plan_pass
@@ -115,30 +115,33 @@ def run(args: argparse.Namespace) -> int:
 def plan(settings: QosSettings, kernel: QosKernel, files: Sequence[Path] = ()) -> int:
     """Print, per policy, the changes the daemon's next pass would make (its ingress
     redirect, its HTB tree), the policies it would take down, and its nftables table;
-    change nothing."""
-    read = read_files(
-        list(files) or policy_files(settings.policy_dir),
-        interface_exists=kernel.interface_exists,
-    )
-    if read.violations:
-        for violation in read.violations:
-            print(violation, file=sys.stderr)
-        return ExitCode.INVALID
+    change nothing. A file or policy the daemon would refuse is reported (exit 2) and
+    the others planned as the daemon would enforce them, the refused ones' last applied
+    versions included."""
     try:
         state = load_state(settings.state_dir)
         api = ApiPolicyStore(settings.state_dir)
     except (StateError, FabricError) as exc:
         print(f"fabric-agent: {exc}", file=sys.stderr)
         return ExitCode.INVALID
+    read = read_files(
+        list(files) or policy_files(settings.policy_dir),
+        interface_exists=kernel.interface_exists,
+        kept=kept_from_state(state),
+        incumbents=[(p.name, p.file) for p in state.policies.values()],
+    )
+    for violation in read.violations:
+        print(violation, file=sys.stderr)
     now = time.time()
     # Leases that ran out go at the daemon's next pass, before it plans.
     entries = {e.name: e for e in api.entries() if e.expires_at is None or e.expires_at > now}
-    planned = plan_pass(read.policies, entries, state, kernel, settings)
+    planned = plan_pass(file_set(read, state).policies, entries, state, kernel, settings)
     for name, problem in sorted(planned.admission.refused.items()):
         print(f"API object {name}: not enforced: {problem}", file=sys.stderr)
     for name, waiting in sorted(planned.desired.waiting.items()):
         print(f"policy {name}: {waiting}", file=sys.stderr)
-    return _print_plan(planned.plan)
+    code = _print_plan(planned.plan)
+    return ExitCode.INVALID if read.violations else code
 
 
 def _print_plan(plan: Plan) -> int:

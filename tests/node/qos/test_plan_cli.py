@@ -116,6 +116,21 @@ def test_bad_policy_is_an_error(tmp_path: Path, shaped_pair: VethPair) -> None:
     assert f"{path}: spec.classes[0].rate: 3Gbit exceeds bandwidth 1Gbit" in result.stderr
 
 
+def test_a_bad_file_is_an_error_and_the_others_are_still_planned(
+    tmp_path: Path, shaped_pair: VethPair
+) -> None:
+    good = write_policy(tmp_path, shaped_pair.device)
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("spec: [\n")
+
+    result = plan(shaped_pair.netns, bad, good)
+
+    # As the daemon would: the broken file refused by itself, the other one enforced.
+    assert result.returncode == 2
+    assert f"{bad}:2:1: not valid YAML" in result.stderr
+    assert "+ qdisc fa: htb default 11" in result.stdout
+
+
 def test_missing_interface_is_an_error(tmp_path: Path, shaped_pair: VethPair) -> None:
     result = plan(shaped_pair.netns, write_policy(tmp_path, "fabnosuch0"))
 
