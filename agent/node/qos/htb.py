@@ -335,12 +335,15 @@ class Change:
     before: Subject | None = None
     # Why a change is a delete-and-add (class parent moved), for __str__ only.
     note: str = field(default="", compare=False)
+    # A filter change made with the removals: it moves traffic off a class about to be
+    # deleted onto one that stays, before the deletion (no moment without its filter).
+    early: bool = field(default=False, compare=False)
 
     @property
     def phase(self) -> Phase:
         deleting = self.action is Action.DELETE
         if isinstance(self.subject, U32Filter):
-            return Phase.DELETE_FILTER if deleting else Phase.FILTER
+            return Phase.DELETE_FILTER if deleting or self.early else Phase.FILTER
         if isinstance(self.subject, LeafQdisc):
             return Phase.DELETE_LEAF if deleting else Phase.LEAF
         if isinstance(self.subject, HtbClass):
@@ -409,9 +412,13 @@ def plan(desired: HtbTree, actual: HtbTree | None) -> list[Change]:
     dev, major = desired.device, desired.root_major
 
     def change(
-        action: Action, subject: Subject, before: Subject | None = None, note: str = ""
+        action: Action,
+        subject: Subject,
+        before: Subject | None = None,
+        note: str = "",
+        early: bool = False,
     ) -> Change:
-        return Change(action, dev, major, subject, before, note)
+        return Change(action, dev, major, subject, before, note, early)
 
     changes: list[Change] = []
     old_classes = {c.minor: c for c in actual.classes} if actual else {}
@@ -428,8 +435,23 @@ def plan(desired: HtbTree, actual: HtbTree | None) -> list[Change]:
         if m in old_classes and old_classes[m].parent_minor != c.parent_minor
     }
     gone = (set(old_classes) - set(new_classes)) | moved
+    # A filter that stays but leaves a deleted class for one that is there already (the
+    # catch-all to a default class that changed) moves first, so its traffic is never
+    # left to the qdisc's default, which may be the class deleted.
+    retargeted = {
+        pref
+        for pref, old_filter in old_filters.items()
+        if pref in new_filters
+        and old_filter.flow_minor in gone
+        and new_filters[pref].flow_minor in old_classes
+        and new_filters[pref].flow_minor not in gone
+    }
+    for pref in sorted(retargeted):
+        changes.append(change(Action.CHANGE, new_filters[pref], old_filters[pref], early=True))
     # Deleting a class takes its leaf qdisc and needs its filters gone first.
     for pref, stale_filter in sorted(old_filters.items()):
+        if pref in retargeted:
+            continue
         if pref not in new_filters or stale_filter.flow_minor in gone:
             changes.append(change(Action.DELETE, stale_filter))
     for minor, stale_leaf in sorted(old_leaves.items()):
@@ -460,6 +482,8 @@ def plan(desired: HtbTree, actual: HtbTree | None) -> list[Change]:
             changes.append(change(Action.CHANGE, leaf, old_leaf))
     for pref, new_filter in sorted(new_filters.items()):
         old_filter = old_filters.get(pref)
+        if pref in retargeted:
+            continue
         if old_filter is None or old_filter.flow_minor in gone:
             changes.append(change(Action.ADD, new_filter))
         elif old_filter != new_filter:

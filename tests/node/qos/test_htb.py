@@ -120,6 +120,29 @@ def test_a_different_default_class_never_changes_the_qdisc() -> None:
     assert [str(c) for c in changes] == ["~ filter pref 65534 ip -> :12 => ip -> :11"]
 
 
+def test_a_filter_leaving_a_deleted_class_moves_before_the_class_goes() -> None:
+    """The default class changes to one that exists and the old one is deleted: the
+    catch-all moves first, so no packet meets the deleted class as the qdisc's default."""
+    before = dataclasses.replace(
+        tree(default=0x12), filters=(*tree().filters, U32Filter(0xFFFE, 0x12, U32Match()))
+    )
+    after = dataclasses.replace(
+        before,
+        default_minor=0x11,
+        classes=before.classes[:-1],
+        filters=(*tree().filters, U32Filter(0xFFFE, 0x11, U32Match())),
+        leaf_qdiscs=None,
+    )
+
+    changes = plan(after, before)
+
+    assert [str(c) for c in changes] == [
+        "~ filter pref 65534 ip -> :12 => ip -> :11",
+        '- class fa:12 "default" parent :1 rate 10Gbit ceil 100Gbit prio 3 quantum 200000',
+    ]
+    assert [c.phase for c in changes] == sorted(c.phase for c in changes)
+
+
 def test_plan_same_tree_is_empty() -> None:
     assert plan(tree(), tree()) == []
 
