@@ -151,7 +151,11 @@ class Agent:
     def run(self) -> None:
         """Sample and reconcile until stopped (SIGINT/SIGTERM or `stop()`); the metrics
         server must be started."""
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # Enforcement goes on without a record; each save logs and counts its failure.
+            log.error("state directory %s: %s", self.config.state_dir, exc)
         reconciling = threading.Thread(
             target=self.reconciler.run,
             args=(self.stop_event, self.config.reconcile_interval),

@@ -49,6 +49,7 @@ from agent.node.qos.api_objects import (
     RefusedError,
 )
 from agent.node.qos.kernel import KernelStateConflict
+from agent.node.qos.state import StateSaveError
 from agent.proto.fabric.v1 import qos_service_pb2, qos_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,9 @@ def _abort_for(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
         context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
     if isinstance(exc, KernelStateConflict):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, StateSaveError):
+        # The reconciler undid the change: retrying once the directory is writable works.
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; the change was undone")
     log.error("QoS API: %s", exc)
     context.abort(grpc.StatusCode.INTERNAL, str(exc))
 

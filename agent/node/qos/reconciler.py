@@ -11,6 +11,12 @@ Orchestrators apply policies and assignments through the API (`apply_object`,
 `delete_object`, `renew_lease`). An API call takes the same lock as a pass and runs a
 pass itself, so it returns once the kernel has its change, or with the error and the
 kernel as it was.
+
+The state files are written before an API call reports success; when they cannot be
+(a read-only or full state directory) the call is undone in the kernel too and fails
+with StateSaveError, so that no restart finds kernel objects nobody recorded. A pass
+keeps enforcing the policy files meanwhile: it logs once that saving fails, counts each
+failure, and saves again on every pass until it succeeds.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.common.policy.model import LoadedPolicy, ParseCache, PolicyObject, PolicyViolation
@@ -53,7 +59,15 @@ from agent.node.qos.kernel import NFT_DEVICE, QosKernel
 from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.pipeline import QosSettings, plan_pass
 from agent.node.qos.planner import plan
-from agent.node.qos.state import QosState, load_state, save_state
+from agent.node.qos.state import (
+    STATE_FILE,
+    QosState,
+    Quarantine,
+    StateError,
+    StateSaveError,
+    load_state,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +93,17 @@ class Reconciler:
         self.kernel = kernel if kernel is not None else NetlinkKernel(settings.netns)
         # Reentrant: an API call holds it across its admission checks and its pass.
         self._lock = threading.RLock()
-        self._state = load_state(settings.state_dir)
-        self.api = ApiPolicyStore(settings.state_dir)
+        # Unusable state files are set aside: the kernel and the policy files rebuild.
+        self.quarantine = Quarantine()
+        try:
+            self._state = load_state(settings.state_dir)
+        except StateError as exc:
+            self.quarantine.set_aside(settings.state_dir / STATE_FILE, str(exc))
+            self._state = QosState()
+        self.api = ApiPolicyStore(settings.state_dir, self.quarantine)
+        # Failed saves by file name, and the error of each file not saved since.
+        self.save_failures: Counter[str] = Counter()
+        self._unsaved: dict[str, str] = {}
         # What the last pass enforced, and each policy's and assignment's (state, message).
         self._enforced: dict[str, DesiredPolicy] = {}
         self._states: dict[str, tuple[str, str]] = {}
@@ -160,17 +183,20 @@ class Reconciler:
             previous = self.api.get(name)
             failed_before = self._last_failed
             self.api.put(entry)
-            outcome = self._pass(read)
-            failure = _failure(entry, outcome.failed, failed_before)
-            if failure is not None:
-                # Back to what was enforced before the call.
-                if previous is None:
-                    self.api.remove(name)
-                else:
-                    self.api.put(previous)
-                self._pass(read)
-                raise RefusedError([Precondition("KERNEL", name, failure)])
-            self.api.save()
+            try:
+                outcome = self._pass(read)
+                failure = _failure(entry, outcome.failed, failed_before)
+                if failure is not None:
+                    raise RefusedError([Precondition("KERNEL", name, failure)])
+                # Success only once a restart would find what the kernel now holds.
+                self._raise_unsaved()
+                self.api.save()
+            except BaseException:
+                # Whatever failed (the kernel refusing, an exception from the kernel
+                # layer, a state file that cannot be written), back to what was
+                # enforced before the call, in memory, in the kernel and on disk.
+                self._undo(name, previous, read)
+                raise
             if ttl_s is not None:
                 # The run loop's wait was set before this lease existed.
                 self.wake.set()
@@ -194,7 +220,11 @@ class Reconciler:
             if validate_only:
                 return ApiOutcome(None, self._dry_run(entry, candidate, self._read(), refuse=False))
             self.api.remove(name)
-            self.api.save()
+            try:
+                self.api.save()
+            except StateSaveError:
+                self.api.put(entry)  # nothing changed: the file still has it
+                raise
             outcome = self._pass()
             log.info("API %s %s deleted: %d change(s)", entry.kind, name, len(outcome.changes))
             return ApiOutcome(None, outcome.changes)
@@ -208,9 +238,14 @@ class Reconciler:
             ttl = ttl_s if ttl_s is not None else entry.lease_ttl_s
             if ttl is None:
                 raise LeaseError(f"{name} has no lease to renew; give a lease TTL to add one")
-            entry = entry.renewed(time.time(), ttl)
-            self.api.put(entry)
-            self.api.save()
+            renewed = entry.renewed(time.time(), ttl)
+            self.api.put(renewed)
+            try:
+                self.api.save()
+            except StateSaveError:
+                self.api.put(entry)
+                raise
+            entry = renewed
             self.wake.set()
             return entry_view(entry, self._states, self._devices())
 
@@ -247,7 +282,7 @@ class Reconciler:
             enforce(nothing, self.kernel, self._state, enforced_before={})
             self._enforced.clear()
             self._state = QosState()
-            save_state(self.settings.state_dir, self._state)
+            self._save_state(self._state)
 
     def close(self) -> None:
         self.kernel.close()
@@ -274,8 +309,8 @@ class Reconciler:
         entries = self._entries()
         planned = plan_pass(files, entries, self._state, self.kernel, self.settings)
         done = enforce(planned.plan, self.kernel, self._state, enforced_before=self._enforced)
-        if done.state != self._state:
-            save_state(self.settings.state_dir, done.state)
+        if done.state != self._state or STATE_FILE in self._unsaved:
+            self._save_state(done.state)
         self._state = done.state
         self._enforced = dict(done.enforced)
         states: dict[str, tuple[str, str]] = dict(planned.admission.assignments)
@@ -370,8 +405,44 @@ class Reconciler:
                 entry.name,
                 entry.lease_ttl_s or 0.0,
             )
-        if expired:
-            self.api.save()
+        if expired or self.api.path.name in self._unsaved:
+            self._saved(self.api.path.name, self.api.save)
+
+    def _save_state(self, state: QosState) -> None:
+        self._saved(STATE_FILE, lambda: save_state(self.settings.state_dir, state))
+
+    def _saved(self, file: str, save: Callable[[], None]) -> None:
+        """Save with `save`; a failure is logged when it starts and when it ends, and
+        counted, never raised: a pass enforces whether or not its record can be kept."""
+        try:
+            save()
+        except StateSaveError as exc:
+            self.save_failures[file] += 1
+            if self._unsaved.get(file) != str(exc):
+                log.error("%s; enforcing on, saving again every pass", exc)
+            self._unsaved[file] = str(exc)
+            return
+        if self._unsaved.pop(file, None) is not None:
+            log.info("%s saved again", self.settings.state_dir / file)
+
+    def _raise_unsaved(self) -> None:
+        """StateSaveError when the last pass could not save the QoS state."""
+        if STATE_FILE in self._unsaved:
+            # Once more, for the error to raise (and in case the directory is back).
+            save_state(self.settings.state_dir, self._state)
+            self._unsaved.pop(STATE_FILE, None)
+
+    def _undo(self, name: str, previous: ApiEntry | None, read: FileRead) -> None:
+        """Put API object `name` back as it was (`previous`; None: absent) and enforce
+        that; a failure of this pass is logged, the caller raises the original error."""
+        if previous is None:
+            self.api.remove(name)
+        else:
+            self.api.put(previous)
+        try:
+            self._pass(read)
+        except Exception:
+            log.exception("API %s: undoing a refused change failed", name)
 
     def _api_entry(self, name: str) -> ApiEntry:
         entry = self.api.get(name)
