@@ -92,6 +92,12 @@ class Agent:
         self.reconciler = self._shared.get(
             QOS_RECONCILER, lambda: Reconciler(QosSettings.from_config(config)), Reconciler.close
         )
+        # What traffic control can do, probed before the API and the loops start: the
+        # first pass needs it, and a start-up that fails does so before serving anything.
+        try:
+            self.reconciler.kernel.capabilities()
+        except Exception:
+            log.exception("traffic control capability probe failed; the first pass retries")
         collectors = build_collectors(config, self._shared)
         self.sampler = Sampler(
             collectors,
