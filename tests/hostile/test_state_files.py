@@ -1,6 +1,7 @@
 """Hostile state files and state directories: whatever is on disk, the agent starts and
 enforces; whatever cannot be written, nothing in the kernel goes unrecorded; a refused
-API object is gone from memory and disk."""
+API object is gone from memory and disk; what of the agent's the kernel holds and no
+policy claims is removed at start."""
 
 from __future__ import annotations
 
@@ -16,9 +17,18 @@ import pytest
 
 from agent.node.qos.api_objects import API_FILE, ApiEntry
 from agent.node.qos.htb import Change
+from agent.node.qos.kernel import (
+    AgentObjects,
+    LoadNftTable,
+    RemoveRedirect,
+    RemoveTree,
+    ifb_name,
+)
+from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.reconciler import Reconciler
 from agent.node.qos.state import MAX_STATE_BYTES, STATE_FILE, StateSaveError, load_state
-from tests.node.qos import DEVICE, SPARE, api_policy, fake_settings
+from tests.conftest import VethPair
+from tests.node.qos import DEVICE, SPARE, api_policy, fake_settings, make
 from tests.node.qos.fake_kernel import FakeKernel
 from tests.node.qos.test_daemon import Daemon, daemon, wait_until
 from tests.node.qos.test_reconciler import write
@@ -334,3 +344,72 @@ def test_an_api_object_refused_by_an_exception_from_the_kernel_is_gone_from_memo
     assert kernel.tree("fab2") is None and kernel.tree(DEVICE) is not None
     assert json.loads((dirs[1] / API_FILE).read_text())["objects"] == []
     assert restarted.api.entries() == []
+
+
+# --- kernel objects nobody recorded ---
+
+
+def test_the_agents_kernel_objects_no_policy_claims_are_removed_at_start_the_claimed_adopted(
+    kernel: FakeKernel, dirs: tuple[Path, Path], cgroups: Path
+) -> None:
+    kernel.add_interface("fab2")
+    write(dirs[0], DEVICE)
+    first = Reconciler(fake_settings(dirs, cgroups), kernel)
+    first.reconcile()
+    first.apply_object(api_policy(SPARE, "ingress-job", direction="ingress"))
+    first.apply_object(api_policy("fab2", "egress-job"))
+    first.close()
+    enforced = kernel.tree(DEVICE)
+    assert kernel.agent_objects().ifbs == {ifb_name(SPARE)}
+    # The record of that run is lost: the kernel still holds all three.
+    for name in (STATE_FILE, API_FILE):
+        (dirs[1] / name).unlink()
+    steps = len(kernel.steps)
+
+    restarted = Reconciler(fake_settings(dirs, cgroups), kernel)
+    try:
+        result = restarted.reconcile()
+        again = restarted.reconcile()
+    finally:
+        restarted.close()
+
+    assert result.result == "success" and again.changes == ()
+    assert kernel.tree(DEVICE) == enforced
+    assert kernel.agent_objects() == AgentObjects(frozenset({DEVICE}), frozenset(), frozenset())
+    # The claimed tree was adopted as it was (the table, unrecorded, is loaded again).
+    made = kernel.steps[steps:]
+    assert [s for s in made if not isinstance(s, LoadNftTable)] == [
+        RemoveRedirect(SPARE),
+        RemoveTree("fab2"),
+    ]
+
+
+def test_on_the_real_kernel_an_unclaimed_ingress_redirect_ifb_and_tree_are_removed_at_start(
+    veth_pair: VethPair, tmp_path: Path
+) -> None:
+    dirs = (tmp_path / "policies", tmp_path / "state")
+    dirs[0].mkdir()
+    first = make(veth_pair, dirs)
+    try:
+        first.apply_object(api_policy(veth_pair.device, "ingress-job", direction="ingress"))
+    finally:
+        first.close()
+    kernel = NetlinkKernel(veth_pair.netns)
+    try:
+        left = kernel.agent_objects()
+        for name in (STATE_FILE, API_FILE):
+            (dirs[1] / name).unlink()
+
+        restarted = make(veth_pair, dirs)
+        try:
+            result = restarted.reconcile()
+        finally:
+            restarted.close()
+        after = kernel.agent_objects()
+    finally:
+        kernel.close()
+
+    ifb = ifb_name(veth_pair.device)
+    assert left == AgentObjects(frozenset({ifb}), frozenset({veth_pair.device}), frozenset({ifb}))
+    assert result.result == "success"
+    assert after == AgentObjects()

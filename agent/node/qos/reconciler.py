@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from agent.common.errors import FabricError
 from agent.common.policy.model import LoadedPolicy, ParseCache, PolicyObject, PolicyViolation
 from agent.node.qos.api_objects import (
     ENFORCED,
@@ -55,7 +56,14 @@ from agent.node.qos.api_objects import (
 from agent.node.qos.desired import DesiredPolicy, DesiredState
 from agent.node.qos.enforce import enforce
 from agent.node.qos.files import FileRead, policies_from_state, policy_files, read_files
-from agent.node.qos.kernel import NFT_DEVICE, QosKernel
+from agent.node.qos.kernel import (
+    IFB_PREFIX,
+    NFT_DEVICE,
+    QosKernel,
+    RemoveRedirect,
+    RemoveTree,
+    ifb_name,
+)
 from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.pipeline import QosSettings, plan_pass
 from agent.node.qos.planner import plan
@@ -104,6 +112,9 @@ class Reconciler:
         # Failed saves by file name, and the error of each file not saved since.
         self.save_failures: Counter[str] = Counter()
         self._unsaved: dict[str, str] = {}
+        # Whether a pass has compared the kernel's agent objects with what is claimed
+        # (once, at start-up: left-overs of a run whose state was lost).
+        self._orphans_checked = False
         # What the last pass enforced, and each policy's and assignment's (state, message).
         self._enforced: dict[str, DesiredPolicy] = {}
         self._states: dict[str, tuple[str, str]] = {}
@@ -313,6 +324,8 @@ class Reconciler:
             self._save_state(done.state)
         self._state = done.state
         self._enforced = dict(done.enforced)
+        if not self._orphans_checked and not read.violations and not done.errors:
+            self._remove_orphans(done.state)
         states: dict[str, tuple[str, str]] = dict(planned.admission.assignments)
         for name, problem in planned.admission.refused.items():
             states[name] = (FAILED, problem.description)
@@ -408,6 +421,34 @@ class Reconciler:
         if expired or self.api.path.name in self._unsaved:
             self._saved(self.api.path.name, self.api.save)
 
+    def _remove_orphans(self, state: QosState) -> None:
+        """Remove the trees, ingress redirects and IFB devices of the agent's that no
+        policy claims (a state file lost or set aside, a crash between a kernel change
+        and its save). Run after a pass that enforced every policy: what a policy claims
+        that pass has adopted, so the rest is nobody's."""
+        self._orphans_checked = True
+        found = self.kernel.agent_objects()
+        devices = {p.device for p in state.policies.values()}
+        redirects = {p.interface for p in state.policies.values() if p.direction == "ingress"}
+        steps: list[RemoveTree | RemoveRedirect] = []
+        interfaces = set(found.redirects - redirects)
+        for ifb in found.ifbs - devices - {ifb_name(i) for i in interfaces}:
+            interface = ifb.removeprefix(IFB_PREFIX)
+            if ifb_name(interface) == ifb:
+                interfaces.add(interface)
+            else:
+                # A hashed name (a long interface name) does not say its interface.
+                log.warning("IFB device %s is not claimed by any policy; left in place", ifb)
+        steps.extend(RemoveRedirect(i) for i in sorted(interfaces))
+        steps.extend(RemoveTree(d) for d in sorted(found.trees - devices - found.ifbs))
+        for step in steps:
+            try:
+                self.kernel.apply(step)
+            except FabricError as exc:
+                log.error("removing %s that no policy claims failed: %s", step, exc)
+                continue
+            log.warning("removed %s: the agent's, and no policy claims it", _orphan_text(step))
+
     def _save_state(self, state: QosState) -> None:
         self._saved(STATE_FILE, lambda: save_state(self.settings.state_dir, state))
 
@@ -461,6 +502,12 @@ class Reconciler:
             for text in sorted(current - self._reported):
                 log.error("QoS policy rejected, nothing changed: %s", text)
             self._reported = current
+
+
+def _orphan_text(step: RemoveTree | RemoveRedirect) -> str:
+    if isinstance(step, RemoveTree):
+        return f"the HTB tree on {step.device}"
+    return f"the ingress redirect of {step.interface} and IFB device {ifb_name(step.interface)}"
 
 
 def _failure(entry: ApiEntry, errors: Mapping[str, str], before: Mapping[str, str]) -> str | None:

@@ -695,6 +695,20 @@ def remove_tree(
     return True
 
 
+def agent_trees(*, netns: str | None = None, root_major: int = AGENT_ROOT_MAJOR) -> set[str]:
+    """The devices whose root qdisc is an HTB of the agent's major."""
+    with _iproute(netns) as ipr:
+        names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        return {
+            names[int(msg["index"])]
+            for msg in ipr.get_qdiscs()
+            if msg["parent"] == TC_H_ROOT
+            and msg["handle"] >> 16 == root_major
+            and msg.get_attr("TCA_KIND") == "htb"
+            and int(msg["index"]) in names
+        }
+
+
 # --- statistics ---
 
 
