@@ -295,6 +295,27 @@ def test_the_file_policies_stay_enforced_while_the_state_cannot_be_saved(
     assert minors == GOOD_POLICY["minors"]
 
 
+def test_a_file_where_the_state_directory_should_be_neither_stops_nor_stalls_enforcement(
+    kernel: FakeKernel, dirs: tuple[Path, Path], cgroups: Path
+) -> None:
+    write(dirs[0], DEVICE)
+    dirs[1].write_text("not a directory")
+
+    reconciler = Reconciler(fake_settings(dirs, cgroups), kernel)
+    try:
+        result = reconciler.reconcile()
+        with pytest.raises(StateSaveError) as refused:
+            reconciler.apply_object(api_policy(SPARE))
+    finally:
+        reconciler.close()
+
+    assert result.result == "success"
+    assert kernel.tree(DEVICE) is not None and kernel.tree(SPARE) is None
+    assert reconciler.save_failures[STATE_FILE] >= 1
+    assert refused.value.errno == errno.ENOTDIR
+    assert dirs[1].read_text() == "not a directory"
+
+
 def test_a_delete_or_renewal_that_cannot_be_saved_changes_nothing(
     reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
 ) -> None:

@@ -243,6 +243,9 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
     directory = path.parent
+    if directory.exists() and not directory.is_dir():
+        # mkdir would say EEXIST, which names the wrong problem.
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
