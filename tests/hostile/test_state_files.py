@@ -9,12 +9,15 @@ import errno
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
+from agent.common.policy.documents import encode_document
 from agent.node.qos.api_objects import API_FILE, ApiEntry
 from agent.node.qos.htb import Change
 from agent.node.qos.kernel import (
@@ -27,10 +30,12 @@ from agent.node.qos.kernel import (
 from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.reconciler import Reconciler
 from agent.node.qos.state import MAX_STATE_BYTES, STATE_FILE, StateSaveError, load_state
+from agent.proto.fabric.v1 import qos_service_pb2 as qos_pb
 from tests.conftest import VethPair
-from tests.node.qos import DEVICE, SPARE, api_policy, fake_settings, make
+from tests.node.api.qos_node import qos_node
+from tests.node.qos import DEVICE, SPARE, api_policy, api_policy_document, fake_settings, make
 from tests.node.qos.fake_kernel import FakeKernel
-from tests.node.qos.test_daemon import Daemon, daemon, wait_until
+from tests.node.qos.test_daemon import INTERVAL_S, SHAPED, Daemon, daemon, wait_until
 from tests.node.qos.test_reconciler import write
 
 __all__ = ["daemon"]  # the running agent, for the process-level test
@@ -434,3 +439,45 @@ def test_on_the_real_kernel_an_unclaimed_ingress_redirect_ifb_and_tree_are_remov
     assert left == AgentObjects(frozenset({ifb}), frozenset({veth_pair.device}), frozenset({ifb}))
     assert result.result == "success"
     assert after == AgentObjects()
+
+
+def test_apply_policy_over_grpc_on_a_read_only_state_dir_is_unavailable_naming_file_and_errno(
+    tmp_path: Path,
+) -> None:
+    with qos_node(tmp_path) as node:
+        before = node.kernel()
+        request = qos_pb.ApplyPolicyRequest(object=encode_document(api_policy_document(node.spare)))
+
+        with read_only(node.state_dir), pytest.raises(grpc.RpcError) as refused:
+            node.stub.ApplyPolicy(request, timeout=30)
+        listed = node.stub.ListPolicies(qos_pb.ListPoliciesRequest(), timeout=30)
+
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = refused.value.details() or ""
+        assert f"cannot save {node.state_dir}/qos-state.json: EROFS" in details, details
+        assert "the change was undone" in details
+        assert node.kernel() == before
+        assert [p.name for p in listed.policies] == ["node"]
+        assert node.api_objects() == []
+
+
+def test_the_agent_process_keeps_enforcing_edits_while_its_state_dir_is_read_only(
+    daemon: Daemon,
+) -> None:
+    daemon.write()
+    daemon.start()
+    wait_until(lambda: daemon.tree() == daemon.desired(), 30, "first apply")
+    series = f'fabric_agent_state_save_failures_total{{file="{STATE_FILE}"}}'
+
+    with read_only(daemon.state_dir):
+        daemon.write(SHAPED.replace("100Mbit", "150Mbit"))
+        wait_until(lambda: daemon.tree() == daemon.desired(), 30, "the edit enforced")
+        wait_until(lambda: (daemon.metric(series) or 0) >= 1, 30, "the failed save counted")
+        time.sleep(2 * INTERVAL_S)
+    wait_until(lambda: "saved again" in daemon.log(), 30, "saved once writable")
+
+    assert daemon.process is not None and daemon.process.poll() is None
+    # Logged when saving started failing and when it stopped, not every pass.
+    assert daemon.log().count("Read-only file system; enforcing on") == 1, daemon.log()
+    minors = load_state(daemon.state_dir).policies["daemon"].minors
+    assert set(minors) == {"shaped", "rest"}
