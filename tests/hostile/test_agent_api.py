@@ -26,6 +26,7 @@ from agent.proto.fabric.v1 import telemetry_service_pb2_grpc as telemetry_grpc
 from tests.node.api import snapshot
 from tests.node.api.test_listeners import CHANNEL_OPTIONS, FakeReconciler
 from tests.node.qos import api_policy_document
+from tests.node.qos.test_daemon import wait_until
 
 PLAN = qos_pb.PlanPolicyRequest(object=encode_document(api_policy_document("eth0")))
 
@@ -161,9 +162,7 @@ def test_no_more_than_two_plans_run_at_once_and_the_next_is_told_to_retry(api: A
     stub = qos_grpc.QosServiceStub(api.unix())
     with ThreadPoolExecutor(max_workers=2) as pool:
         running = [pool.submit(stub.PlanPolicy, PLAN, timeout=30) for _ in range(2)]
-        deadline = threading.Event()
-        while api.backend.running < 2 and not deadline.wait(0.01):
-            pass
+        wait_until(lambda: api.backend.running == 2, 30, "two plans running")
 
         with pytest.raises(grpc.RpcError) as third:
             stub.PlanPolicy(PLAN, timeout=10)
