@@ -69,6 +69,7 @@ CORRUPT: dict[str, Callable[[Path], None]] = {
     "a JSON list": lambda p: p.write_text("[1, 2, 3]"),
     "another version": lambda p: p.write_text('{"version": 99, "policies": []}'),
     "a minor beyond 16 bits": lambda p: p.write_text(state_with(minors={"rest": 0x10000})),
+    "the minor HTB reserves": lambda p: p.write_text(state_with(minors={"rest": 0xFFFF})),
     "a negative minor": lambda p: p.write_text(state_with(minors={"rest": -1})),
     "a NaN minor": lambda p: p.write_text(state_with().replace("18", "NaN")),
     "a name that is a number": lambda p: p.write_text(state_with(name=123)),

@@ -36,8 +36,8 @@ VERSION = 1
 # The agent's own files hold a few KiB per policy; anything this big is not one of them,
 # and reading it whole would cost the agent its memory.
 MAX_STATE_BYTES = 16 * 1024 * 1024
-# HTB class minors: 16 bits, 0 is the root's.
-MAX_MINOR = 0xFFFF
+# HTB class minors as the tree model takes them (agent.node.qos.htb.HtbClass).
+MAX_MINOR = 0xFFFE
 DIRECTIONS = ("egress", "ingress")
 
 
@@ -90,7 +90,7 @@ class AppliedPolicy:
             if type(minor) is not int or not 1 <= minor <= MAX_MINOR:
                 raise StateError(
                     f"policy {name}: minor of class {cls_name} is {minor!r}, "
-                    f"not an integer from 1 to {MAX_MINOR}"
+                    f"not an integer from 1 to {MAX_MINOR:#x}"
                 )
         document = data.get("document", {})
         base = data.get("base")
