@@ -76,6 +76,7 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/qos_accuracy.py
 	$(PY) bench/api_snapshot.py
 	$(PY) bench/api_watch.py
+	$(PY) bench/api_hostile.py
 	$(PY) bench/aggregator_load.py
 
 debs-test:

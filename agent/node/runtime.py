@@ -92,6 +92,12 @@ class Agent:
         self.reconciler = self._shared.get(
             QOS_RECONCILER, lambda: Reconciler(QosSettings.from_config(config)), Reconciler.close
         )
+        # What traffic control can do, probed before the API and the loops start: the
+        # first pass needs it, and a start-up that fails does so before serving anything.
+        try:
+            self.reconciler.kernel.capabilities()
+        except Exception:
+            log.exception("traffic control capability probe failed; the first pass retries")
         collectors = build_collectors(config, self._shared)
         self.sampler = Sampler(
             collectors,
@@ -151,7 +157,11 @@ class Agent:
     def run(self) -> None:
         """Sample and reconcile until stopped (SIGINT/SIGTERM or `stop()`); the metrics
         server must be started."""
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # Enforcement goes on without a record; each save logs and counts its failure.
+            log.error("state directory %s: %s", self.config.state_dir, exc)
         reconciling = threading.Thread(
             target=self.reconciler.run,
             args=(self.stop_event, self.config.reconcile_interval),

@@ -5,12 +5,14 @@ turns messages into policy documents and back (agent.common.policy.documents), v
 the same model as the files, and maps the reconciler's errors to status codes with
 their details: INVALID_ARGUMENT carries google.rpc.BadRequest field violations with the
 file validation's field paths, FAILED_PRECONDITION a google.rpc.PreconditionFailure.
-Mutations ask the listener's `Authorizer` first.
+Mutations, and PlanPolicy (planning costs the agent memory and time), ask the listener's
+`Authorizer` first; a refusal names the listener.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import NoReturn, Protocol
 
@@ -27,7 +29,7 @@ from agent.common.policy.model import (
     QosPolicy,
     parse_document,
 )
-from agent.common.security import Authorizer, authorize_mutation
+from agent.common.security import Authorizer
 from agent.common.status import (
     MAX_MESSAGE_CHARS,
     MAX_PRECONDITIONS,
@@ -49,6 +51,7 @@ from agent.node.qos.api_objects import (
     RefusedError,
 )
 from agent.node.qos.kernel import KernelStateConflict
+from agent.node.qos.state import StateSaveError
 from agent.proto.fabric.v1 import qos_service_pb2, qos_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,10 @@ log = logging.getLogger(__name__)
 # A mutation needs this much of its deadline left to start: once begun it runs to the
 # end (the kernel is never left half way), so it must not start just to be cut off.
 MIN_MUTATION_TIME_S = 0.2
+# PlanPolicy calls planning at once (over both listeners): a plan holds a parsed document
+# and the planner's copy of the trees. More wait PLAN_WAIT_S, then RESOURCE_EXHAUSTED.
+MAX_CONCURRENT_PLANS = 2
+PLAN_WAIT_S = 1.0
 
 _STATES = {
     ENFORCED: qos_service_pb2.POLICY_STATE_ENFORCED,
@@ -209,6 +216,9 @@ def _abort_for(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
         context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
     if isinstance(exc, KernelStateConflict):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, StateSaveError):
+        # The reconciler undid the change: retrying once the directory is writable works.
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; the change was undone")
     log.error("QoS API: %s", exc)
     context.abort(grpc.StatusCode.INTERNAL, str(exc))
 
@@ -227,15 +237,33 @@ def _check_time(context: grpc.ServicerContext) -> None:
 
 
 class QosServicer(qos_service_pb2_grpc.QosServiceServicer):
-    def __init__(self, backend: QosBackend, source: SnapshotSource, authorizer: Authorizer) -> None:
+    def __init__(
+        self,
+        backend: QosBackend,
+        source: SnapshotSource,
+        authorizer: Authorizer,
+        plans: threading.Semaphore | None = None,
+        listener: str = "this listener",
+    ) -> None:
         self._backend = backend
         self._source = source
         self._authorizer = authorizer
+        self._plans = (
+            plans if plans is not None else threading.BoundedSemaphore(MAX_CONCURRENT_PLANS)
+        )
+        self._listener = listener
+
+    def _authorize(self, method: str, context: grpc.ServicerContext) -> None:
+        """Abort `method` when the listener's authorizer refuses the caller."""
+        refused = self._authorizer.refusal(context)
+        if refused is not None:
+            code, message = refused
+            context.abort(code, f"{method} is refused on {self._listener}: {message}")
 
     def ApplyPolicy(
         self, request: qos_service_pb2.ApplyPolicyRequest, context: grpc.ServicerContext
     ) -> qos_service_pb2.ApplyPolicyResponse:
-        authorize_mutation(self._authorizer, context)
+        self._authorize("ApplyPolicy", context)
         try:
             model = model_from_request(request.object)
             ttl = ttl_seconds(request.lease_ttl, request.HasField("lease_ttl"))
@@ -254,7 +282,7 @@ class QosServicer(qos_service_pb2_grpc.QosServiceServicer):
     def RenewLease(
         self, request: qos_service_pb2.RenewLeaseRequest, context: grpc.ServicerContext
     ) -> qos_service_pb2.RenewLeaseResponse:
-        authorize_mutation(self._authorizer, context)
+        self._authorize("RenewLease", context)
         try:
             ttl = ttl_seconds(request.lease_ttl, request.HasField("lease_ttl"))
             view = self._backend.renew_lease(request.name, ttl)
@@ -265,7 +293,7 @@ class QosServicer(qos_service_pb2_grpc.QosServiceServicer):
     def DeletePolicy(
         self, request: qos_service_pb2.DeletePolicyRequest, context: grpc.ServicerContext
     ) -> qos_service_pb2.DeletePolicyResponse:
-        authorize_mutation(self._authorizer, context)
+        self._authorize("DeletePolicy", context)
         try:
             if not request.validate_only:
                 _check_time(context)
@@ -302,19 +330,34 @@ class QosServicer(qos_service_pb2_grpc.QosServiceServicer):
     def PlanPolicy(
         self, request: qos_service_pb2.PlanPolicyRequest, context: grpc.ServicerContext
     ) -> qos_service_pb2.PlanPolicyResponse:
+        self._authorize("PlanPolicy", context)
+        if not self._plans.acquire(timeout=PLAN_WAIT_S):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_CONCURRENT_PLANS} plans are running, the most the agent runs at once; "
+                "retry later",
+            )
         try:
             model = model_from_request(request.object)
             changes = self._backend.plan_object(model)
         except (FabricError, ValueError) as exc:
             _abort_for(context, exc)
+        finally:
+            self._plans.release()
         return qos_service_pb2.PlanPolicyResponse(changes=changes)
 
 
 def add_to_server(
-    server: grpc.Server, backend: QosBackend, source: SnapshotSource, authorizer: Authorizer
+    server: grpc.Server,
+    backend: QosBackend,
+    source: SnapshotSource,
+    authorizer: Authorizer,
+    plans: threading.Semaphore | None = None,
+    listener: str = "this listener",
 ) -> None:
     """Register fabric.v1.QosService over backend (the agent's Reconciler) on server;
-    mutations are allowed as `authorizer` decides."""
+    mutations and plans are allowed as `authorizer` decides, plans `plans` at a time
+    (a semaphore the listeners share), and refusals name `listener`."""
     qos_service_pb2_grpc.add_QosServiceServicer_to_server(
-        QosServicer(backend, source, authorizer), server
+        QosServicer(backend, source, authorizer, plans, listener), server
     )

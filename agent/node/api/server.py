@@ -1,9 +1,11 @@
 """The agent's gRPC API: TelemetryService and QosService on a unix socket for local hooks
 and on TCP for remote clients (the listeners themselves: agent/common/listeners.py).
 
-The unix socket serves everything. On TCP who may change QoS is decided by the
-listener's `Authorizer`: nobody without mTLS (`ReadOnly`), the allowed client identities
-with it (`AllowedClients`). Its certificates are re-read on `reload_tls()` (SIGHUP).
+The unix socket serves everything. On TCP who may change QoS, or ask for what costs the
+agent (PlanPolicy), is decided by the listener's `Authorizer`: nobody without mTLS
+(`ReadOnly`), the allowed client identities with it (`AllowedClients`). Its certificates
+are re-read on `reload_tls()` (SIGHUP). Each listener has its own watch-stream slots and
+worker pool, and at most qos.MAX_CONCURRENT_PLANS plans run at once over both.
 
 Both serve grpc.health.v1 from one shared servicer ("" SERVING once started, each
 service SERVING once its readiness event is set) and server reflection.
@@ -24,7 +26,7 @@ from grpc_health.v1 import health_pb2
 
 from agent.common.errors import ListenError
 from agent.common.listeners import Listeners, TcpSettings, add_health_and_reflection
-from agent.common.security import AGENT_SOCKET, Authorizer
+from agent.common.security import AGENT_SOCKET, AllowAll, Authorizer
 from agent.node.api import qos, telemetry
 from agent.node.api.telemetry import SnapshotHub
 from agent.proto.fabric.v1 import qos_service_pb2, telemetry_service_pb2
@@ -34,17 +36,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Each open WatchSnapshots stream holds a worker for its lifetime. The hub refuses streams
-# past telemetry.MAX_WATCH_STREAMS (both listeners together), so each listener keeps
-# UNARY_WORKERS for unary calls even when every stream came through it. Threads start
-# on demand: an idle agent has few.
+# Each open WatchSnapshots stream holds a worker for its lifetime. Each listener refuses
+# streams past its own slots (TCP: telemetry.MAX_WATCH_STREAMS, the unix socket:
+# telemetry.LOCAL_WATCH_STREAMS), so it keeps UNARY_WORKERS for unary calls even when
+# every slot is taken. Threads start on demand: an idle agent has few.
 UNARY_WORKERS = 16
 MAX_WORKERS = telemetry.MAX_WATCH_STREAMS + UNARY_WORKERS
+LOCAL_WORKERS = telemetry.LOCAL_WATCH_STREAMS + UNARY_WORKERS
 # Snapshots of large nodes stay far below this; a bigger message is a bug to surface.
 MAX_SEND_BYTES = 16 * 1024 * 1024
-# What clients send is small (a policy is a few KiB): 4 MiB, gRPC's default, said out
-# loud so that nobody raises it by accident along with the send limit.
-MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+# A policy document is at most 1 MiB; a request is that plus its envelope. gRPC refuses
+# a bigger one with RESOURCE_EXHAUSTED before it is parsed, so no client makes the agent
+# hold many large messages at once.
+MAX_RECEIVE_BYTES = 2 * 1024 * 1024
 
 TELEMETRY_SERVICE = telemetry_service_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
 QOS_SERVICE = qos_service_pb2.DESCRIPTOR.services_by_name["QosService"].full_name
@@ -84,6 +88,7 @@ class ApiServer:
         if unknown:
             raise ValueError(f"readiness for services not served: {sorted(unknown)}")
         self._services = services
+        self._plans = threading.BoundedSemaphore(qos.MAX_CONCURRENT_PLANS)
         self._listeners = Listeners(
             socket_path,
             tcp,
@@ -98,10 +103,23 @@ class ApiServer:
     def _server(
         self, options: Sequence[tuple[str, int]], authorizer: Authorizer, mtls: bool
     ) -> grpc.Server:
-        server = grpc.server(ThreadPoolExecutor(max_workers=MAX_WORKERS), options=list(options))
-        telemetry.add_to_server(server, self.hub)
+        # The unix socket is the listener that allows everyone who can open it.
+        local = isinstance(authorizer, AllowAll)
+        if local:
+            workers = LOCAL_WORKERS
+            slots = telemetry.StreamSlots(telemetry.LOCAL_WATCH_STREAMS, "the unix socket")
+            listener = "the unix socket"
+        else:
+            workers = MAX_WORKERS
+            slots = telemetry.StreamSlots(telemetry.MAX_WATCH_STREAMS, "the TCP listener")
+            described = self.tcp.describe() if self.tcp is not None else "TCP"
+            listener = f"the TCP listener ({described})"
+        server = grpc.server(ThreadPoolExecutor(max_workers=workers), options=list(options))
+        telemetry.add_to_server(server, self.hub, slots)
         if self._qos_backend is not None:
-            qos.add_to_server(server, self._qos_backend, self.hub, authorizer)
+            qos.add_to_server(
+                server, self._qos_backend, self.hub, authorizer, self._plans, listener
+            )
         add_health_and_reflection(server, self.health, self._services)
         return server
 

@@ -45,6 +45,9 @@ DEFAULT_QUEUE_SIZE = 8
 # instead of starving GetSnapshot and ListDevices. 256 covers an orchestrator's
 # watchers plus one per pod on a dense node.
 MAX_WATCH_STREAMS = 256
+# Streams of the local unix socket, apart from those of TCP: a remote client holding every
+# TCP slot never locks `fabricctl telemetry --watch` out on the node itself.
+LOCAL_WATCH_STREAMS = 32
 # How often a waiting stream checks that its client is still there. Cancellation,
 # deadlines and disconnects wake it at once through a callback; this is the backstop.
 # Longer than the sampling interval, so that idle streams do not all wake near a tick.
@@ -61,6 +64,27 @@ class StreamLimitError(RuntimeError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"{limit} snapshot streams are open, the most this agent serves")
         self.limit = limit
+
+
+class StreamSlots:
+    """The watch streams one listener may hold open at once; thread-safe."""
+
+    def __init__(self, limit: int, where: str) -> None:
+        self.limit = limit
+        self.where = where
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._open >= self.limit:
+                return False
+            self._open += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._open -= 1
 
 
 class PublishedSnapshot:
@@ -204,7 +228,7 @@ class SnapshotHub:
         interval_s: float,
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
-        max_subscriptions: int = MAX_WATCH_STREAMS,
+        max_subscriptions: int = MAX_WATCH_STREAMS + LOCAL_WATCH_STREAMS,
     ) -> None:
         if interval_s <= 0 or queue_size < 1 or max_subscriptions < 1:
             raise ValueError(
@@ -362,8 +386,9 @@ class TelemetryServicer:
     `add_to_server`), so this is not the generated servicer class, whose signatures
     return messages."""
 
-    def __init__(self, source: SnapshotSource) -> None:
+    def __init__(self, source: SnapshotSource, slots: StreamSlots | None = None) -> None:
         self._source = source
+        self._slots = slots
 
     def GetSnapshot(
         self, request: telemetry_service_pb2.GetSnapshotRequest, context: grpc.ServicerContext
@@ -378,6 +403,24 @@ class TelemetryServicer:
         self, request: telemetry_service_pb2.WatchSnapshotsRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         sections = _sections(request, context)
+        slots = self._slots
+        if slots is not None and not slots.take():
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{slots.limit} snapshot streams are open on {slots.where}, the most it serves",
+            )
+        try:
+            yield from self._watch(request, context, sections)
+        finally:
+            if slots is not None:
+                slots.give_back()
+
+    def _watch(
+        self,
+        request: telemetry_service_pb2.WatchSnapshotsRequest,
+        context: grpc.ServicerContext,
+        sections: frozenset[str],
+    ) -> Iterator[bytes]:
         try:
             interval_s = watch_interval_s(request.interval, self._source.interval_s)
             subscription = self._source.subscribe(interval_s)
@@ -438,10 +481,12 @@ def _pre_serialized(response: bytes) -> bytes:
     return response
 
 
-def method_handlers(source: SnapshotSource) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+def method_handlers(
+    source: SnapshotSource, slots: StreamSlots | None = None
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The service's method handlers over source: those of the generated code, except
     that snapshot responses go out as the bytes the servicer returns."""
-    servicer = TelemetryServicer(source)
+    servicer = TelemetryServicer(source, slots)
     pb = telemetry_service_pb2
     return {
         "GetSnapshot": grpc.unary_unary_rpc_method_handler(
@@ -462,9 +507,12 @@ def method_handlers(source: SnapshotSource) -> dict[str, grpc.RpcMethodHandler[A
     }
 
 
-def add_to_server(server: grpc.Server, source: SnapshotSource) -> None:
-    """Register fabric.v1.TelemetryService over source (a SnapshotHub) on server."""
-    handlers = method_handlers(source)
+def add_to_server(
+    server: grpc.Server, source: SnapshotSource, slots: StreamSlots | None = None
+) -> None:
+    """Register fabric.v1.TelemetryService over source (a SnapshotHub) on server; its
+    watch streams take `slots` (the listener's own) besides the hub's."""
+    handlers = method_handlers(source, slots)
     # As the generated add_*_to_server does: the generic handler for lookup by name, the
     # registered handlers for grpcio's faster path.
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -26,10 +26,11 @@ from agent.node.collectors.base import (
 )
 from agent.node.errors import CollectorError
 from agent.node.families import CounterFamily, Family, GaugeFamily
+from agent.node.qos.api_objects import API_FILE
 from agent.node.qos.kernel import QosKernel
 from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.reconciler import Reconciler
-from agent.node.qos.state import StateError, load_state
+from agent.node.qos.state import STATE_FILE, StateError, load_state
 from agent.proto.fabric.aggregator.v1.aggregator_service_pb2 import NodeSummary
 from agent.proto.fabric.v1 import telemetry_pb2
 
@@ -63,6 +64,9 @@ class QosReconcileSample:
     lease_expirations: int = 0
     # (source, state) -> how many policies and assignments are in it.
     policies: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # State files set aside as unusable, and failed saves, by file name.
+    quarantined: Mapping[str, int] = field(default_factory=dict)
+    save_failures: Mapping[str, int] = field(default_factory=dict)
 
 
 class QosClassSummarizer:
@@ -230,6 +234,8 @@ class QosCollector:
                     dict(reconciler.drift),
                     reconciler.lease_expirations,
                     dict(reconciler.policy_counts),
+                    dict(reconciler.quarantine.counts),
+                    dict(reconciler.save_failures),
                 )
             )
         if failures:
@@ -275,6 +281,17 @@ class QosCollector:
             "Policies and assignments by source (file, api) and state (enforced, pending, failed).",
             ["source", "state"],
         )
+        quarantined = CounterFamily(
+            "fabric_agent_state_files_quarantined_total",
+            "State files found unusable at start (corrupt, another version, too big) and "
+            "set aside as <file>.corrupt-<time>.",
+            ["file"],
+        )
+        save_failures = CounterFamily(
+            "fabric_agent_state_save_failures_total",
+            "Failed writes of a state file (a read-only or full state directory).",
+            ["file"],
+        )
         for cls in QOS_CLASSES.select(samples):
             key = [cls.device, cls.policy, cls.class_name]
             sent.add_metric(key, cls.sent_bytes)
@@ -291,8 +308,11 @@ class QosCollector:
             for source in ("file", "api"):
                 for state in ("enforced", "pending", "failed"):
                     policies.add_metric([source, state], reconcile.policies.get((source, state), 0))
+            for file in (STATE_FILE, API_FILE):
+                quarantined.add_metric([file], reconcile.quarantined.get(file, 0))
+                save_failures.add_metric([file], reconcile.save_failures.get(file, 0))
         yield from (sent, packets, dropped, overlimits, backlog, results, drift)
-        yield from (expirations, policies)
+        yield from (expirations, policies, quarantined, save_failures)
 
     def close(self) -> None:
         if self._own_kernel is not None:

@@ -16,8 +16,8 @@ reports itself pending meanwhile.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +35,14 @@ from agent.common.policy.model import (
     parse_document,
 )
 from agent.node.qos.desired import owner_text, policy_device
-from agent.node.qos.state import write_json_atomic
+from agent.node.qos.state import (
+    Quarantine,
+    StateError,
+    check_version,
+    read_json,
+    text_field,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +125,45 @@ class ApiEntry:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ApiEntry:
-        ttl, expires = data.get("lease_ttl_s"), data.get("expires_at")
+    def from_json(cls, data: Any) -> ApiEntry:
+        """Raises StateError naming the field that is missing, of the wrong type or out
+        of range."""
+        if not isinstance(data, dict):
+            raise StateError(f"an entry is a {type(data).__name__}, not an object")
+        name = text_field(data, "name")
+        document = data.get("document")
+        if not isinstance(document, dict):
+            raise StateError(f"{name}: document is not an object")
+        origin = data.get("origin", ORIGIN_API)
+        if origin not in (ORIGIN_API, ORIGIN_FLEET):
+            raise StateError(f"{name}: origin {origin!r} is not api or fleet")
+        ttl = _number(data, "lease_ttl_s", name, optional=True)
+        if ttl is not None and not MIN_LEASE_S <= ttl <= MAX_LEASE_S:
+            raise StateError(f"{name}: lease_ttl_s {ttl:g} is not between 1s and 30d")
         return cls(
-            name=str(data["name"]),
-            kind=str(data["kind"]),
-            document=dict(data["document"]),
-            applied_at=float(data["applied_at"]),
-            lease_ttl_s=None if ttl is None else float(ttl),
-            expires_at=None if expires is None else float(expires),
-            origin=str(data.get("origin", ORIGIN_API)),
+            name=name,
+            kind=text_field(data, "kind", name),
+            document=document,
+            applied_at=_number(data, "applied_at", name) or 0.0,
+            lease_ttl_s=ttl,
+            expires_at=_number(data, "expires_at", name, optional=True),
+            origin=origin,
         )
+
+
+def _number(
+    data: Mapping[str, Any], key: str, owner: str, *, optional: bool = False
+) -> float | None:
+    """data[key] as a finite, non-negative number (None when absent and `optional`)."""
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    # bool is an int to Python, not a number to anyone writing this file.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+        if math.isfinite(number) and number >= 0:
+            return number
+    raise StateError(f"{owner}: {key} is {value!r}, not a finite number >= 0")
 
 
 def new_entry(
@@ -150,34 +185,59 @@ def check_origin(entry: ApiEntry | None, origin: str) -> None:
 
 class ApiPolicyStore:
     """The API objects by name, persisted in `state_dir/api-policies.json`. Not
-    thread-safe: the reconciler's lock guards it."""
+    thread-safe: the reconciler's lock guards it.
 
-    def __init__(self, state_dir: Path) -> None:
+    With `quarantine` (the daemon) an unusable file, or one with unusable entries, is set
+    aside and the usable entries kept; without (a read-only CLI) it raises StateError."""
+
+    def __init__(self, state_dir: Path, quarantine: Quarantine | None = None) -> None:
         self.path = state_dir / API_FILE
-        self._entries: dict[str, ApiEntry] = self._load()
-
-    def _load(self) -> dict[str, ApiEntry]:
+        self._entries: dict[str, ApiEntry] = {}
         try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise FabricError(f"{self.path}: cannot read API policies: {exc}") from None
-        if not isinstance(data, dict) or data.get("version") != VERSION:
-            raise FabricError(f"{self.path}: not a version {VERSION} API policy file")
+            self._entries, problems = self._load()
+        except StateError as exc:
+            if quarantine is None:
+                raise
+            quarantine.set_aside(self.path, str(exc))
+            return
+        if problems:
+            reason = f"{self.path}: {len(problems)} unusable entries ({'; '.join(problems[:3])})"
+            if quarantine is None:
+                log.error("%s: left out", reason)
+                return
+            # The file as it was stays for the operator; the usable entries go on.
+            if quarantine.set_aside(self.path, reason) is not None:
+                try:
+                    self.save()
+                except StateError as exc:
+                    log.error("%s", exc)
+
+    def _load(self) -> tuple[dict[str, ApiEntry], list[str]]:
+        try:
+            data = read_json(self.path)
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot read API policies: {exc}") from None
+        if data is None:
+            return {}, []
+        data = check_version(self.path, data, "API policy")
+        items = data.get("objects", [])
+        if not isinstance(items, list):
+            raise StateError(f"{self.path}: objects is not a list")
         entries: dict[str, ApiEntry] = {}
-        for item in data.get("objects", []):
+        problems: list[str] = []
+        for item in items:
             try:
                 entry = ApiEntry.from_json(item)
                 entry.model()
-            except (KeyError, TypeError, ValueError, FabricError) as exc:
+            except FabricError as exc:
                 # One unusable entry must not cost the others their enforcement.
-                log.error("%s: API policy entry unusable, dropped: %s", self.path, exc)
+                problems.append(str(exc))
                 continue
             entries[entry.name] = entry
-        return entries
+        return entries, problems
 
     def save(self) -> None:
+        """Raises StateSaveError (the file as it was) when it cannot be written."""
         objects = [self._entries[name].to_json() for name in sorted(self._entries)]
         write_json_atomic(self.path, {"version": VERSION, "objects": objects})
 

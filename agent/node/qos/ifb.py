@@ -23,6 +23,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.node.qos.kernel import (
+    IFB_PREFIX,
     INGRESS_HANDLE,
     IngressConflict,
     IngressRedirect,
@@ -109,6 +110,22 @@ def _ifb_link(ipr: Any, name: str) -> Any | None:
 def _link_kind(link: Any) -> str | None:
     info = link.get_attr("IFLA_LINKINFO")
     return None if info is None else info.get_attr("IFLA_INFO_KIND")
+
+
+def agent_ifbs_and_redirects(*, netns: str | None = None) -> tuple[set[str], set[str]]:
+    """The agent's IFB devices (kind ifb, named `ifb-*`) and the interfaces carrying its
+    ingress redirect, on the whole host (or namespace)."""
+    ifbs: set[str] = set()
+    redirects: set[str] = set()
+    with _iproute(netns) as ipr:
+        for link in ipr.get_links():
+            name = str(link.get_attr("IFLA_IFNAME"))
+            if _link_kind(link) == "ifb" and name.startswith(IFB_PREFIX):
+                ifbs.add(name)
+                continue
+            if _read_hook(ipr, int(link["index"])).ours:
+                redirects.add(name)
+    return ifbs, redirects
 
 
 def read_ingress_redirect(interface: str, *, netns: str | None = None) -> IngressRedirect:

@@ -267,6 +267,17 @@ KernelStep = (
 )
 
 
+@dataclass(frozen=True)
+class AgentObjects:
+    """What of the agent's the kernel holds, wherever it is: the devices with an HTB root
+    of the agent's handle, the interfaces with its ingress redirect, its IFB devices
+    (`ifb-*`). A start-up compares them with what the state and the policies claim."""
+
+    trees: frozenset[str] = frozenset()
+    redirects: frozenset[str] = frozenset()
+    ifbs: frozenset[str] = frozenset()
+
+
 class QosKernel(Protocol):
     """What the QoS logic needs of the kernel: a few reads and one way to change it."""
 
@@ -297,6 +308,10 @@ class QosKernel(Protocol):
 
     def apply(self, step: KernelStep) -> None:
         """Make one step, whole or not at all; raises TcError or NftError."""
+        ...
+
+    def agent_objects(self) -> AgentObjects:
+        """Every tree, ingress redirect and IFB device of the agent's in the kernel."""
         ...
 
     def close(self) -> None: ...

@@ -17,6 +17,7 @@ from pyroute2 import IPRoute
 from agent.node.qos import ifb, tc
 from agent.node.qos.htb import HtbTree
 from agent.node.qos.kernel import (
+    AgentObjects,
     ClassStats,
     DeleteNftTable,
     EnsureRedirect,
@@ -91,6 +92,11 @@ class NetlinkKernel:
             self._nftables().delete_table(TABLE_FAMILY, TABLE_NAME)
         else:  # pragma: no cover - KernelStep is closed
             raise TypeError(f"not a kernel step: {step!r}")
+
+    def agent_objects(self) -> AgentObjects:
+        ifbs, redirects = ifb.agent_ifbs_and_redirects(netns=self.netns)
+        trees = tc.agent_trees(netns=self.netns)
+        return AgentObjects(frozenset(trees), frozenset(redirects), frozenset(ifbs))
 
     def close(self) -> None:
         with self._lock:

@@ -18,6 +18,12 @@ Orchestrators apply policies and assignments through the API (`apply_object`,
 `delete_object`, `renew_lease`). An API call takes the same lock as a pass and runs a
 pass itself, so it returns once the kernel has its change, or with the error and the
 kernel as it was.
+
+The state files are written before an API call reports success; when they cannot be
+(a read-only or full state directory) the call is undone in the kernel too and fails
+with StateSaveError, so that no restart finds kernel objects nobody recorded. A pass
+keeps enforcing the policy files meanwhile: it logs once that saving fails, counts each
+failure, and saves again on every pass until it succeeds.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.common.errors import FabricError
 from agent.common.policy.model import LoadedPolicy, ParseCache, PolicyObject, PolicyViolation
 from agent.node.qos.api_objects import (
     ENFORCED,
@@ -65,11 +72,26 @@ from agent.node.qos.files import (
     policy_files,
     read_files,
 )
-from agent.node.qos.kernel import NFT_DEVICE, QosKernel
+from agent.node.qos.kernel import (
+    IFB_PREFIX,
+    NFT_DEVICE,
+    QosKernel,
+    RemoveRedirect,
+    RemoveTree,
+    ifb_name,
+)
 from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.pipeline import QosSettings, plan_pass
 from agent.node.qos.planner import plan
-from agent.node.qos.state import QosState, load_state, save_state
+from agent.node.qos.state import (
+    STATE_FILE,
+    QosState,
+    Quarantine,
+    StateError,
+    StateSaveError,
+    load_state,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +124,20 @@ class Reconciler:
         self.kernel = kernel if kernel is not None else NetlinkKernel(settings.netns)
         # Reentrant: an API call holds it across its admission checks and its pass.
         self._lock = threading.RLock()
-        self._state = load_state(settings.state_dir)
-        self.api = ApiPolicyStore(settings.state_dir)
+        # Unusable state files are set aside: the kernel and the policy files rebuild.
+        self.quarantine = Quarantine()
+        try:
+            self._state = load_state(settings.state_dir)
+        except StateError as exc:
+            self.quarantine.set_aside(settings.state_dir / STATE_FILE, str(exc))
+            self._state = QosState()
+        self.api = ApiPolicyStore(settings.state_dir, self.quarantine)
+        # Failed saves by file name, and the error of each file not saved since.
+        self.save_failures: Counter[str] = Counter()
+        self._unsaved: dict[str, str] = {}
+        # Whether a pass has compared the kernel's agent objects with what is claimed
+        # (once, at start-up: left-overs of a run whose state was lost).
+        self._orphans_checked = False
         # What the last pass enforced, and each policy's and assignment's (state, message).
         self._enforced: dict[str, DesiredPolicy] = {}
         self._states: dict[str, tuple[str, str]] = {}
@@ -190,17 +224,20 @@ class Reconciler:
             previous = self.api.get(name)
             failed_before = self._last_failed
             self.api.put(entry)
-            outcome = self._pass(read)
-            failure = _failure(entry, outcome.failed, failed_before)
-            if failure is not None:
-                # Back to what was enforced before the call.
-                if previous is None:
-                    self.api.remove(name)
-                else:
-                    self.api.put(previous)
-                self._pass(read)
-                raise RefusedError([Precondition("KERNEL", name, failure)])
-            self.api.save()
+            try:
+                outcome = self._pass(read)
+                failure = _failure(entry, outcome.failed, failed_before)
+                if failure is not None:
+                    raise RefusedError([Precondition("KERNEL", name, failure)])
+                # Success only once a restart would find what the kernel now holds.
+                self._raise_unsaved()
+                self.api.save()
+            except BaseException:
+                # Whatever failed (the kernel refusing, an exception from the kernel
+                # layer, a state file that cannot be written), back to what was
+                # enforced before the call, in memory, in the kernel and on disk.
+                self._undo(name, previous, read)
+                raise
             if ttl_s is not None:
                 # The run loop's wait was set before this lease existed.
                 self.wake.set()
@@ -224,7 +261,11 @@ class Reconciler:
             if validate_only:
                 return ApiOutcome(None, self._dry_run(entry, candidate, self._read(), refuse=False))
             self.api.remove(name)
-            self.api.save()
+            try:
+                self.api.save()
+            except StateSaveError:
+                self.api.put(entry)  # nothing changed: the file still has it
+                raise
             outcome = self._pass()
             log.info("API %s %s deleted: %d change(s)", entry.kind, name, len(outcome.changes))
             return ApiOutcome(None, outcome.changes)
@@ -238,9 +279,14 @@ class Reconciler:
             ttl = ttl_s if ttl_s is not None else entry.lease_ttl_s
             if ttl is None:
                 raise LeaseError(f"{name} has no lease to renew; give a lease TTL to add one")
-            entry = entry.renewed(time.time(), ttl)
-            self.api.put(entry)
-            self.api.save()
+            renewed = entry.renewed(time.time(), ttl)
+            self.api.put(renewed)
+            try:
+                self.api.save()
+            except StateSaveError:
+                self.api.put(entry)
+                raise
+            entry = renewed
             self.wake.set()
             return entry_view(entry, self._states, self._devices())
 
@@ -278,7 +324,7 @@ class Reconciler:
                 log.error("QoS %s not removed: %s", name, error)
             self._enforced.clear()
             self._state = QosState()
-            save_state(self.settings.state_dir, self._state)
+            self._save_state(self._state)
 
     def close(self) -> None:
         self.kernel.close()
@@ -294,10 +340,12 @@ class Reconciler:
         entries = self._entries()
         planned = plan_pass(files.policies, entries, self._state, self.kernel, self.settings)
         done = enforce(planned.plan, self.kernel, self._state, enforced_before=self._enforced)
-        if done.state != self._state:
-            save_state(self.settings.state_dir, done.state)
+        if done.state != self._state or STATE_FILE in self._unsaved:
+            self._save_state(done.state)
         self._state = done.state
         self._enforced = dict(done.enforced)
+        if not self._orphans_checked and not read.violations and not done.errors:
+            self._remove_orphans(done.state)
         states: dict[str, tuple[str, str]] = dict(planned.admission.assignments)
         for name, problem in planned.admission.refused.items():
             states[name] = (FAILED, problem.description)
@@ -413,8 +461,72 @@ class Reconciler:
                 entry.name,
                 entry.lease_ttl_s or 0.0,
             )
-        if expired:
-            self.api.save()
+        if expired or self.api.path.name in self._unsaved:
+            self._saved(self.api.path.name, self.api.save)
+
+    def _remove_orphans(self, state: QosState) -> None:
+        """Remove the trees, ingress redirects and IFB devices of the agent's that no
+        policy claims (a state file lost or set aside, a crash between a kernel change
+        and its save). Run after a pass that enforced every policy: what a policy claims
+        that pass has adopted, so the rest is nobody's."""
+        self._orphans_checked = True
+        found = self.kernel.agent_objects()
+        devices = {p.device for p in state.policies.values()}
+        redirects = {p.interface for p in state.policies.values() if p.direction == "ingress"}
+        steps: list[RemoveTree | RemoveRedirect] = []
+        interfaces = set(found.redirects - redirects)
+        for ifb in found.ifbs - devices - {ifb_name(i) for i in interfaces}:
+            interface = ifb.removeprefix(IFB_PREFIX)
+            if ifb_name(interface) == ifb:
+                interfaces.add(interface)
+            else:
+                # A hashed name (a long interface name) does not say its interface.
+                log.warning("IFB device %s is not claimed by any policy; left in place", ifb)
+        steps.extend(RemoveRedirect(i) for i in sorted(interfaces))
+        steps.extend(RemoveTree(d) for d in sorted(found.trees - devices - found.ifbs))
+        for step in steps:
+            try:
+                self.kernel.apply(step)
+            except FabricError as exc:
+                log.error("removing %s that no policy claims failed: %s", step, exc)
+                continue
+            log.warning("removed %s: the agent's, and no policy claims it", _orphan_text(step))
+
+    def _save_state(self, state: QosState) -> None:
+        self._saved(STATE_FILE, lambda: save_state(self.settings.state_dir, state))
+
+    def _saved(self, file: str, save: Callable[[], None]) -> None:
+        """Save with `save`; a failure is logged when it starts and when it ends, and
+        counted, never raised: a pass enforces whether or not its record can be kept."""
+        try:
+            save()
+        except StateSaveError as exc:
+            self.save_failures[file] += 1
+            if self._unsaved.get(file) != str(exc):
+                log.error("%s; enforcing on, saving again every pass", exc)
+            self._unsaved[file] = str(exc)
+            return
+        if self._unsaved.pop(file, None) is not None:
+            log.info("%s saved again", self.settings.state_dir / file)
+
+    def _raise_unsaved(self) -> None:
+        """StateSaveError when the last pass could not save the QoS state."""
+        if STATE_FILE in self._unsaved:
+            # Once more, for the error to raise (and in case the directory is back).
+            save_state(self.settings.state_dir, self._state)
+            self._unsaved.pop(STATE_FILE, None)
+
+    def _undo(self, name: str, previous: ApiEntry | None, read: FileRead) -> None:
+        """Put API object `name` back as it was (`previous`; None: absent) and enforce
+        that; a failure of this pass is logged, the caller raises the original error."""
+        if previous is None:
+            self.api.remove(name)
+        else:
+            self.api.put(previous)
+        try:
+            self._pass(read)
+        except Exception:
+            log.exception("API %s: undoing a refused change failed", name)
 
     def _api_entry(self, name: str) -> ApiEntry:
         entry = self.api.get(name)
@@ -461,6 +573,12 @@ def _kept_note(key: str, files: FileSet) -> str:
     elif kind == "policy" and rest.rsplit(" ", 1)[-1] in files.stale:
         return " (the version last applied stays enforced)"
     return ""
+
+
+def _orphan_text(step: RemoveTree | RemoveRedirect) -> str:
+    if isinstance(step, RemoveTree):
+        return f"the HTB tree on {step.device}"
+    return f"the ingress redirect of {step.interface} and IFB device {ifb_name(step.interface)}"
 
 
 def _failure(entry: ApiEntry, errors: Mapping[str, str], before: Mapping[str, str]) -> str | None:

@@ -4,22 +4,41 @@ Written atomically (a temporary file, fsync, rename), so a crash leaves the prev
 state or the new one, never a torn file. On restart the agent reads it to keep each
 class on its handle, so the tree it plans equals the tree already in the kernel and
 enforcement carries on without a single kernel change.
+
+The file is a record the kernel and the policy files can rebuild, so an unusable one
+(unreadable, not JSON, another version, a value out of range, over MAX_STATE_BYTES, a
+directory in its place) never stops the agent: `Quarantine` renames it aside
+(`qos-state.json.corrupt-<UTC time>`), logs why and counts it, and the agent starts from
+the kernel as it finds it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import stat
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent.common.errors import FabricError
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "qos-state.json"
 VERSION = 1
+# The agent's own files hold a few KiB per policy; anything this big is not one of them,
+# and reading it whole would cost the agent its memory.
+MAX_STATE_BYTES = 16 * 1024 * 1024
+# HTB class minors as the tree model takes them (agent.node.qos.htb.HtbClass).
+MAX_MINOR = 0xFFFE
+DIRECTIONS = ("egress", "ingress")
 
 
 class StateError(FabricError):
@@ -55,16 +74,37 @@ class AppliedPolicy:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> AppliedPolicy:
+    def from_json(cls, data: Any) -> AppliedPolicy:
+        """Raises StateError naming the field that is missing, of the wrong type or out
+        of range."""
+        if not isinstance(data, dict):
+            raise StateError(f"a policy record is a {type(data).__name__}, not an object")
+        name = text_field(data, "name")
+        direction = text_field(data, "direction", name)
+        if direction not in DIRECTIONS:
+            raise StateError(f"policy {name}: direction {direction!r} is not egress or ingress")
+        minors = data.get("minors")
+        if not isinstance(minors, dict):
+            raise StateError(f"policy {name}: minors is not an object")
+        for cls_name, minor in minors.items():
+            if type(minor) is not int or not 1 <= minor <= MAX_MINOR:
+                raise StateError(
+                    f"policy {name}: minor of class {cls_name} is {minor!r}, "
+                    f"not an integer from 1 to {MAX_MINOR:#x}"
+                )
+        document = data.get("document", {})
+        base = data.get("base")
+        if not isinstance(document, dict) or not isinstance(base, dict | None):
+            raise StateError(f"policy {name}: document or base is not an object")
         return cls(
-            name=str(data["name"]),
-            file=str(data["file"]),
-            interface=str(data["interface"]),
-            direction=str(data["direction"]),
-            device=str(data["device"]),
-            minors={str(k): int(v) for k, v in dict(data["minors"]).items()},
-            document=dict(data.get("document", {})),
-            base=dict(data["base"]) if data.get("base") is not None else None,
+            name=name,
+            file=text_field(data, "file", name),
+            interface=text_field(data, "interface", name),
+            direction=direction,
+            device=text_field(data, "device", name),
+            minors=dict(minors),
+            document=document,
+            base=base,
         )
 
 
@@ -83,24 +123,101 @@ class QosState:
         return applied.minors if applied else {}
 
 
+def text_field(data: Mapping[str, Any], key: str, owner: str | None = None) -> str:
+    """data[key] when it is a non-empty string; StateError naming it otherwise."""
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        where = f"policy {owner}: " if owner else ""
+        raise StateError(f"{where}{key} is {value!r}, not a non-empty string")
+    return value
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in state file `path`; None when there is no file. StateError when
+    it cannot be used: not a regular file, over MAX_STATE_BYTES, not UTF-8, not JSON.
+    NaN and Infinity parse (the fields that hold numbers refuse them). Other OSErrors
+    (EACCES, EIO) propagate."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise StateError(f"{path}: not a regular file")
+    if info.st_size > MAX_STATE_BYTES:
+        raise StateError(f"{path}: {info.st_size} bytes, over the {MAX_STATE_BYTES} byte limit")
+    with path.open("rb") as stream:
+        raw = stream.read(MAX_STATE_BYTES + 1)
+    if len(raw) > MAX_STATE_BYTES:
+        raise StateError(f"{path}: over the {MAX_STATE_BYTES} byte limit")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StateError(f"{path}: not JSON: {exc}") from None
+
+
+def check_version(path: Path, data: Any, what: str) -> dict[str, Any]:
+    """`data` as the object of a version VERSION file; StateError otherwise."""
+    if not isinstance(data, dict):
+        raise StateError(f"{path}: a JSON {type(data).__name__}, not a {what} object")
+    if data.get("version") != VERSION:
+        raise StateError(f"{path}: version {data.get('version')!r}, not {VERSION}")
+    return data
+
+
 def load_state(state_dir: Path) -> QosState:
-    """The persisted state; an empty one when there is none yet."""
+    """The persisted state; an empty one when there is none yet. StateError when the file
+    cannot be used."""
     path = state_dir / STATE_FILE
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return QosState()
-    except (OSError, ValueError) as exc:
+        data = read_json(path)
+    except OSError as exc:
         raise StateError(f"{path}: cannot read QoS state: {exc}") from None
-    if not isinstance(data, dict) or data.get("version") != VERSION:
-        raise StateError(f"{path}: not a version {VERSION} QoS state file")
+    if data is None:
+        return QosState()
+    data = check_version(path, data, "QoS state")
+    items = data.get("policies")
+    if not isinstance(items, list):
+        raise StateError(f"{path}: policies is not a list")
     try:
-        policies = [AppliedPolicy.from_json(item) for item in data["policies"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StateError(f"{path}: malformed QoS state: {exc}") from None
-    return QosState(
-        {p.name: p for p in policies}, str(data.get("nft_body", "")), data.get("nft_listing")
-    )
+        policies = [AppliedPolicy.from_json(item) for item in items]
+    except StateError as exc:
+        raise StateError(f"{path}: {exc}") from None
+    nft_body = data.get("nft_body", "")
+    if not isinstance(nft_body, str):
+        raise StateError(f"{path}: nft_body is not a string")
+    return QosState({p.name: p for p in policies}, nft_body, data.get("nft_listing"))
+
+
+class Quarantine:
+    """Sets unusable state files aside, so that the agent starts without them and the
+    operator can still read them; counts them by file name (a metric)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def set_aside(self, path: Path, reason: str) -> Path | None:
+        """Rename `path` to `<name>.corrupt-<UTC time>`; None when it cannot be (the
+        state directory is read-only): it is then left where it is, and still unused."""
+        self.counts[path.name] += 1
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = path.with_name(f"{path.name}.corrupt-{stamp}")
+        try:
+            os.rename(path, target)
+        except OSError as exc:
+            log.error("%s; cannot set it aside (%s): starting without it", reason, exc)
+            return None
+        log.error("%s; set aside as %s: starting without it", reason, target.name)
+        return target
+
+
+class StateSaveError(FabricError):
+    """A state file could not be written: the directory is read-only, full, or gone."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        self.path = path
+        self.errno = exc.errno
+        name = errno.errorcode.get(exc.errno or 0, "")
+        super().__init__(f"cannot save {path}: {name or 'error'} {exc.strerror or exc}")
 
 
 def save_state(state_dir: Path, state: QosState) -> None:
@@ -116,8 +233,19 @@ def save_state(state_dir: Path, state: QosState) -> None:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Replace `path` with `payload` as JSON: a temporary file, fsync, rename, and an
-    fsync of the directory, so a crash leaves the old file or the new one."""
+    fsync of the directory, so a crash leaves the old file or the new one. Raises
+    StateSaveError (the file as it was) when the directory cannot take it."""
+    try:
+        _write_json_atomic(path, payload)
+    except OSError as exc:
+        raise StateSaveError(path, exc) from exc
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
     directory = path.parent
+    if directory.exists() and not directory.is_dir():
+        # mkdir would say EEXIST, which names the wrong problem.
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:

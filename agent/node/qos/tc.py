@@ -7,6 +7,7 @@ agent's own. The planner and the tree model are plain data in `agent.node.qos.ht
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import functools
 import ipaddress
@@ -16,6 +17,7 @@ import secrets
 import select
 import socket
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,10 +67,12 @@ from agent.node.qos.kernel import (
 )
 
 TC_H_ROOT = 0xFFFFFFFF
-# The throwaway namespaces of the capability probe: fabcap-<pid>-<6 hex digits>.
+# The named namespaces earlier agents probed in: fabcap-<pid>-<6 hex digits>.
 PROBE_PREFIX = "fabcap-"
 _PROBE_NAME = re.compile(rf"{PROBE_PREFIX}(\d+)-[0-9a-f]{{6}}")
 RUN_NETNS = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+_LIBC = ctypes.CDLL(None, use_errno=True)
 # Offsets from the network header (u32 matches there).
 _IPV4 = {"dscp": 1, "ip_proto": 9, "src": 12, "dst": 16, "sport": 20, "dport": 22}
 _IPV6 = {"dscp": 0, "ip_proto": 6, "src": 8, "dst": 24, "sport": 40, "dport": 42}
@@ -691,6 +695,20 @@ def remove_tree(
     return True
 
 
+def agent_trees(*, netns: str | None = None, root_major: int = AGENT_ROOT_MAJOR) -> set[str]:
+    """The devices whose root qdisc is an HTB of the agent's major."""
+    with _iproute(netns) as ipr:
+        names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        return {
+            names[int(msg["index"])]
+            for msg in ipr.get_qdiscs()
+            if msg["parent"] == TC_H_ROOT
+            and msg["handle"] >> 16 == root_major
+            and msg.get_attr("TCA_KIND") == "htb"
+            and int(msg["index"]) in names
+        }
+
+
 # --- statistics ---
 
 
@@ -752,22 +770,36 @@ def detect_capabilities() -> TcCapabilities:
     """Try each qdisc, classifier and action on loopback (and an IFB) of a throwaway
     network namespace; no host interface is touched. Cached for the process.
 
+    The namespace is the probing thread's own (unshare(CLONE_NEWNET) in a thread made for
+    it): it has no name under /run/netns and no process is forked, so nothing outlives
+    the agent however it ends (a SIGKILL mid-probe included), and a child never inherits
+    the agent's threads or signal handlers. The kernel frees it when the thread ends.
+
     Creating a namespace needs CAP_SYS_ADMIN, which the systemd unit does not grant: then
     the probes run on a temporary IFB device the agent creates here and deletes again
     (CAP_NET_ADMIN is enough, and no existing interface is touched either)."""
+    # Named namespaces of agents before this one, killed while probing.
     remove_stale_probes()
-    name = f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
-    try:
-        pyroute2_netns.create(name)
-    except OSError:
-        return _probe_on_own_device()
-    try:
-        with IPRoute(netns=name) as ipr:
-            lo = _index(ipr, "lo")
-            ipr.link("set", index=lo, state="up")
-            return _probe_all(ipr, lo)
-    finally:
-        pyroute2_netns.remove(name)
+    found: list[TcCapabilities] = []
+    failed: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            if _LIBC.unshare(CLONE_NEWNET) != 0:
+                return  # no CAP_SYS_ADMIN: probed on an IFB of the host below
+            with IPRoute() as ipr:
+                lo = _index(ipr, "lo")
+                ipr.link("set", index=lo, state="up")
+                found.append(_probe_all(ipr, lo))
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=probe, name="tc-probe")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return found[0] if found else _probe_on_own_device()
 
 
 def remove_stale_probes() -> list[str]:

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from agent.node.qos.htb import Action, Change, HtbClass, HtbTree, LeafQdisc, U32Filter
 from agent.node.qos.kernel import (
+    AgentObjects,
     ClassStats,
     DeleteNftTable,
     EnsureRedirect,
@@ -175,6 +176,10 @@ class FakeKernel:
         elif isinstance(step, DeleteNftTable):
             self._nft_usable()
             self._nft_body = None
+
+    def agent_objects(self) -> AgentObjects:
+        redirects = {i for i, hook in self._ingress.items() if hook.redirect_to is not None}
+        return AgentObjects(frozenset(self._trees), frozenset(redirects), frozenset(self._ifbs))
 
     def close(self) -> None:
         self.closed = True

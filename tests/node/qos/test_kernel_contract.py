@@ -16,6 +16,7 @@ import pytest
 from agent.common.policy.units import PortRange
 from agent.node.qos.htb import HtbClass, HtbTree, U32Filter, U32Match, plan
 from agent.node.qos.kernel import (
+    AgentObjects,
     DeleteNftTable,
     EnsureRedirect,
     KernelStateConflict,
@@ -286,3 +287,20 @@ def test_what_a_vanished_interface_had_is_removed_without_error(subject: Subject
 
     assert not kernel.interface_exists(device)
     assert not kernel.interface_exists(ifb)
+
+
+def test_the_agents_objects_are_listed_wherever_they_are(subject: Subject) -> None:
+    kernel, device, other = subject.kernel, subject.device, subject.other
+    ifb = ifb_name(device)
+    nothing = kernel.agent_objects()
+
+    put(kernel, tree(other))
+    kernel.apply(EnsureRedirect(device, ifb))
+    put(kernel, tree(ifb))
+    listed = kernel.agent_objects()
+    kernel.apply(RemoveRedirect(device))
+    kernel.apply(RemoveTree(other))
+
+    assert nothing == AgentObjects()
+    assert listed == AgentObjects(frozenset({other, ifb}), frozenset({device}), frozenset({ifb}))
+    assert kernel.agent_objects() == AgentObjects()
