@@ -22,6 +22,7 @@ from google.protobuf import duration_pb2
 from agent.common.config import parse_duration
 from agent.common.exits import ExitCode
 from agent.common.policy.documents import name_of, object_from_document
+from agent.common.policy.model import load_yaml_documents
 from agent.ctl.client import (
     Target,
     UsageError,
@@ -74,7 +75,7 @@ def load_documents(files: Sequence[str], stdin: TextIO | None = None) -> list[Do
 
 def _parse(label: str, text: str) -> Iterator[Document]:
     try:
-        parsed = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        parsed = [doc for doc in load_yaml_documents(text) if doc is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{label}:{mark.line + 1}:{mark.column + 1}" if mark is not None else label

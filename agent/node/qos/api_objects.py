@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.errors import FabricError
+from agent.common.policy.limits import (
+    MAX_U32_FILTERS_PER_CLASS,
+    MAX_U32_FILTERS_PER_POLICY,
+    u32_filters_of,
+)
 from agent.common.policy.model import (
     LoadedPolicy,
     Match,
@@ -240,6 +245,10 @@ def merge_assignments(
             missing = ", ".join(str(m.cgroup) for m in spec.match)
             states[name] = (PENDING, f"waiting for cgroup {missing}")
             continue
+        over = _over_limits(target.policy, extra.get(spec.policy, {}), spec.class_name, active)
+        if over is not None:
+            states[name] = (FAILED, over)
+            continue
         extra.setdefault(spec.policy, {}).setdefault(spec.class_name, []).extend(active)
         merged.setdefault(spec.policy, []).append(name)
         left_out = len(spec.match) - len(active)
@@ -259,6 +268,40 @@ def merge_assignments(
         policy_spec = policy.spec.model_copy(update={"classes": classes})
         result.append(replace(loaded, policy=policy.model_copy(update={"spec": policy_spec})))
     return MergeResult(result, states, {k: tuple(v) for k, v in merged.items()})
+
+
+def _over_limits(
+    policy: QosPolicy,
+    added: Mapping[str, Sequence[Match]],
+    class_name: str,
+    entries: Sequence[Match],
+) -> str | None:
+    """Why `entries` may not join class `class_name` of `policy` beside the entries
+    `added` already (by class): the u32 filters they would take it to; None if they may."""
+    in_class = [
+        entry
+        for cls in policy.spec.classes
+        if cls.name == class_name
+        for entry in (*cls.match, *added.get(class_name, ()))
+    ]
+    count = u32_filters_of([*in_class, *entries]).filters
+    if count > MAX_U32_FILTERS_PER_CLASS:
+        return (
+            f"its match entries would take class {class_name!r} of policy "
+            f"{policy.metadata.name!r} to {count} u32 filters; at most {MAX_U32_FILTERS_PER_CLASS}"
+        )
+    everything = [
+        *(entry for cls in policy.spec.classes for entry in cls.match),
+        *(entry for more in added.values() for entry in more),
+        *entries,
+    ]
+    total = u32_filters_of(everything).filters
+    if total > MAX_U32_FILTERS_PER_POLICY:
+        return (
+            f"its match entries would take policy {policy.metadata.name!r} to {total} u32 "
+            f"filters; at most {MAX_U32_FILTERS_PER_POLICY}"
+        )
+    return None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,12 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
+from agent.common.policy.limits import (
+    MAX_U32_FILTERS_PER_CLASS,
+    MAX_U32_FILTERS_PER_POLICY,
+    u32_families,
+    u32_filters_of,
+)
 from agent.common.policy.model import EffectiveClass, LoadedPolicy, Match, QosPolicy
 from agent.common.policy.units import PortRange
 from agent.node.qos import nftrules
@@ -231,21 +237,29 @@ def u32_filters(classes: Sequence[EffectiveClass], minors: Mapping[str, int]) ->
     filters: list[U32Filter] = []
     prefs = itertools.count(FIRST_FILTER_PREF)
     for cls in classes:
+        # Validation counts what a class expands to; an assignment's entries, merged in
+        # after it, may take it past what a node should hold.
+        count = u32_filters_of(cls.match)
+        if count.filters > MAX_U32_FILTERS_PER_CLASS:
+            raise ValueError(
+                f"class {cls.name!r} expands to {count.filters} u32 filters; "
+                f"at most {MAX_U32_FILTERS_PER_CLASS}"
+            )
         for entry in cls.match:
             for match in u32_matches(entry):
                 filters.append(U32Filter(next(prefs), minors[cls.name], match))
+    total = u32_filters_of(entry for cls in classes for entry in cls.match)
+    if total.filters > MAX_U32_FILTERS_PER_POLICY:
+        raise ValueError(
+            f"the policy expands to {total.filters} u32 filters; "
+            f"at most {MAX_U32_FILTERS_PER_POLICY}"
+        )
     return filters
 
 
 def u32_matches(entry: Match) -> list[U32Match]:
     """The u32 matches for one policy match entry (empty when it needs nftables)."""
-    if entry.cgroup is not None or entry.fwmark is not None:
-        return []
-    families = [
-        family
-        for family, version in (("ip", 4), ("ipv6", 6))
-        if all(cidr is None or cidr.version == version for cidr in (entry.src_cidr, entry.dst_cidr))
-    ]
+    families = u32_families(entry)
     sports: Sequence[PortRange | None] = list(entry.src_ports or ()) or [None]
     dports: Sequence[PortRange | None] = list(entry.dst_ports or ()) or [None]
     matches = []
