@@ -1,11 +1,14 @@
 """Policy documents beyond what a node should take: too deep, too large, rates past what
 the kernel carries, match entries that expand to more u32 filters than a node should
-hold, interface names longer in bytes than in characters. Each is refused at validation
-with the file, field and limit named, through `policy validate`, the files the daemon
-reads and the API; nothing is lost of what is enforced."""
+hold, interface names longer in bytes than in characters, and directory entries that
+cannot be read. Each is refused at validation with the file, field and limit named,
+through `policy validate`, the files the daemon reads and the API; nothing is lost of
+what is enforced."""
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +28,15 @@ from agent.common.policy.model import (
     parse_document,
 )
 from agent.node.qos.desired import build_tree, policy_device
+from agent.node.qos.reconciler import Reconciler
 from agent.proto.fabric.v1 import qos_service_pb2 as pb
 from tests import ROOT
 from tests.node.api.conftest import node as node  # the in-process agent's QoS API
 from tests.node.api.qos_node import Node
 from tests.node.api.test_qos_service import details
 from tests.node.qos import DEVICE, api_policy_document
+from tests.node.qos.fake_kernel import FakeKernel
+from tests.node.qos.test_reconciler import write
 
 BASE = (ROOT / "policies" / "training-node.yaml").read_text()
 
@@ -333,3 +339,51 @@ def test_the_ifb_device_of_an_accepted_multibyte_interface_fits_the_kernels_15_b
     assert device.startswith("ifb-")
     assert ifname_bytes(device) <= 15
     assert build_tree(policy, device=device).tree.device == device
+
+
+# --- the policy directory --------------------------------------------------------------
+
+
+@pytest.fixture
+def looped(dirs: tuple[Path, Path]) -> Path:
+    """The policy directory with a symlink loop and a FIFO beside a good policy."""
+    policy_dir = dirs[0]
+    write(policy_dir, DEVICE)
+    (policy_dir / "loop.yaml").symlink_to("loop.yaml")
+    os.mkfifo(policy_dir / "pipe.yml")
+    return policy_dir
+
+
+def test_validate_of_a_directory_reports_a_symlink_loop_and_a_fifo(looped: Path) -> None:
+    result = validate(looped)
+
+    assert result.returncode == 2
+    assert result.stdout == f"{looped}/node.yaml: ok (3 classes on {DEVICE} egress)\n"
+    assert result.stderr == (
+        f"{looped}/loop.yaml: cannot read: Too many levels of symbolic links\n"
+        f"{looped}/pipe.yml: cannot read: not a regular file\n"
+    )
+
+
+def test_a_symlink_loop_in_the_policy_directory_is_logged_once_and_keeps_what_is_enforced(
+    reconciler: Reconciler,
+    kernel: FakeKernel,
+    dirs: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write(dirs[0], DEVICE)
+    reconciler.reconcile()
+    enforced = kernel.read_tree(DEVICE)
+    (dirs[0] / "loop.yaml").symlink_to("loop.yaml")
+
+    with caplog.at_level(logging.ERROR):
+        first = reconciler.reconcile()
+        second = reconciler.reconcile()
+
+    assert first.result == second.result == "invalid"
+    logged = [r.getMessage() for r in caplog.records if "loop.yaml" in r.getMessage()]
+    assert logged == [
+        "QoS policy rejected, nothing changed: "
+        f"{dirs[0]}/loop.yaml: cannot read: Too many levels of symbolic links"
+    ]
+    assert kernel.read_tree(DEVICE) == enforced

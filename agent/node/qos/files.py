@@ -35,10 +35,13 @@ class FileRead:
 
 
 def policy_files(directory: Path) -> list[Path]:
-    """The policy files in `directory`, in name order; none when it does not exist."""
+    """The entries of `directory` named as policy files, in name order; none when it does
+    not exist. Entries that are not readable files (a symlink loop or one to nothing, a
+    FIFO, a directory) are in the list: reading them reports why, where skipping them
+    would drop a policy without a word."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.glob("*") if p.suffix in POLICY_SUFFIXES and p.is_file())
+    return sorted(p for p in directory.iterdir() if p.suffix in POLICY_SUFFIXES)
 
 
 def read_files(
