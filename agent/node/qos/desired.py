@@ -30,6 +30,7 @@ from typing import Any
 from agent.common.policy.limits import (
     MAX_U32_FILTERS_PER_CLASS,
     MAX_U32_FILTERS_PER_POLICY,
+    U32Count,
     u32_families,
     u32_filters_of,
 )
@@ -220,12 +221,14 @@ def build_tree(
             )
         )
     default = next(c for c in classes if c.is_default)
+    filters = u32_filters(classes, minors)
+    check_expansion(classes, filters)
     tree = HtbTree(
         device=device or spec.interface,
         root_major=AGENT_ROOT_MAJOR,
         default_minor=minors[default.name],
         classes=tuple(htb_classes),
-        filters=tuple(u32_filters(classes, minors)),
+        filters=tuple(filters),
         leaf_kind=leaf_kind,
     )
     return DesiredTree(policy.metadata.name, tree, minors)
@@ -237,24 +240,32 @@ def u32_filters(classes: Sequence[EffectiveClass], minors: Mapping[str, int]) ->
     filters: list[U32Filter] = []
     prefs = itertools.count(FIRST_FILTER_PREF)
     for cls in classes:
-        # Validation counts what a class expands to; an assignment's entries, merged in
-        # after it, may take it past what a node should hold.
+        for entry in cls.match:
+            for match in u32_matches(entry):
+                filters.append(U32Filter(next(prefs), minors[cls.name], match))
+    return filters
+
+
+def check_expansion(classes: Sequence[EffectiveClass], filters: Sequence[U32Filter]) -> None:
+    """ValueError when the classes' filters are past the limits validation holds a policy
+    to (an assignment's entries, merged in after it, may take a class there), or are not
+    what validation counted."""
+    total = U32Count()
+    for cls in classes:
         count = u32_filters_of(cls.match)
         if count.filters > MAX_U32_FILTERS_PER_CLASS:
             raise ValueError(
                 f"class {cls.name!r} expands to {count.filters} u32 filters; "
                 f"at most {MAX_U32_FILTERS_PER_CLASS}"
             )
-        for entry in cls.match:
-            for match in u32_matches(entry):
-                filters.append(U32Filter(next(prefs), minors[cls.name], match))
-    total = u32_filters_of(entry for cls in classes for entry in cls.match)
+        total += count
     if total.filters > MAX_U32_FILTERS_PER_POLICY:
         raise ValueError(
             f"the policy expands to {total.filters} u32 filters; "
             f"at most {MAX_U32_FILTERS_PER_POLICY}"
         )
-    return filters
+    if total.prefs != len(filters):
+        raise ValueError(f"{len(filters)} u32 filters built where validation counted {total.prefs}")
 
 
 def u32_matches(entry: Match) -> list[U32Match]:
