@@ -28,14 +28,17 @@ from agent.common.policy.model import (
     parse_document,
 )
 from agent.node.qos.desired import build_tree, policy_device
+from agent.node.qos.ifb import ensure_ingress_redirect, read_ingress_redirect
 from agent.node.qos.reconciler import Reconciler
 from agent.proto.fabric.v1 import qos_service_pb2 as pb
 from tests import ROOT
+from tests.conftest import VethPair
 from tests.node.api.conftest import node as node  # the in-process agent's QoS API
 from tests.node.api.qos_node import Node
 from tests.node.api.test_qos_service import details
-from tests.node.qos import DEVICE, api_policy_document
+from tests.node.qos import DEVICE, api_policy_document, netlink_put
 from tests.node.qos.fake_kernel import FakeKernel
+from tests.node.qos.test_ifb import ingress_pair as ingress_pair  # real IFB, ingress, mirred
 from tests.node.qos.test_reconciler import write
 
 BASE = (ROOT / "policies" / "training-node.yaml").read_text()
@@ -387,3 +390,24 @@ def test_a_symlink_loop_in_the_policy_directory_is_logged_once_and_keeps_what_is
         f"{dirs[0]}/loop.yaml: cannot read: Too many levels of symbolic links"
     ]
     assert kernel.read_tree(DEVICE) == enforced
+
+
+def test_an_ingress_policy_on_a_multibyte_interface_gets_its_ifb_on_the_real_kernel(
+    ingress_pair: VethPair,
+) -> None:
+    ns, name = ingress_pair.netns, "é" * 6  # 12 bytes: "ifb-" + it would be 16
+    device = ingress_pair.device
+    for args in ([device, "down"], [device, "name", name], [name, "up"]):
+        subprocess.run(["ip", "-n", ns, "link", "set", "dev", *args], check=True)
+    policy = parse_document(api_policy_document(name, direction="ingress"), "doc.yaml")
+    assert isinstance(policy, QosPolicy)
+
+    ifb = ensure_ingress_redirect(name, netns=ns)
+    netlink_put(build_tree(policy, device=ifb).tree, ns)
+
+    assert ifb == policy_device(policy)
+    assert read_ingress_redirect(name, netns=ns).complete
+    shown = subprocess.run(
+        ["ip", "-n", ns, "-o", "link", "show", "dev", ifb], capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr

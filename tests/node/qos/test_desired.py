@@ -191,3 +191,28 @@ def test_validation_counts_exactly_the_u32_filters_the_node_builds(
 
     assert counted.prefs == len(built)
     assert counted.filters == sum(len(tc.match_entries(f.match)) for f in built)
+
+
+def test_a_policy_at_every_expansion_limit_applies_and_reads_back_on_the_kernel(
+    shaped_pair: VethPair,
+) -> None:
+    # 10 Tbit (HTB's 64-bit rates), 4 classes of 256 u32 filters each: 1,024 in all.
+    document = api_policy_document(shaped_pair.device, bandwidth="10Tbit", defaultClass="c0")
+    document["spec"]["classes"] = [
+        {
+            "name": f"c{i}",
+            "priority": i,
+            "rate": "2.5Tbit",
+            "match": [{"dstPorts": [str(10_000 + 1000 * i + p) for p in range(128)]}],
+        }
+        for i in range(4)
+    ]
+    model = parse_document(document, "doc.yaml")
+    assert isinstance(model, QosPolicy)
+    desired = build_tree(model).tree
+    assert len(desired.filters) == 1024
+
+    netlink_put(desired, shaped_pair.netns)
+
+    assert tc.read_tree(shaped_pair.device, netns=shaped_pair.netns) == desired
+    assert netlink_put(desired, shaped_pair.netns) == []
