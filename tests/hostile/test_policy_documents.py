@@ -131,8 +131,23 @@ def test_a_yaml_alias_bomb_is_refused_by_its_expanded_size() -> None:
         load_policies(text, "bomb.yaml")
 
     assert [str(v) for v in refused.value.violations] == [
-        "bomb.yaml: holds more than 100000 values (a YAML alias counts as what it stands for)"
+        "bomb.yaml:5:393: holds more than 20000 values (a YAML alias counts as what it stands for)"
     ]
+
+
+def test_a_megabyte_of_values_is_refused_where_the_limit_is_passed_not_after_parsing_it() -> None:
+    head = "apiVersion: fabric.qos/v1alpha1\nkind: QosPolicy\nmetadata: {name: x, labels: ["
+    count = (MAX_DOCUMENT_BYTES - len(head) - 4) // 2
+    text = head + ",".join(["1"] * count) + "]}\n"
+
+    with pytest.raises(PolicyError) as refused:
+        load_policies(text, "values.yaml")
+
+    (violation,) = refused.value.violations
+    assert violation.reason.startswith("holds more than 20000 values")
+    # Where the 20,001st value is: about 40,000 characters into a million.
+    assert violation.line == 3
+    assert violation.column is not None and violation.column < 50_000
 
 
 # --- rates -----------------------------------------------------------------------------

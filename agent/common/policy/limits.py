@@ -25,13 +25,15 @@ if TYPE_CHECKING:
     from agent.common.policy.model import Match
 
 # A policy is a few kilobytes; a megabyte is far beyond any real one and small enough to
-# read, parse and refuse in well under a second.
+# read, parse and refuse in about a second.
 MAX_DOCUMENT_BYTES = 1 << 20
 # The deepest field of a policy (spec.classes[i].match[j].dstPorts[k]) is 8 levels down.
 MAX_DEPTH = 32
 # Values (mappings, lists and scalars) in one document with YAML aliases expanded: a
-# 64-class policy with many match entries holds a few thousand.
-MAX_VALUES = 100_000
+# 64-class policy with 1,024 ports and hundreds of cgroup matches holds a few thousand.
+# Parsing is what a hostile file costs, about 40 us a value in PyYAML: 20,000 keeps its
+# refusal near a second.
+MAX_VALUES = 20_000
 # HTB keeps rates as 64-bit bytes per second (TCA_HTB_RATE64), which carries far more;
 # 10 Tbit/s is beyond any NIC a node has, so a larger rate is a typo or an attack.
 MAX_RATE_BPS = 10 * 10**12

@@ -714,13 +714,37 @@ class YamlLimitError(yaml.MarkedYAMLError):
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing nesting beyond MAX_DEPTH while it composes (the
-    composer recurses once per level: 20,000 levels end in RecursionError) and integers
-    too long to be a rate (Python refuses to build one of over 4300 digits)."""
+    """PyYAML's safe loader, refusing while it composes, before anything is built: nesting
+    beyond MAX_DEPTH (the composer recurses once per level: 20,000 levels end in
+    RecursionError), more than MAX_VALUES values with aliases expanded (parsing is what
+    costs: a megabyte of values took 22 s to parse and then refuse), and integers too
+    long to be a rate (Python refuses to build one of over 4300 digits)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._fields: list[int | str] = []
+        self._values = 0
+        # The values under each anchored node, aliases expanded: what an alias adds.
+        self._anchored: dict[int, int] = {}
+
+    def compose_document(self) -> yaml.Node | None:
+        self._values, self._anchored = 0, {}
+        return super().compose_document()
+
+    def _count(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            self._values += self._anchored.get(id(node), 1)
+        else:
+            before = self._values
+            self._values += 1
+            node = super().compose_node(parent, index)
+            if getattr(event, "anchor", None) is not None:
+                self._anchored[id(node)] = self._values - before
+        if self._values > MAX_VALUES:
+            raise YamlLimitError("", _too_many_values(), event.start_mark)
+        return node
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         # `index` is a sequence item's position, or a mapping value's key node.
@@ -739,7 +763,7 @@ class _BoundedLoader(yaml.SafeLoader):
                     f"nested deeper than {MAX_DEPTH} levels",
                     self.peek_event().start_mark,  # type: ignore[no-untyped-call]
                 )
-            node = super().compose_node(parent, index)
+            node = self._count(parent, index)
             if (
                 isinstance(node, yaml.ScalarNode)
                 and node.tag == _INT_TAG
@@ -755,7 +779,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
 def load_yaml_documents(text: str) -> list[Any]:
     """The documents of YAML `text`, as PyYAML's safe loader builds them, within the
-    limits on nesting and numbers; raises YamlLimitError beyond them, yaml.YAMLError for
+    limits on nesting, values and numbers; raises YamlLimitError beyond them, yaml.YAMLError for
     text that is not YAML."""
     return list(yaml.load_all(text, Loader=_BoundedLoader))
 
@@ -763,6 +787,10 @@ def load_yaml_documents(text: str) -> list[Any]:
 def _shown_path(fields: Sequence[int | str]) -> str:
     shown = _path(fields[:_PATH_SHOWN])
     return shown + "..." if len(fields) > _PATH_SHOWN else shown
+
+
+def _too_many_values() -> str:
+    return f"holds more than {MAX_VALUES} values (a YAML alias counts as what it stands for)"
 
 
 def _shape_problem(document: object) -> tuple[str, str] | None:
@@ -784,10 +812,7 @@ def _shape_problem(document: object) -> tuple[str, str] | None:
             continue
         count += len(value)
         if count > MAX_VALUES:
-            reason = (
-                f"holds more than {MAX_VALUES} values (a YAML alias counts as what it stands for)"
-            )
-            return "", reason
+            return "", _too_many_values()
         pending.extend((child, (*where, key)) for key, child in children)
     return None
 
