@@ -27,6 +27,7 @@ from agent.common.policy.model import (
     load_policy_files,
     parse_document,
 )
+from agent.node.qos.api_objects import ENFORCED, RefusedError
 from agent.node.qos.desired import build_tree, policy_device
 from agent.node.qos.ifb import ensure_ingress_redirect, read_ingress_redirect
 from agent.node.qos.reconciler import Reconciler
@@ -36,7 +37,7 @@ from tests.conftest import VethPair
 from tests.node.api.conftest import node as node  # the in-process agent's QoS API
 from tests.node.api.qos_node import Node
 from tests.node.api.test_qos_service import details
-from tests.node.qos import DEVICE, api_policy_document, netlink_put
+from tests.node.qos import DEVICE, api_policy_document, assignment_document, netlink_put
 from tests.node.qos.fake_kernel import FakeKernel
 from tests.node.qos.test_ifb import ingress_pair as ingress_pair  # real IFB, ingress, mirred
 from tests.node.qos.test_reconciler import write
@@ -281,6 +282,37 @@ def test_classes_within_their_limit_are_refused_when_the_policy_exceeds_its_own(
     policy = parse_document(within, "doc.yaml")
     assert isinstance(policy, QosPolicy)
     assert len(build_tree(policy).tree.filters) == 1024
+
+
+def test_an_assignment_expanding_past_a_class_limit_is_refused_at_validation() -> None:
+    document = assignment_document("job-1", "job/a", "node", "collectives")
+    document["spec"]["match"] = [{"dstPorts": [str(2000 + p) for p in range(300)]}]
+
+    assert refusal(document) == {
+        "spec.match": "expands to 600 u32 filters; a class may have at most 256"
+    }
+
+
+def test_an_assignment_that_would_take_its_class_past_the_limit_is_refused_and_changes_nothing(
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
+) -> None:
+    write(dirs[0], DEVICE)
+    reconciler.reconcile()
+    enforced = kernel.read_tree(DEVICE)
+    # "29500-29599" is 3 aligned blocks in 2 families: 6 filters; 126 ports more: 258.
+    document = assignment_document("job-1", "job/a", "node", "collectives")
+    document["spec"]["match"] = [{"dstPorts": [str(2000 + p) for p in range(126)]}]
+    model = parse_document(document, "request")
+
+    with pytest.raises(RefusedError) as refused:
+        reconciler.apply_object(model, ttl_s=600)
+
+    assert str(refused.value) == (
+        "spec.match: its match entries would take class 'collectives' of policy 'node' "
+        "to 258 u32 filters; at most 256"
+    )
+    assert kernel.read_tree(DEVICE) == enforced
+    assert [(v.name, v.state) for v in reconciler.policies()] == [("node", ENFORCED)]
 
 
 # --- sizes -----------------------------------------------------------------------------

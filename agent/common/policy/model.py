@@ -511,6 +511,13 @@ class AssignmentSpec(_PolicyModel):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         problems = list(_match_problems(self.match, "match"))
+        count = u32_filters_of(self.match).filters
+        if count > MAX_U32_FILTERS_PER_CLASS:
+            reason = (
+                f"expands to {count} u32 filters; a class may have at most "
+                f"{MAX_U32_FILTERS_PER_CLASS}"
+            )
+            problems.append(("match", reason))
         if problems:
             raise _SpecProblems(problems)
         return self

@@ -67,7 +67,7 @@ class NotFoundError(FabricError):
 class Precondition:
     """Why the node refuses an object as it is: what kind of problem, about what."""
 
-    kind: str  # OWNERSHIP | INTERFACE | CGROUP | KERNEL | SOURCE
+    kind: str  # OWNERSHIP | INTERFACE | CGROUP | KERNEL | SOURCE | POLICY | LIMIT
     subject: str
     description: str
 
@@ -385,6 +385,9 @@ def check_admitted(name: str, entry: ApiEntry, admission: Admission) -> None:
     if model.spec.class_name not in {c.name for c in target.spec.classes}:
         reason = f"policy {model.spec.policy!r} has no class {model.spec.class_name!r}"
         raise RefusedError([Precondition("POLICY", "spec.className", reason)])
+    state, message = admission.assignments.get(name, (ENFORCED, ""))
+    if state == FAILED:  # its entries would take the class past a limit
+        raise RefusedError([Precondition("LIMIT", "spec.match", message)])
 
 
 def usable_models(entries: Mapping[str, ApiEntry]) -> dict[str, PolicyObject]:
