@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 MAX_DOCUMENT_BYTES = 1 << 20
 # The deepest field of a policy (spec.classes[i].match[j].dstPorts[k]) is 8 levels down.
 MAX_DEPTH = 32
-# Values (mappings, lists and scalars) in one document with YAML aliases expanded: a
+# Values (mappings, lists, scalars and mapping keys) in a document, YAML aliases expanded: a
 # 64-class policy with 1,024 ports and hundreds of cgroup matches holds a few thousand.
 # Parsing is what a hostile file costs, about 40 us a value in PyYAML: 20,000 keeps its
 # refusal near a second.

@@ -817,7 +817,8 @@ def _shape_problem(document: object) -> tuple[str, str] | None:
             children = enumerate(value)
         else:
             continue
-        count += len(value)
+        # A mapping's keys count, as the YAML loader counts them.
+        count += 2 * len(value) if isinstance(value, Mapping) else len(value)
         if count > MAX_VALUES:
             return "", _too_many_values()
         pending.extend((child, (*where, key)) for key, child in children)
