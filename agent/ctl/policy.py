@@ -22,6 +22,8 @@ from google.protobuf import duration_pb2
 from agent.common.config import parse_duration
 from agent.common.exits import ExitCode
 from agent.common.policy.documents import name_of, object_from_document
+from agent.common.policy.limits import MAX_DOCUMENT_BYTES, format_bytes
+from agent.common.policy.model import load_yaml_documents
 from agent.ctl.client import (
     Target,
     UsageError,
@@ -56,16 +58,21 @@ def load_documents(files: Sequence[str], stdin: TextIO | None = None) -> list[Do
     documents: list[Document] = []
     for file in files:
         label = STDIN_NAME if file == STDIN else file
+        # No further than the limit on a document (characters here, a bound on its bytes):
+        # what the agent would refuse is not read, parsed or sent.
         try:
             if file == STDIN:
-                text = (stdin if stdin is not None else sys.stdin).read()
+                text = (stdin if stdin is not None else sys.stdin).read(MAX_DOCUMENT_BYTES + 1)
             else:
                 with open(file, encoding="utf-8") as handle:
-                    text = handle.read()
+                    text = handle.read(MAX_DOCUMENT_BYTES + 1)
         except OSError as exc:
             raise UsageError(f"{label}: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
             raise UsageError(f"{label}: not UTF-8 text: {exc}") from None
+        if len(text) > MAX_DOCUMENT_BYTES:
+            limit = format_bytes(MAX_DOCUMENT_BYTES)
+            raise UsageError(f"{label}: a document of more than {limit}; at most {limit}")
         documents.extend(_parse(label, text))
     if not documents:
         raise UsageError(f"{', '.join(files) or 'no files'}: no policy documents")
@@ -74,7 +81,7 @@ def load_documents(files: Sequence[str], stdin: TextIO | None = None) -> list[Do
 
 def _parse(label: str, text: str) -> Iterator[Document]:
     try:
-        parsed = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        parsed = [doc for doc in load_yaml_documents(text) if doc is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{label}:{mark.line + 1}:{mark.column + 1}" if mark is not None else label

@@ -331,6 +331,24 @@ def test_apply_invalid_argument_prints_field_violations(
     ]
 
 
+def test_apply_refuses_a_file_over_the_document_limits_and_sends_nothing(
+    fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    large = write_yaml(tmp_path / "large.yaml", POLICY)
+    large.write_text(large.read_text() + "#" * (1 << 20) + "\n")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 20_000 + "]" * 20_000 + "\n")
+
+    too_large = ctl(fake_agent, capsys, "policy", "apply", "-f", str(large))
+    too_deep = ctl(fake_agent, capsys, "policy", "apply", "-f", str(deep))
+
+    assert too_large[0] == too_deep[0] == 2
+    assert f"{large}: a document of more than 1 MiB; at most 1 MiB" in too_large[2]
+    assert f"{deep}:1:35: invalid YAML: nested deeper than 32 levels" in too_deep[2]
+    assert "Traceback" not in too_deep[2]
+    assert fake_agent.qos.requests.get("ApplyPolicy", []) == []
+
+
 def test_apply_several_documents_stops_at_first_refusal(
     fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

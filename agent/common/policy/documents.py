@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from agent.common.policy.limits import MAX_DOCUMENT_BYTES, format_bytes
 from agent.common.policy.model import (
     PolicyError,
     PolicyObject,
@@ -125,6 +126,13 @@ REQUEST_SOURCE = "request"
 def model_from_request(obj: qos_service_pb2.PolicyObject) -> PolicyObject:
     """The validated model of a request's object; raises PolicyError with field paths
     as the files' validation gives them."""
+    # Sized before it is turned into a document: the transport's own limit is larger.
+    size = obj.ByteSize()
+    if size > MAX_DOCUMENT_BYTES:
+        reason = (
+            f"document of {format_bytes(size)} encoded; at most {format_bytes(MAX_DOCUMENT_BYTES)}"
+        )
+        raise PolicyError([PolicyViolation(REQUEST_SOURCE, "object", reason)])
     which, document = document_from_object(obj)
     if not which:
         reason = "required field is missing: give a policy or an assignment"

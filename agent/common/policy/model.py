@@ -20,6 +20,7 @@ import ipaddress
 import json
 import re
 import socket
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,19 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from agent.common.errors import FabricError
+from agent.common.policy.limits import (
+    MAX_DEPTH,
+    MAX_DOCUMENT_BYTES,
+    MAX_IFNAME_BYTES,
+    MAX_RATE_BPS,
+    MAX_U32_FILTERS_PER_CLASS,
+    MAX_U32_FILTERS_PER_POLICY,
+    MAX_VALUES,
+    format_bytes,
+    ifb_name,
+    ifname_bytes,
+    u32_filters_of,
+)
 from agent.common.policy.units import PortRange, Rate, format_bps, parse_rate
 
 API_VERSION = "fabric.qos/v1alpha1"
@@ -95,6 +109,12 @@ def _interface_name(value: object) -> str:
     if not isinstance(value, str) or not _IFNAME.match(value) or value in {".", ".."}:
         raise ValueError(
             f"{value!r} is not an interface name (1-15 characters, no spaces, '/', ':' or '\"')"
+        )
+    # The kernel counts bytes: 15 characters of UTF-8 can be 60.
+    size = ifname_bytes(value)
+    if size > MAX_IFNAME_BYTES:
+        raise ValueError(
+            f"{value!r} is {size} bytes in UTF-8; the kernel allows at most {MAX_IFNAME_BYTES}"
         )
     return value
 
@@ -196,7 +216,7 @@ Bandwidth = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "integer", "minimum": 1},
+                {"type": "integer", "minimum": 1, "maximum": MAX_RATE_BPS},
                 {"type": "string", "pattern": _RATE_PATTERN},
             ],
             "description": "bits per second, or a number with bit/kbit/Mbit/Gbit/Tbit",
@@ -210,7 +230,7 @@ ClassRate = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "integer", "minimum": 1},
+                {"type": "integer", "minimum": 1, "maximum": MAX_RATE_BPS},
                 {"type": "string", "pattern": _RATE_PATTERN},
                 {"type": "string", "pattern": r"^\d+(\.\d+)?%$"},
             ],
@@ -432,6 +452,35 @@ def _spec_problems(spec: PolicySpec) -> Iterable[tuple[str, str]]:
         yield "classes", f"class rates add up to {format_bps(total)}, more than bandwidth {shown}"
     if spec.default_class not in first_index:
         yield "defaultClass", f"no class named {spec.default_class!r}"
+    yield from _expansion_problems(spec)
+
+
+def _expansion_problems(spec: PolicySpec) -> Iterable[tuple[str, str]]:
+    """Kernel objects the spec expands to, beyond what a node should hold."""
+    if spec.direction == "ingress":
+        device = ifb_name(spec.interface)
+        if ifname_bytes(device) > MAX_IFNAME_BYTES:
+            reason = (
+                f"its IFB device {device!r} is {ifname_bytes(device)} bytes; "
+                f"the kernel allows at most {MAX_IFNAME_BYTES}"
+            )
+            yield "interface", reason
+    total = 0
+    for i, cls in enumerate(spec.classes):
+        count = u32_filters_of(cls.match).filters
+        total += count
+        if count > MAX_U32_FILTERS_PER_CLASS:
+            yield (
+                f"classes[{i}].match",
+                f"expands to {count} u32 filters; a class may have at most "
+                f"{MAX_U32_FILTERS_PER_CLASS}",
+            )
+    if total > MAX_U32_FILTERS_PER_POLICY:
+        yield (
+            "classes",
+            f"the match entries expand to {total} u32 filters; a policy may have at most "
+            f"{MAX_U32_FILTERS_PER_POLICY}",
+        )
 
 
 def _match_problems(entries: Sequence[Match], where: str) -> Iterable[tuple[str, str]]:
@@ -462,6 +511,13 @@ class AssignmentSpec(_PolicyModel):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         problems = list(_match_problems(self.match, "match"))
+        count = u32_filters_of(self.match).filters
+        if count > MAX_U32_FILTERS_PER_CLASS:
+            reason = (
+                f"expands to {count} u32 filters; a class may have at most "
+                f"{MAX_U32_FILTERS_PER_CLASS}"
+            )
+            problems.append(("match", reason))
         if problems:
             raise _SpecProblems(problems)
         return self
@@ -497,6 +553,9 @@ def parse_document(document: object, source: str, *, number: int | None = None) 
     def refused(path: str, reason: str) -> PolicyError:
         return PolicyError([PolicyViolation(source, path, reason, document=number)])
 
+    problem = _shape_problem(document)
+    if problem is not None:
+        raise refused(*problem)
     if not isinstance(document, Mapping):
         raise refused("", f"a policy must be a mapping, got {type(document).__name__}")
     if "kind" not in document:
@@ -568,8 +627,16 @@ class LoadedPolicy:
 
 def load_policies(text: str, file: str) -> list[LoadedPolicy]:
     """Every policy in `text` (documents separated by `---`); raises PolicyError."""
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_DOCUMENT_BYTES:
+        raise PolicyError([PolicyViolation(file, "", _too_large(size))])
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(load_yaml_documents(text))
+    except YamlLimitError as exc:
+        violation = PolicyViolation(
+            file, exc.path, exc.reason, line=exc.mark.line + 1, column=exc.mark.column + 1
+        )
+        raise PolicyError([violation]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         reason = f"not valid YAML: {exc.problem or exc.context}"
@@ -606,12 +673,156 @@ def load_policies(text: str, file: str) -> list[LoadedPolicy]:
 
 
 def read_policy_text(path: Path) -> str:
-    """The text of a policy file; raises PolicyError naming the file."""
+    """The text of a policy file; raises PolicyError naming the file. Only a regular file
+    is opened (a FIFO would block the reader), and no more of it is read than the limit."""
+
+    def refused(reason: str) -> PolicyError:
+        return PolicyError([PolicyViolation(str(path), "", reason)])
+
     try:
-        return path.read_text()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise refused("cannot read: not a regular file")
+        if info.st_size > MAX_DOCUMENT_BYTES:
+            raise refused(_too_large(info.st_size))
+        with path.open("rb") as handle:
+            data = handle.read(MAX_DOCUMENT_BYTES + 1)
+        if len(data) > MAX_DOCUMENT_BYTES:  # it grew since stat
+            raise refused(_too_large(len(data), more=True))
+        return data.decode()
     except (OSError, UnicodeDecodeError) as exc:
-        reason = f"cannot read: {getattr(exc, 'strerror', None) or exc}"
-        raise PolicyError([PolicyViolation(str(path), "", reason)]) from None
+        raise refused(f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _too_large(size: int, *, more: bool = False) -> str:
+    shown = f"more than {format_bytes(MAX_DOCUMENT_BYTES)}" if more else format_bytes(size)
+    return f"document of {shown}; at most {format_bytes(MAX_DOCUMENT_BYTES)}"
+
+
+# --- YAML within limits ----------------------------------------------------------------
+
+# An integer in a policy is at most a rate in bits per second or a mark: 20 digits hold
+# either; Python refuses to convert more than 4300.
+_MAX_INT_CHARS = 32
+_INT_TAG = "tag:yaml.org,2002:int"
+# Field names a path shows before it is cut short.
+_PATH_SHOWN = 8
+
+
+class YamlLimitError(yaml.MarkedYAMLError):
+    """A YAML document beyond a limit, found before it was built: where (`mark`, the
+    field `path`) and why."""
+
+    def __init__(self, path: str, reason: str, mark: yaml.Mark) -> None:
+        super().__init__(problem=reason, problem_mark=mark)
+        self.path = path
+        self.reason = reason
+        self.mark = mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing while it composes, before anything is built: nesting
+    beyond MAX_DEPTH (the composer recurses once per level: 20,000 levels end in
+    RecursionError), more than MAX_VALUES values with aliases expanded (parsing is what
+    costs: a megabyte of values took 22 s to parse and then refuse), and integers too
+    long to be a rate (Python refuses to build one of over 4300 digits)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._fields: list[int | str] = []
+        self._values = 0
+        # The values under each anchored node, aliases expanded: what an alias adds.
+        self._anchored: dict[int, int] = {}
+
+    def compose_document(self) -> yaml.Node | None:
+        self._values, self._anchored = 0, {}
+        return super().compose_document()
+
+    def _count(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            self._values += self._anchored.get(id(node), 1)
+        else:
+            before = self._values
+            self._values += 1
+            node = super().compose_node(parent, index)
+            if getattr(event, "anchor", None) is not None:
+                self._anchored[id(node)] = self._values - before
+        if self._values > MAX_VALUES:
+            raise YamlLimitError("", _too_many_values(), event.start_mark)
+        return node
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # `index` is a sequence item's position, or a mapping value's key node.
+        key: object = index
+        if isinstance(key, int):
+            self._fields.append(key)
+        elif isinstance(key, yaml.ScalarNode):
+            self._fields.append(str(key.value))
+        else:
+            self._fields.append("(key)" if parent is not None else "")
+        try:
+            if len(self._fields) > MAX_DEPTH:
+                fields = [f for f in self._fields if f != ""]
+                raise YamlLimitError(
+                    _shown_path(fields),
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+            node = self._count(parent, index)
+            if (
+                isinstance(node, yaml.ScalarNode)
+                and node.tag == _INT_TAG
+                and len(node.value) > _MAX_INT_CHARS
+            ):
+                reason = f"a number of {len(node.value)} digits; at most {_MAX_INT_CHARS}"
+                fields = [f for f in self._fields if f != ""]
+                raise YamlLimitError(_shown_path(fields), reason, node.start_mark)
+            return node
+        finally:
+            self._fields.pop()
+
+
+def load_yaml_documents(text: str) -> list[Any]:
+    """The documents of YAML `text`, as PyYAML's safe loader builds them, within the
+    limits on nesting, values and numbers; raises YamlLimitError beyond them, yaml.YAMLError for
+    text that is not YAML."""
+    return list(yaml.load_all(text, Loader=_BoundedLoader))
+
+
+def _shown_path(fields: Sequence[int | str]) -> str:
+    shown = _path(fields[:_PATH_SHOWN])
+    return shown + "..." if len(fields) > _PATH_SHOWN else shown
+
+
+def _too_many_values() -> str:
+    return f"holds more than {MAX_VALUES} values (a YAML alias counts as what it stands for)"
+
+
+def _shape_problem(document: object) -> tuple[str, str] | None:
+    """(path, reason) where a document nests deeper than MAX_DEPTH or holds more than
+    MAX_VALUES values, counting a YAML alias as what it expands to; None within both.
+    Walks at most MAX_VALUES values, however large the expansion."""
+    count = 1
+    pending: list[tuple[object, tuple[int | str, ...]]] = [(document, ())]
+    while pending:
+        value, where = pending.pop()
+        if len(where) >= MAX_DEPTH:
+            return _shown_path(where), f"nested deeper than {MAX_DEPTH} levels"
+        children: Iterable[tuple[int | str, object]]
+        if isinstance(value, Mapping):
+            children = ((str(k), v) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            children = enumerate(value)
+        else:
+            continue
+        # A mapping's keys count, as the YAML loader counts them.
+        count += 2 * len(value) if isinstance(value, Mapping) else len(value)
+        if count > MAX_VALUES:
+            return "", _too_many_values()
+        pending.extend((child, (*where, key)) for key, child in children)
+    return None
 
 
 def load_policy_file(path: Path) -> list[LoadedPolicy]:

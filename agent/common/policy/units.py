@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, Decimal
+from decimal import ROUND_FLOOR, Decimal, localcontext
+
+from agent.common.policy.limits import MAX_RATE_BPS
 
 BIT_UNITS: dict[str, int] = {
     "bit": 1,
@@ -23,6 +25,7 @@ BIT_UNITS: dict[str, int] = {
 _ABSOLUTE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|Mbit|Gbit|Tbit)?$")
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 _ANY_UNIT = re.compile(r"^\d+(?:\.\d+)?([A-Za-z/]+)$")
+_EXPONENTS = {unit: len(str(factor)) - 1 for unit, factor in BIT_UNITS.items()}
 _HINT = "use e.g. 100Gbit, 500Mbit, 60% or plain bits per second"
 
 
@@ -64,6 +67,10 @@ def parse_rate(value: object, *, allow_percent: bool = True) -> Rate:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError(f"rate must be more than 0, got {value}")
+        if value > MAX_RATE_BPS:
+            # str() of an integer is refused beyond 4300 digits: its size in bits then.
+            shown = _shown(str(value)) if value < 10**24 else f"a {value.bit_length()}-bit number"
+            raise ValueError(f"{shown} is above the maximum rate {_MAX_SHOWN}")
         return Rate(text=str(value), bps=value)
     percent = _PERCENT.match(value)
     if percent:
@@ -77,12 +84,24 @@ def parse_rate(value: object, *, allow_percent: bool = True) -> Rate:
     if absolute is None:
         raise ValueError(f"{value!r} is not a rate ({_HINT}){_case_hint(value)}")
     number, unit = absolute.group(1), absolute.group(2) or "bit"
-    bps = Decimal(number) * BIT_UNITS[unit]
+    # Exact, whatever its length: a long number is compared, not rounded.
+    with localcontext() as exact:
+        exact.prec = len(number) + 16
+        bps = Decimal(number).scaleb(_EXPONENTS[unit])
+    if bps > MAX_RATE_BPS:
+        raise ValueError(f"{_shown(value)} is above the maximum rate {_MAX_SHOWN}")
     if bps != bps.to_integral_value():
         raise ValueError(f"{value!r} is not a whole number of bits per second")
     if bps <= 0:
         raise ValueError(f"rate must be more than 0, got {value!r}")
     return Rate(text=value, bps=int(bps))
+
+
+def _shown(text: str) -> str:
+    """A rate as a message shows it: a long one shortened, its length said."""
+    if len(text) <= 24:
+        return repr(text)
+    return f"{text[:12]!r}... ({len(text)} characters)"
 
 
 def format_bps(bps: int) -> str:
@@ -120,3 +139,6 @@ class PortRange:
 
     def __str__(self) -> str:
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+_MAX_SHOWN = format_bps(MAX_RATE_BPS)

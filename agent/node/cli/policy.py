@@ -2,7 +2,8 @@
 daemon would change in the kernel, and what its classes carry; none changes anything.
 
 validate prints `FILE: ok (N classes on IFACE DIRECTION)` per valid policy on stdout and
-every violation on stderr; exit 0 all valid, 2 any violation (bad input).
+every violation on stderr; exit 0 all valid, 2 any violation (bad input). A directory
+stands for its policy files as the daemon reads them, entries it cannot read included.
 plan takes the node as the daemon sees it (its config: policy directory, state, API
 objects and assignments, --take-over, --cgroup-root) and prints the changes of the
 daemon's own plan path (agent.node.qos.pipeline), like `kubectl diff`: exit 0 no
@@ -23,6 +24,7 @@ from agent.common import rates
 from agent.common.errors import ConfigError, FabricError
 from agent.common.exits import ExitCode
 from agent.common.policy.model import (
+    PolicyViolation,
     QosPolicy,
     check_host,
     detect_cgroup2_root,
@@ -33,7 +35,13 @@ from agent.common.policy.units import format_bps
 from agent.node.cli.flags import add_config_flags, config_overrides
 from agent.node.config import load_config
 from agent.node.qos.api_objects import API_SOURCE, ApiPolicyStore
-from agent.node.qos.files import file_set, kept_from_state, policy_files, read_files
+from agent.node.qos.files import (
+    POLICY_SUFFIXES,
+    file_set,
+    kept_from_state,
+    policy_files,
+    read_files,
+)
 from agent.node.qos.kernel import QosKernel
 from agent.node.qos.netlink_kernel import NetlinkKernel
 from agent.node.qos.pipeline import QosSettings, plan_pass
@@ -51,7 +59,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     validate = actions.add_parser(
         "validate", help="check policy files: schema, rules, overlaps and this host"
     )
-    validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    validate.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="a policy file, or a directory of them as the daemon reads it",
+    )
     validate.add_argument(
         "--offline",
         action="store_true",
@@ -179,7 +193,19 @@ def _print_steps(header: str, lines: Sequence[str]) -> None:
 
 
 def validate(files: list[Path], *, offline: bool, cgroup_root: Path | None = None) -> int:
-    loaded, violations = load_policy_files(files)
+    paths: list[Path] = []
+    empty: list[PolicyViolation] = []
+    for path in files:
+        if not path.is_dir():
+            paths.append(path)
+            continue
+        found = policy_files(path)
+        paths.extend(found)
+        if not found:
+            suffixes = ", ".join(f"*{suffix}" for suffix in POLICY_SUFFIXES)
+            empty.append(PolicyViolation(str(path), "", f"holds no policy files ({suffixes})"))
+    loaded, violations = load_policy_files(paths)
+    violations[:0] = empty
     if not offline:
         root = cgroup_root if cgroup_root is not None else detect_cgroup2_root()
         violations.extend(check_host(loaded, interface_exists=interface_exists, cgroup_root=root))

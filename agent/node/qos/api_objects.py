@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.errors import FabricError
+from agent.common.policy.limits import (
+    MAX_U32_FILTERS_PER_CLASS,
+    MAX_U32_FILTERS_PER_POLICY,
+    u32_filters_of,
+)
 from agent.common.policy.model import (
     LoadedPolicy,
     Match,
@@ -69,7 +74,7 @@ class NotFoundError(FabricError):
 class Precondition:
     """Why the node refuses an object as it is: what kind of problem, about what."""
 
-    kind: str  # OWNERSHIP | INTERFACE | CGROUP | KERNEL | SOURCE
+    kind: str  # OWNERSHIP | INTERFACE | CGROUP | KERNEL | SOURCE | POLICY | LIMIT
     subject: str
     description: str
 
@@ -300,6 +305,10 @@ def merge_assignments(
             missing = ", ".join(str(m.cgroup) for m in spec.match)
             states[name] = (PENDING, f"waiting for cgroup {missing}")
             continue
+        over = _over_limits(target.policy, extra.get(spec.policy, {}), spec.class_name, active)
+        if over is not None:
+            states[name] = (FAILED, over)
+            continue
         extra.setdefault(spec.policy, {}).setdefault(spec.class_name, []).extend(active)
         merged.setdefault(spec.policy, []).append(name)
         left_out = len(spec.match) - len(active)
@@ -319,6 +328,40 @@ def merge_assignments(
         policy_spec = policy.spec.model_copy(update={"classes": classes})
         result.append(replace(loaded, policy=policy.model_copy(update={"spec": policy_spec})))
     return MergeResult(result, states, {k: tuple(v) for k, v in merged.items()})
+
+
+def _over_limits(
+    policy: QosPolicy,
+    added: Mapping[str, Sequence[Match]],
+    class_name: str,
+    entries: Sequence[Match],
+) -> str | None:
+    """Why `entries` may not join class `class_name` of `policy` beside the entries
+    `added` already (by class): the u32 filters they would take it to; None if they may."""
+    in_class = [
+        entry
+        for cls in policy.spec.classes
+        if cls.name == class_name
+        for entry in (*cls.match, *added.get(class_name, ()))
+    ]
+    count = u32_filters_of([*in_class, *entries]).filters
+    if count > MAX_U32_FILTERS_PER_CLASS:
+        return (
+            f"its match entries would take class {class_name!r} of policy "
+            f"{policy.metadata.name!r} to {count} u32 filters; at most {MAX_U32_FILTERS_PER_CLASS}"
+        )
+    everything = [
+        *(entry for cls in policy.spec.classes for entry in cls.match),
+        *(entry for more in added.values() for entry in more),
+        *entries,
+    ]
+    total = u32_filters_of(everything).filters
+    if total > MAX_U32_FILTERS_PER_POLICY:
+        return (
+            f"its match entries would take policy {policy.metadata.name!r} to {total} u32 "
+            f"filters; at most {MAX_U32_FILTERS_PER_POLICY}"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -409,6 +452,9 @@ def check_admitted(name: str, entry: ApiEntry, admission: Admission) -> None:
     if model.spec.class_name not in {c.name for c in target.spec.classes}:
         reason = f"policy {model.spec.policy!r} has no class {model.spec.class_name!r}"
         raise RefusedError([Precondition("POLICY", "spec.className", reason)])
+    state, message = admission.assignments.get(name, (ENFORCED, ""))
+    if state == FAILED:  # its entries would take the class past a limit
+        raise RefusedError([Precondition("LIMIT", "spec.match", message)])
 
 
 def usable_models(entries: Mapping[str, ApiEntry]) -> dict[str, PolicyObject]:

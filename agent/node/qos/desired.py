@@ -28,6 +28,13 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
+from agent.common.policy.limits import (
+    MAX_U32_FILTERS_PER_CLASS,
+    MAX_U32_FILTERS_PER_POLICY,
+    U32Count,
+    u32_families,
+    u32_filters_of,
+)
 from agent.common.policy.model import (
     EffectiveClass,
     LoadedPolicy,
@@ -239,13 +246,15 @@ def build_tree(
             )
         )
     default = next(c for c in classes if c.is_default)
+    filters = u32_filters(classes, minors)
+    check_expansion(classes, filters)
     tree = HtbTree(
         device=device or spec.interface,
         root_major=AGENT_ROOT_MAJOR,
         default_minor=minors[default.name],
         classes=tuple(htb_classes),
         filters=(
-            *u32_filters(classes, minors),
+            *filters,
             *(
                 U32Filter(pref, minors[default.name], U32Match(protocol=family))
                 for family, pref in CATCH_ALL_PREFS.items()
@@ -268,15 +277,31 @@ def u32_filters(classes: Sequence[EffectiveClass], minors: Mapping[str, int]) ->
     return filters
 
 
+def check_expansion(classes: Sequence[EffectiveClass], filters: Sequence[U32Filter]) -> None:
+    """ValueError when the classes' filters are past the limits validation holds a policy
+    to (an assignment's entries, merged in after it, may take a class there), or are not
+    what validation counted."""
+    total = U32Count()
+    for cls in classes:
+        count = u32_filters_of(cls.match)
+        if count.filters > MAX_U32_FILTERS_PER_CLASS:
+            raise ValueError(
+                f"class {cls.name!r} expands to {count.filters} u32 filters; "
+                f"at most {MAX_U32_FILTERS_PER_CLASS}"
+            )
+        total += count
+    if total.filters > MAX_U32_FILTERS_PER_POLICY:
+        raise ValueError(
+            f"the policy expands to {total.filters} u32 filters; "
+            f"at most {MAX_U32_FILTERS_PER_POLICY}"
+        )
+    if total.prefs != len(filters):
+        raise ValueError(f"{len(filters)} u32 filters built where validation counted {total.prefs}")
+
+
 def u32_matches(entry: Match) -> list[U32Match]:
     """The u32 matches for one policy match entry (empty when it needs nftables)."""
-    if entry.cgroup is not None or entry.fwmark is not None:
-        return []
-    families = [
-        family
-        for family, version in (("ip", 4), ("ipv6", 6))
-        if all(cidr is None or cidr.version == version for cidr in (entry.src_cidr, entry.dst_cidr))
-    ]
+    families = u32_families(entry)
     sports: Sequence[PortRange | None] = list(entry.src_ports or ()) or [None]
     dports: Sequence[PortRange | None] = list(entry.dst_ports or ()) or [None]
     matches = []

@@ -70,15 +70,16 @@ class FileRead:
 
 
 def policy_files(directory: Path) -> list[Path]:
-    """The policy files in `directory`, in name order; none when it does not exist.
-    Dotfiles are an editor's or a config manager's work in progress (`.node.yaml.swp`,
-    `.node.yaml`), as are other suffixes (`node.yaml.tmp`): they are never read."""
+    """The entries of `directory` named as policy files, in name order; none when it does
+    not exist. Entries that are not readable files (a symlink loop or one to nothing, a
+    FIFO, a directory) are in the list: reading them reports why, where skipping them
+    would drop a policy without a word. Dotfiles are an editor's or a config manager's
+    work in progress (`.node.yaml.swp`, `.node.yaml`), as are other suffixes
+    (`node.yaml.tmp`): they are never read."""
     if not directory.is_dir():
         return []
     return sorted(
-        p
-        for p in directory.glob("*")
-        if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        p for p in directory.iterdir() if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".")
     )
 
 

@@ -14,6 +14,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+# port_blocks: how validation counts the kernel filters a port range takes, too.
+from agent.common.policy.limits import port_blocks as port_blocks
 from agent.common.policy.units import PortRange, format_bps
 
 AGENT_ROOT_MAJOR = 0xFA
@@ -45,27 +47,6 @@ def burst_for_rate(rate_bps: int) -> int:
 
 def format_handle(major: int, minor: int | None = None) -> str:
     return f"{major:x}:" if minor is None else f"{major:x}:{minor:x}"
-
-
-def port_blocks(first: int, last: int) -> list[tuple[int, int]]:
-    """Split [first, last] into maximal aligned power-of-two blocks, as (value, 16-bit mask):
-    what u32 can match.
-
-    1000-1999 -> 1000/fff8, 1008/fff0, 1024/fe00, ..., 1984/fff0; every port in the range
-    is in exactly one block and none outside it.
-    """
-    if not 0 <= first <= last <= 0xFFFF:
-        raise ValueError(f"port range {first}-{last} is not within 0-65535")
-    blocks: list[tuple[int, int]] = []
-    start = first
-    while start <= last:
-        # The largest block aligned at `start` (its low bits) that still fits in the range.
-        size = start & -start if start else 0x10000
-        while start + size - 1 > last:
-            size //= 2
-        blocks.append((start, 0xFFFF & ~(size - 1)))
-        start += size
-    return blocks
 
 
 def merge_port_blocks(blocks: Iterable[tuple[int, int]]) -> PortRange | None:

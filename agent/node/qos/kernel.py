@@ -13,18 +13,20 @@ it had when a change fails, a nftables table loads in one transaction.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.common.errors import FabricError
+
+# ifb_name: validation checks the IFB name an ingress policy derives, too.
+from agent.common.policy.limits import IFB_PREFIX as IFB_PREFIX
+from agent.common.policy.limits import ifb_name as ifb_name
 from agent.node.qos.htb import Change, HtbTree, format_handle
 from agent.node.qos.nftrules import TABLE_FAMILY, TABLE_NAME
 
 # The drift and error label of the agent's nftables table (its "device").
 NFT_DEVICE = "nftables"
 IFNAMSIZ = 15  # usable characters of a Linux interface name
-IFB_PREFIX = "ifb-"
 INGRESS_HANDLE = 0xFFFF0000
 
 
@@ -83,17 +85,6 @@ class TcApplyError(TcError):
 
 class NftError(FabricError):
     """nftables refused a command, or is not there; the message carries its own text."""
-
-
-def ifb_name(interface: str) -> str:
-    """The IFB device for `interface`: "ifb-" + the name, or, where that exceeds the
-    kernel's 15 characters, "ifb-" + its first 5 characters + 6 hex digits of its hash
-    (deterministic, so every agent run finds the same device)."""
-    name = IFB_PREFIX + interface
-    if len(name) <= IFNAMSIZ:
-        return name
-    digest = hashlib.blake2s(interface.encode(), digest_size=3).hexdigest()
-    return f"{IFB_PREFIX}{interface[: IFNAMSIZ - len(IFB_PREFIX) - 6]}{digest}"
 
 
 # --- what the kernel reads back ---

@@ -210,10 +210,14 @@ def test_assignment_roundtrip_from_yaml(node: Node) -> None:
 _text = st.text(max_size=12)
 _rates = st.one_of(
     st.sampled_from(["100Mbit", "1Gbit", "50%", "0", "-1", "1.5Gbit", "10Tbit", "abc", ""]),
+    # Either side of the 10 Tbit ceiling, and far past what the kernel's fields carry.
+    st.sampled_from(["10000000000000", "10000000000008bit", "10.000001Tbit", "1" + "0" * 99]),
     _text,
 )
-_ports = st.lists(
-    st.one_of(st.sampled_from(["80", "1-65535", "0", "70000", "9-3"]), _text), max_size=3
+_ports = st.one_of(
+    st.lists(st.one_of(st.sampled_from(["80", "1-65535", "0", "70000", "9-3"]), _text), max_size=3),
+    # Around the 256 u32 filters a class may have (two families, one filter a port).
+    st.integers(126, 130).map(lambda n: [str(1000 + i) for i in range(n)]),
 )
 _match = st.fixed_dictionaries(
     {},

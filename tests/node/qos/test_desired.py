@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
-from agent.common.policy.model import QosPolicy, load_policies, load_policy_file
+from dataclasses import replace
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.common.policy.limits import u32_filters_of
+from agent.common.policy.model import (
+    Match,
+    QosPolicy,
+    load_policies,
+    load_policy_file,
+    parse_document,
+)
 from agent.common.policy.units import PortRange
 from agent.node.qos import tc
-from agent.node.qos.desired import FIRST_LEAF_MINOR, ROOT_MINOR, allocate_minors, build_tree
+from agent.node.qos.desired import (
+    CATCH_ALL_PREFS,
+    FIRST_LEAF_MINOR,
+    ROOT_MINOR,
+    allocate_minors,
+    build_tree,
+    u32_filters,
+)
 from agent.node.qos.htb import Action, U32Match, plan
 from tests import ROOT
 from tests.conftest import VethPair
-from tests.node.qos import netlink_put
+from tests.node.qos import DEVICE, api_policy_document, netlink_put
 
 POLICIES = ROOT / "policies"
 GBIT = 10**9
@@ -125,3 +145,78 @@ def test_policy_tree_onto_the_kernel(shaped_pair: VethPair) -> None:
 
     assert first and second == []
     assert tc.read_tree(shaped_pair.device, netns=shaped_pair.netns) == desired
+
+
+# --- validation's count of the u32 filters ----------------------------------------------
+
+_port_ranges = st.lists(
+    st.tuples(st.integers(1, 65535), st.integers(0, 3000)).map(
+        lambda t: f"{t[0]}-{min(65535, t[0] + t[1])}"
+    ),
+    min_size=1,
+    max_size=4,
+)
+_entries = st.fixed_dictionaries(
+    {},
+    optional={
+        "srcCidr": st.sampled_from(["10.0.0.0/8", "fd00::/64"]),
+        "dstCidr": st.sampled_from(["10.1.0.0/16", "fd01::/64"]),
+        "srcPorts": _port_ranges,
+        "dstPorts": _port_ranges,
+        "protocol": st.sampled_from(["tcp", "udp"]),
+        "dscp": st.integers(0, 63),
+        "cgroup": st.just("job/a"),
+        "fwmark": st.just("0x1/0xff"),
+    },
+).filter(
+    lambda e: (
+        bool(e)
+        and not (
+            "srcCidr" in e and "dstCidr" in e and (":" in e["srcCidr"]) != (":" in e["dstCidr"])
+        )
+    )
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(entries=st.lists(_entries, min_size=1, max_size=4))
+def test_validation_counts_exactly_the_u32_filters_the_node_builds(
+    entries: list[dict[str, Any]],
+) -> None:
+    document = api_policy_document(DEVICE)
+    matches = tuple(Match.model_validate(e, by_alias=True) for e in entries)
+    model = parse_document(document, "doc.yaml")
+    assert isinstance(model, QosPolicy)
+    classes = list(model.effective_classes())
+    classes[0] = replace(classes[0], match=matches)
+
+    built = u32_filters(classes, allocate_minors([c.name for c in classes], {}))
+    counted = u32_filters_of(matches)
+
+    assert counted.prefs == len(built)
+    assert counted.filters == sum(len(tc.match_entries(f.match)) for f in built)
+
+
+def test_a_policy_at_every_expansion_limit_applies_and_reads_back_on_the_kernel(
+    shaped_pair: VethPair,
+) -> None:
+    # 10 Tbit (HTB's 64-bit rates), 4 classes of 256 u32 filters each: 1,024 in all.
+    document = api_policy_document(shaped_pair.device, bandwidth="10Tbit", defaultClass="c0")
+    document["spec"]["classes"] = [
+        {
+            "name": f"c{i}",
+            "priority": i,
+            "rate": "2.5Tbit",
+            "match": [{"dstPorts": [str(10_000 + 1000 * i + p) for p in range(128)]}],
+        }
+        for i in range(4)
+    ]
+    model = parse_document(document, "doc.yaml")
+    assert isinstance(model, QosPolicy)
+    desired = build_tree(model).tree
+    assert len(desired.filters) == 1024 + len(CATCH_ALL_PREFS)  # and the catch-alls
+
+    netlink_put(desired, shaped_pair.netns)
+
+    assert tc.read_tree(shaped_pair.device, netns=shaped_pair.netns) == desired
+    assert netlink_put(desired, shaped_pair.netns) == []
