@@ -48,11 +48,31 @@ def _missing_interface(text: str) -> str:
     return text.replace(f"interface: {DEVICE}", "interface: fab9")
 
 
+def _nested_20000_deep(text: str) -> str:
+    return text.replace(
+        "direction: egress", "direction: egress\n  extra: " + "[" * 20_000 + "]" * 20_000
+    )
+
+
+def _rate_of_100_digits(text: str) -> str:
+    return text.replace("bandwidth: 1Gbit", "bandwidth: 1" + "0" * 99 + "bit")
+
+
+def _ports_300_by_300(text: str) -> str:
+    ports = ", ".join(f'"{1000 + i}"' for i in range(300))
+    return text.replace('{dstPorts: ["2049"]}', f"{{srcPorts: [{ports}], dstPorts: [{ports}]}}")
+
+
 BREAKAGES: dict[str, Callable[[str], str]] = {
     "yaml-syntax-error": _yaml_syntax_error,
     "unknown-field": _unknown_field,
     "schema-violation": _schema_violation,
     "missing-interface": _missing_interface,
+    # The three that once wedged every pass: a RecursionError, a rate pyroute2 could not
+    # pack, and more u32 filters than a qdisc has priorities.
+    "nested-20000-deep": _nested_20000_deep,
+    "rate-of-100-digits": _rate_of_100_digits,
+    "ports-300-by-300": _ports_300_by_300,
 }
 
 
