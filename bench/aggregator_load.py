@@ -195,7 +195,7 @@ def running_aggregator(gone_after: str = "60s") -> Iterator[RunningAggregator]:
             "--summary-interval", "1s",
             "--stale-after-missed", "3",
             "--gone-after", gone_after,
-            "--log-level", "warning",
+            "--log-level", "warning", "--insecure-plaintext-agents",
         ]  # fmt: skip
         process = subprocess.Popen(argv, cwd=ROOT)
         aggregator = RunningAggregator(

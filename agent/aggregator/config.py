@@ -2,9 +2,9 @@
 
 Sources as for the agent: the defaults below, a YAML file (`--config`), flags. The
 listener options are the agent's, names and rules (DaemonConfig, agent/common/config.py):
-the unix socket serves everything; TCP without mTLS serves reads and agent streams;
-mutations over TCP need mTLS and an allowed identity, and with mTLS an agent may only
-register under a node name its certificate carries.
+the unix socket serves everything; TCP without mTLS serves reads (and agent streams only
+with insecure_plaintext_agents); mutations over TCP need mTLS and an allowed identity,
+and with mTLS an agent may only register under a node name its certificate carries.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class AggregatorConfig(DaemonConfig):
     grpc_listen: str = "0.0.0.0:9480"
     # This replica's name in logs (several replicas may share one etcd).
     replica_name: str = Field(default_factory=socket.gethostname, min_length=1)
+    # Agent streams over TCP without mTLS: refused unless this is set, since anyone who
+    # reaches the port could then register as any node, take its stream and its fleet
+    # policies, and report for it. Logged as a WARNING at every start, and
+    # fabric_aggregator_insecure_agent_streams is 1.
+    insecure_plaintext_agents: bool = False
     # Desired state: sqlite:///path (one replica) or etcd://host:port[,...] (several).
     store: str = DEFAULT_STORE
     # Liveness: the summary interval agents are expected to keep, how many summaries a

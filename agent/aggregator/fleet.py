@@ -63,6 +63,16 @@ class UnknownPolicy(LookupError):
     """No fleet policy of that name."""
 
 
+class NodeAlreadyConnected(Exception):
+    """A second stream for a node whose first stream is still live. Mapped to gRPC
+    ALREADY_EXISTS: the real agent keeps its stream; an impostor (or a duplicate agent)
+    does not take it over."""
+
+
+# Refused duplicate streams are logged at most once per this many seconds.
+DUPLICATE_LOG_INTERVAL_S = 10.0
+
+
 @dataclass(frozen=True)
 class NodeReport:
     """A node's last word on one fleet policy."""
@@ -142,6 +152,7 @@ class Fleet:
         self._request_ids = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._error_logged: dict[str, float] = {}
+        self._duplicate_logged = -math.inf
         # Whether the store watch is following desired state now (health reports it).
         self.store_ok = False
         # Liveness leases in the store outlive a silent node until it is gone.
@@ -283,14 +294,19 @@ class Fleet:
     # --- agent streams ---
 
     async def attach(self, register: pb.Register) -> AgentSession:
-        """A registered agent's stream: a newer stream for the node replaces an older one.
-        The registration, then every fleet policy for the node, are queued to it."""
+        """A registered agent's stream. A second stream for the node is refused
+        (NodeAlreadyConnected) while the first is live, and replaces it once the first
+        is stale (no summary for the node's stale threshold): an agent that lost its
+        connection without the aggregator noticing gets back in within a few summary
+        intervals, and nobody takes over a node that is reporting. The registration,
+        then every fleet policy for the node, are queued to it."""
         node = register.node_name
         check_node_name(node)
         labels = dict(register.labels)
         previous = self.sessions.get(node)
         if previous is not None:
-            log.info("node %s connected again: closing its previous stream", node)
+            self._refuse_if_live(node)
+            log.info("node %s connected again: closing its previous, silent stream", node)
             self.detach(previous)
             previous.replaced.set()
         session = AgentSession(node, labels)
@@ -310,6 +326,32 @@ class Fleet:
             await self._best_effort("set node labels", self.store.set_node_labels(node, labels))
         await self._best_effort("node alive", self.store.node_alive(node, self._lease_ttl_s))
         return session
+
+    def _refuse_if_live(self, node: str) -> None:
+        record = self.registry.get(node)
+        if record is None:
+            return
+        silent_s = self._clock() - record.last_seen_s
+        stale_after_s, _ = self.liveness.thresholds(record.interval_s)
+        if silent_s > stale_after_s:
+            return
+        self.metrics.refused.labels("duplicate").inc()
+        now = time.monotonic()
+        if now - self._duplicate_logged >= DUPLICATE_LOG_INTERVAL_S:
+            self._duplicate_logged = now
+            log.warning(
+                "refused a second stream for node %s: its stream is live (last summary "
+                "%.1fs ago); further refusals logged every %.0fs, counted in "
+                'fabric_aggregator_agents_refused{reason="duplicate"}',
+                node,
+                silent_s,
+                DUPLICATE_LOG_INTERVAL_S,
+            )
+        raise NodeAlreadyConnected(
+            f"node {node} already has a live stream on this aggregator (last summary "
+            f"{silent_s:.1f}s ago): a second stream is refused until the first has been "
+            f"silent for {stale_after_s:g}s"
+        )
 
     def detach(self, session: AgentSession) -> None:
         """The stream ended. The node's record stays: liveness turns it stale, then gone,

@@ -36,7 +36,7 @@ from agent.common.errors import ConfigError, ListenError
 from agent.common.exits import ExitCode
 from agent.common.listeners import Listeners, TcpSettings, add_health_and_reflection
 from agent.common.sdnotify import Notifier
-from agent.common.security import Authorizer
+from agent.common.security import AllowAll, Authorizer
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("agent.aggregator")
@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="YAML file; flags override its values")
     for flag, help_text in _FLAGS.items():
         run.add_argument(flag, help=help_text, default=None)
+    run.add_argument(
+        "--insecure-plaintext-agents",
+        action="store_true",
+        default=None,
+        help="accept agent streams on TCP without mTLS: anyone reaching the port may "
+        "register as any node (logged as a WARNING at every start)",
+    )
     return parser
 
 
@@ -85,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keys = (flag.removeprefix("--").replace("-", "_") for flag in _FLAGS)
     overrides: dict[str, Any] = {key: getattr(args, key) for key in keys}
+    overrides["insecure_plaintext_agents"] = args.insecure_plaintext_agents
     try:
         config = load_model(AggregatorConfig, args.config, overrides)
     except ConfigError as exc:
@@ -126,7 +134,14 @@ class AggregatorServer:
     ) -> grpc.aio.Server:
         server = grpc.aio.server(options=list(options))
         # With mTLS an agent may register only under a name its certificate carries.
-        access = Access(authorizer, bind_node_names=mtls)
+        # The unix socket's callers are local (its mode and group); TCP agents need mTLS
+        # unless the operator said otherwise.
+        tcp = not isinstance(authorizer, AllowAll)
+        access = Access(
+            authorizer,
+            bind_node_names=mtls,
+            agents_need_mtls=tcp and not self.config.insecure_plaintext_agents,
+        )
         pb_grpc.add_AggregatorServiceServicer_to_server(
             AggregatorServicer(self.fleet, access), server
         )
@@ -139,7 +154,18 @@ class AggregatorServer:
         return self._listeners.tcp_port
 
     async def start(self) -> None:
-        """Bind and serve; ListenError when a listener cannot bind."""
+        """Bind and serve; ListenError when a listener cannot bind. Every start that
+        accepts agents without mTLS says so loudly, in the log and in /metrics."""
+        insecure = self.agents_without_mtls
+        self.fleet.metrics.insecure_agent_streams.set(1 if insecure else 0)
+        if insecure:
+            log.warning(
+                "insecure_plaintext_agents: agent streams on %s are accepted without mTLS; "
+                "anyone who reaches the port can register as any node, receive its fleet "
+                "policies and report for it. Configure grpc_tls_cert, grpc_tls_key and "
+                "grpc_client_ca instead.",
+                self.config.grpc_listen,
+            )
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._listeners.bind()
@@ -147,12 +173,18 @@ class AggregatorServer:
             await server.start()
         self._listeners.restrict_socket()
 
+    @property
+    def agents_without_mtls(self) -> bool:
+        """Whether agents may stream over TCP without client certificates."""
+        return self.tcp is not None and not self.tcp.mtls and self.config.insecure_plaintext_agents
+
     def describe_tcp(self) -> str:
         if self.tcp is None:
             return "no TCP listener"
-        described = self.tcp.describe(
-            reads="reads and agent streams only", changes="fleet policy changes"
-        )
+        reads = "reads only, agent streams need mTLS"
+        if self.agents_without_mtls:
+            reads = "reads and INSECURE agent streams"
+        described = self.tcp.describe(reads=reads, changes="fleet policy changes")
         if self.tcp.mtls:
             # An agent registers only under a name its certificate carries.
             return f"{described}; agents bound to their certificates' names"

@@ -61,6 +61,12 @@ class FleetMetrics:
             ["reason"],
             registry=r,
         )
+        self.insecure_agent_streams = Gauge(
+            "fabric_aggregator_insecure_agent_streams",
+            "1 when agent streams are accepted on TCP without mTLS "
+            "(insecure_plaintext_agents): any peer may register as any node",
+            registry=r,
+        )
         self.events = Counter(
             "fabric_aggregator_events", "Fleet events raised, by kind", ["kind"], registry=r
         )

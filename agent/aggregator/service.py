@@ -25,6 +25,7 @@ from agent.aggregator.fleet import (
     SNAPSHOT_TIMEOUT_S,
     AgentSession,
     Fleet,
+    NodeAlreadyConnected,
     UnknownNode,
     UnknownPolicy,
 )
@@ -35,7 +36,7 @@ from agent.common.labels import check_labels
 from agent.common.policy import documents as objects
 from agent.common.policy.documents import model_from_request
 from agent.common.policy.model import PolicyError
-from agent.common.security import Authorizer, client_identities
+from agent.common.security import Authorizer, IdentityError, client_identities
 from agent.common.status import invalid_status, rich_status
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
@@ -59,6 +60,8 @@ class Access:
     mutations: Authorizer
     # mTLS: an agent may only register under a name its certificate carries.
     bind_node_names: bool
+    # TCP: agent streams without mTLS are refused (unless the operator allowed them).
+    agents_need_mtls: bool = False
 
 
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
@@ -88,8 +91,21 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         except ValueError as exc:
             self._fleet.metrics.refused.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register: {exc}")
+        if self._access.agents_need_mtls and not self._access.bind_node_names:
+            self._fleet.metrics.refused.labels("no_mtls").inc()
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "agent streams over TCP need mTLS (grpc_tls_cert, grpc_tls_key, "
+                "grpc_client_ca): without client certificates anyone could register as "
+                "any node; the aggregator's insecure_plaintext_agents option allows it",
+            )
         if self._access.bind_node_names:
-            names = client_identities(context)
+            try:
+                names = client_identities(context)
+            except IdentityError as exc:
+                self._fleet.metrics.refused.labels("identity").inc()
+                log.warning("refused agent stream for node %r: %s", register.node_name, exc)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             if register.node_name not in names:
                 self._fleet.metrics.refused.labels("identity").inc()
                 log.warning(
@@ -102,7 +118,10 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                     f"node name {register.node_name!r} is not in this client's certificate "
                     f"({', '.join(names) or 'no identity'}): an agent reports only for itself",
                 )
-        session = await self._fleet.attach(register)
+        try:
+            session = await self._fleet.attach(register)
+        except NodeAlreadyConnected as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         writer = asyncio.create_task(_write(session.outbox, context))
         reader = asyncio.create_task(self._read(session, request_iterator))
         replaced = asyncio.create_task(session.replaced.wait())

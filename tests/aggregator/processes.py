@@ -454,6 +454,8 @@ class Lab:
                 "--grpc-client-ca", str(tls.client_ca),
                 "--grpc-allowed-identities", ",".join(tls.allowed_identities),
             ]  # fmt: skip
+        else:
+            argv.append("--insecure-plaintext-agents")
         process = self._start(name, argv)
         stub = AggregatorServiceStub(self._channel(f"unix:{socket_path}"))
         aggregator = Aggregator(process, socket_path, port, metrics_port, stub)
