@@ -15,6 +15,11 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from agent.aggregator.limits import (
+    DEFAULT_MAX_NODES,
+    DEFAULT_REGISTRATIONS_PER_PEER_S,
+    DEFAULT_REGISTRATIONS_PER_S,
+)
 from agent.aggregator.registry import Liveness
 from agent.aggregator.store import parse_store_url
 from agent.common.config import DaemonConfig, Duration, duration_within
@@ -44,9 +49,17 @@ class AggregatorConfig(DaemonConfig):
     store: str = DEFAULT_STORE
     # Liveness: the summary interval agents are expected to keep, how many summaries a
     # node may miss before it is stale, and how long before a silent node is gone.
+    # Bounded like the interval an agent may register (agent/aggregator/limits.py).
     summary_interval: Annotated[Duration, AfterValidator(duration_within("100ms", "5m"))] = 1.0
     stale_after_missed: int = Field(default=3, ge=1, le=1000)
     gone_after: Duration = 60.0
+
+    # Nodes kept (connected, stale or gone); a new node name past this is refused.
+    max_nodes: int = Field(default=DEFAULT_MAX_NODES, ge=1, le=1_000_000)
+    # Agent registrations a second from one peer address, and in all (token buckets;
+    # bursts in agent/aggregator/limits.py). Past them: RESOURCE_EXHAUSTED, retried.
+    registrations_per_peer_s: float = Field(default=DEFAULT_REGISTRATIONS_PER_PEER_S, gt=0)
+    registrations_per_s: float = Field(default=DEFAULT_REGISTRATIONS_PER_S, gt=0)
 
     @field_validator("store")
     @classmethod

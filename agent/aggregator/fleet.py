@@ -26,6 +26,7 @@ from typing import TypeVar
 from google.protobuf import timestamp_pb2
 
 from agent.aggregator.events import EventHub
+from agent.aggregator.limits import DEFAULT_MAX_NODES, LimitError, check_summary
 from agent.aggregator.metrics import STATUS_LABELS, FleetMetrics, event_label
 from agent.aggregator.registry import Clock, Liveness, NodeRecord, NodeRegistry
 from agent.aggregator.store import Assignment, Change, ChangeKind, Store, StoreError
@@ -69,7 +70,12 @@ class NodeAlreadyConnected(Exception):
     does not take it over."""
 
 
-# Refused duplicate streams are logged at most once per this many seconds.
+class FleetFull(Exception):
+    """A new node past the aggregator's max_nodes. Mapped to RESOURCE_EXHAUSTED."""
+
+
+# Refused duplicate streams, and dropped summaries, are logged at most once per this
+# many seconds.
 DUPLICATE_LOG_INTERVAL_S = 10.0
 
 
@@ -131,8 +137,10 @@ class Fleet:
         *,
         metrics: FleetMetrics | None = None,
         clock: Clock = time.time,
+        max_nodes: int = DEFAULT_MAX_NODES,
     ) -> None:
         self.store = store
+        self.max_nodes = max_nodes
         self.liveness = liveness
         self.metrics = metrics or FleetMetrics()
         self._clock = clock
@@ -153,6 +161,7 @@ class Fleet:
         self._tasks: list[asyncio.Task[None]] = []
         self._error_logged: dict[str, float] = {}
         self._duplicate_logged = -math.inf
+        self._dropped_logged = -math.inf
         # Whether the store watch is following desired state now (health reports it).
         self.store_ok = False
         # Liveness leases in the store outlive a silent node until it is gone.
@@ -303,6 +312,12 @@ class Fleet:
         node = register.node_name
         check_node_name(node)
         labels = dict(register.labels)
+        known = self.registry.get(node) is not None or node in self.store_labels
+        if not known and max(len(self.registry), len(self.store_labels)) >= self.max_nodes:
+            raise FleetFull(
+                f"node {node}: this aggregator keeps at most {self.max_nodes} nodes "
+                "(max_nodes), connected or not"
+            )
         previous = self.sessions.get(node)
         if previous is not None:
             self._refuse_if_live(node)
@@ -380,6 +395,23 @@ class Fleet:
             raise ValueError("register: only the stream's first message may register")
 
     def summary(self, session: AgentSession, summary: pb.NodeSummary) -> None:
+        """A summary into the fleet view; one over a bound, or with a value that cannot
+        be true, is dropped and counted (agent/aggregator/limits.py)."""
+        try:
+            check_summary(summary)
+        except LimitError as exc:
+            self.metrics.summaries_dropped.labels(exc.kind).inc()
+            now = time.monotonic()
+            if now - self._dropped_logged >= DUPLICATE_LOG_INTERVAL_S:
+                self._dropped_logged = now
+                log.warning(
+                    "dropped a summary of node %s: %s (further drops logged every %.0fs, "
+                    "counted in fabric_aggregator_summaries_dropped)",
+                    session.node,
+                    exc,
+                    DUPLICATE_LOG_INTERVAL_S,
+                )
+            return
         self.registry.summary(session.node, summary)
         self.metrics.summaries.inc()
         if summary.HasField("sampled_at"):

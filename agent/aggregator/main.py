@@ -27,6 +27,7 @@ from prometheus_client import start_http_server
 from agent import __version__
 from agent.aggregator.config import AggregatorConfig
 from agent.aggregator.fleet import Fleet
+from agent.aggregator.limits import REGISTRATION_BURST, REGISTRATION_BURST_PER_PEER, RateLimiter
 from agent.aggregator.metrics import FleetMetrics
 from agent.aggregator.service import SERVICE_NAME, Access, AggregatorServicer
 from agent.aggregator.store import StoreError, open_store
@@ -63,6 +64,9 @@ _FLAGS: dict[str, str] = {
     "--stale-after-missed": "missed summaries before a node is stale (default 3)",
     "--gone-after": "silence before a node is gone (default 60s)",
     "--replica-name": "this replica's name in logs (default: host name)",
+    "--max-nodes": "nodes kept, connected or not; new names past it are refused (default 20000)",
+    "--registrations-per-peer-s": "agent registrations a second from one address (default 5)",
+    "--registrations-per-s": "agent registrations a second in all (default 500)",
     "--log-level": "debug, info, warning or error (default info)",
 }
 
@@ -117,6 +121,13 @@ class AggregatorServer:
         self.config = config
         self.fleet = fleet
         self.health = health.aio.HealthServicer()
+        # One limiter for both listeners: the socket's callers count too.
+        self.registrations = RateLimiter(
+            config.registrations_per_peer_s,
+            REGISTRATION_BURST_PER_PEER,
+            config.registrations_per_s,
+            REGISTRATION_BURST,
+        )
         self.tcp = TcpSettings.from_config(config)
         self._listeners = Listeners(
             config.grpc_socket,
@@ -143,7 +154,7 @@ class AggregatorServer:
             agents_need_mtls=tcp and not self.config.insecure_plaintext_agents,
         )
         pb_grpc.add_AggregatorServiceServicer_to_server(
-            AggregatorServicer(self.fleet, access), server
+            AggregatorServicer(self.fleet, access, self.registrations), server
         )
         add_health_and_reflection(server, self.health, [SERVICE_NAME])
         return server
@@ -216,7 +227,7 @@ async def serve(config: AggregatorConfig) -> None:
     """Run until SIGTERM or SIGINT."""
     metrics = FleetMetrics()
     store = open_store(config.store)
-    fleet = Fleet(store, config.liveness, metrics=metrics)
+    fleet = Fleet(store, config.liveness, metrics=metrics, max_nodes=config.max_nodes)
     notifier = Notifier.from_environment()
     try:
         await fleet.start()

@@ -67,6 +67,13 @@ class FleetMetrics:
             "(insecure_plaintext_agents): any peer may register as any node",
             registry=r,
         )
+        self.summaries_dropped = Counter(
+            "fabric_aggregator_summaries_dropped",
+            "Node summaries dropped: over a bound (too_large) or with a value that is not "
+            "finite or out of range (invalid); docs/api.md lists the bounds",
+            ["reason"],
+            registry=r,
+        )
         self.events = Counter(
             "fabric_aggregator_events", "Fleet events raised, by kind", ["kind"], registry=r
         )
@@ -96,5 +103,7 @@ class FleetMetrics:
         )
         for label in STATUS_LABELS.values():
             self.nodes.labels(label)
+        for label in ("too_large", "invalid"):
+            self.summaries_dropped.labels(label)
         for label in ("applied", "failed", "removed"):
             self.policy_reports.labels(label)

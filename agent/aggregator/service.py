@@ -13,7 +13,7 @@ import base64
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -25,9 +25,18 @@ from agent.aggregator.fleet import (
     SNAPSHOT_TIMEOUT_S,
     AgentSession,
     Fleet,
+    FleetFull,
     NodeAlreadyConnected,
     UnknownNode,
     UnknownPolicy,
+)
+from agent.aggregator.limits import (
+    MAX_PAGE_BYTES,
+    LimitError,
+    RateLimiter,
+    check_labels_size,
+    check_register,
+    peer_address,
 )
 from agent.aggregator.registry import QueryError
 from agent.aggregator.store import Assignment, DocumentTooLarge, StoreError
@@ -65,9 +74,12 @@ class Access:
 
 
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
-    def __init__(self, fleet: Fleet, access: Access) -> None:
+    def __init__(
+        self, fleet: Fleet, access: Access, registrations: RateLimiter | None = None
+    ) -> None:
         self._fleet = fleet
         self._access = access
+        self._registrations = registrations
 
     # --- agents ---
 
@@ -85,12 +97,22 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message must be register"
             )
         register = first.register
+        if self._registrations is not None:
+            refused = self._registrations.refusal(peer_address(context.peer()))
+            if refused is not None:
+                self._fleet.metrics.refused.labels("rate").inc()
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         try:
             check_node_name(register.node_name)
             check_labels("register", register.labels)
         except ValueError as exc:
             self._fleet.metrics.refused.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register: {exc}")
+        try:
+            check_register(register)
+        except LimitError as exc:
+            self._fleet.metrics.refused.labels("too_large").inc()
+            await _abort_field(context, exc.field, exc.reason)
         if self._access.agents_need_mtls and not self._access.bind_node_names:
             self._fleet.metrics.refused.labels("no_mtls").inc()
             await context.abort(
@@ -122,6 +144,9 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             session = await self._fleet.attach(register)
         except NodeAlreadyConnected as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except FleetFull as exc:
+            self._fleet.metrics.refused.labels("fleet_full").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         writer = asyncio.create_task(_write(session.outbox, context))
         reader = asyncio.create_task(self._read(session, request_iterator))
         replaced = asyncio.create_task(session.replaced.wait())
@@ -158,9 +183,19 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         page, more = await self._call(
             context, self._fleet.page(request.selector, request.statuses, after, size)
         )
-        response = pb.ListNodesResponse(nodes=[v.to_proto() for v in page])
+        response = pb.ListNodesResponse()
+        page_bytes = 0
+        for index, view in enumerate(page):
+            node = view.to_proto()
+            # Each node costs its size plus a few bytes of framing.
+            page_bytes += node.ByteSize() + 8
+            if index > 0 and page_bytes > MAX_PAGE_BYTES:
+                # The page ends early: the client asks for the rest with the token.
+                more = True
+                break
+            response.nodes.append(node)
         if more:
-            response.next_page_token = _page_token(page[-1].name)
+            response.next_page_token = _page_token(response.nodes[-1].name)
         return response
 
     async def GetNode(
@@ -223,6 +258,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         _, document = objects.document_from_object(request.object)
         try:
             check_labels("selector", request.selector)
+            check_labels_size("selector", request.selector)
             assignment = Assignment(model.metadata.name, document, dict(request.selector))
         except ValueError as exc:
             await _abort_field(context, "selector", str(exc))
@@ -281,7 +317,7 @@ async def _write(
 
 
 async def _abort_field(
-    context: grpc.aio.ServicerContext[object, object], field: str, reason: str
+    context: grpc.aio.ServicerContext[Any, Any], field: str, reason: str
 ) -> NoReturn:
     detail = error_details_pb2.BadRequest(
         field_violations=[

@@ -48,7 +48,9 @@ class InProcessAggregator:
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
         store = open_store(self.config.store)
-        fleet = Fleet(store, self.config.liveness, metrics=self.metrics)
+        fleet = Fleet(
+            store, self.config.liveness, metrics=self.metrics, max_nodes=self.config.max_nodes
+        )
         try:
             await fleet.start()
             server = AggregatorServer(self.config, fleet)
