@@ -197,6 +197,8 @@ def running_aggregator(gone_after: str = "60s") -> Iterator[RunningAggregator]:
             "--gone-after", gone_after,
             "--log-level", "warning", "--insecure-plaintext-agents",
         ]  # fmt: skip
+        init = [sys.executable, "-m", "agent.aggregator.main", "init", "--store", argv[4]]
+        subprocess.run(init, cwd=ROOT, check=True, capture_output=True)
         process = subprocess.Popen(argv, cwd=ROOT)
         aggregator = RunningAggregator(
             process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics"

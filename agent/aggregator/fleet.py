@@ -29,7 +29,14 @@ from agent.aggregator.events import EventHub
 from agent.aggregator.limits import DEFAULT_MAX_NODES, LimitError, check_summary
 from agent.aggregator.metrics import STATUS_LABELS, FleetMetrics, event_label
 from agent.aggregator.registry import Clock, Liveness, NodeRecord, NodeRegistry
-from agent.aggregator.store import Assignment, Change, ChangeKind, Store, StoreError
+from agent.aggregator.store import (
+    Assignment,
+    Change,
+    ChangeKind,
+    Store,
+    StoreError,
+    StoreIdentity,
+)
 from agent.aggregator.store.base import check_node_name, selector_matches
 from agent.common.policy import documents as objects
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
@@ -74,6 +81,10 @@ class FleetFull(Exception):
     """A new node past the aggregator's max_nodes. Mapped to RESOURCE_EXHAUSTED."""
 
 
+# Kept policies recorded per node (an agent holds at most its policy store's objects).
+MAX_KEPT_PER_NODE = 1024
+# How often a replica whose agents keep policies from another store checks for a release.
+RELEASE_CHECK_S = 10.0
 # Refused duplicate streams, and dropped summaries, are logged at most once per this
 # many seconds.
 DUPLICATE_LOG_INTERVAL_S = 10.0
@@ -114,9 +125,13 @@ class NodeView:
     labels: Mapping[str, str]
     status: pb.NodeStatus.ValueType
     record: NodeRecord | None = None
+    # Fleet policies the node kept from another store.
+    kept: tuple[str, ...] = ()
 
     def to_proto(self, *, with_summary: bool = True) -> pb.Node:
-        node = pb.Node(name=self.name, labels=dict(self.labels), status=self.status)
+        node = pb.Node(
+            name=self.name, labels=dict(self.labels), status=self.status, kept_policies=self.kept
+        )
         record = self.record
         if record is not None:
             node.last_seen.CopyFrom(_timestamp(record.last_seen_s))
@@ -138,9 +153,15 @@ class Fleet:
         metrics: FleetMetrics | None = None,
         clock: Clock = time.time,
         max_nodes: int = DEFAULT_MAX_NODES,
+        identity: StoreIdentity | None = None,
     ) -> None:
         self.store = store
         self.max_nodes = max_nodes
+        # The store's identity, sent to every agent (`fabric-aggregator run` reads it
+        # before serving; without it, start() reads it, making one for a new store).
+        self.identity = identity
+        # Node -> fleet policies it kept from another store (its KEPT reports).
+        self.kept: dict[str, set[str]] = {}
         self.liveness = liveness
         self.metrics = metrics or FleetMetrics()
         self._clock = clock
@@ -172,9 +193,12 @@ class Fleet:
     async def start(self) -> None:
         """Load desired state and follow the store; raises StoreError when the store
         cannot be read at all (a replica without desired state must not serve)."""
+        if self.identity is None:
+            self.identity = await self.store.identity(create=True)
         loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._follow_store(loaded), name="store-watch"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="liveness-sweep"))
+        self._tasks.append(asyncio.create_task(self._follow_release(), name="kept-release"))
         try:
             await loaded
         except BaseException:
@@ -214,6 +238,19 @@ class Fleet:
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, WATCH_RETRY_MAX_S)
 
+    async def _follow_release(self, period_s: float = RELEASE_CHECK_S) -> None:
+        """While agents here keep policies from another store, look for a release made
+        through another replica (or before a restart) and pass it on to them."""
+        while True:
+            await asyncio.sleep(period_s)
+            if not self.kept or self.identity is None or self.identity.kept_released:
+                continue
+            with contextlib.suppress(StoreError):
+                identity = await self._store("read the store identity", self.store.identity())
+                if identity.kept_released:
+                    self.identity = identity
+                    self._resend_to_keepers()
+
     async def _sweep_loop(self) -> None:
         period_s = min(0.5, self.liveness.summary_interval_s / 2)
         while True:
@@ -226,6 +263,7 @@ class Fleet:
             self.metrics.nodes.labels(STATUS_LABELS[status]).set(count)
         self.metrics.streams.set(len(self.sessions))
         self.metrics.assignments.set(len(self.assignments))
+        self.metrics.kept_policies.set(sum(len(names) for names in self.kept.values()))
         self.metrics.event_watchers.set(len(self.events))
 
     # --- desired state from the store ---
@@ -325,12 +363,8 @@ class Fleet:
             self.detach(previous)
             previous.replaced.set()
         session = AgentSession(node, labels)
-        # No await from here to the last send: a store change cannot slip in between the
-        # count in `registered` and the assignments that follow it.
-        matching = [a for a in self.assignments.values() if a.matches(labels)]
-        session.send(pb.AggregatorMessage(registered=pb.Registered(assignments=len(matching))))
-        for assignment in sorted(matching, key=lambda a: a.name):
-            self._send_assignment(session, assignment)
+        self._send_registration(session)
+        self.kept.pop(node, None)  # the agent reports what it keeps after registering
         self.sessions[node] = session
         self.registry.register(register)
         self.metrics.registrations.inc()
@@ -341,6 +375,49 @@ class Fleet:
             await self._best_effort("set node labels", self.store.set_node_labels(node, labels))
         await self._best_effort("node alive", self.store.node_alive(node, self._lease_ttl_s))
         return session
+
+    def _send_registration(self, session: AgentSession) -> None:
+        """`registered`, then every fleet policy for the node: what the agent resyncs on.
+        No await here: a store change cannot slip in between the count in `registered`
+        and the assignments that follow it."""
+        identity = self.identity or StoreIdentity("")
+        matching = [a for a in self.assignments.values() if a.matches(session.labels)]
+        registered = pb.Registered(
+            assignments=len(matching),
+            store_id=identity.store_id,
+            kept_released=identity.kept_released,
+        )
+        session.send(pb.AggregatorMessage(registered=registered))
+        for assignment in sorted(matching, key=lambda a: a.name):
+            self._send_assignment(session, assignment)
+
+    def _resend_to_keepers(self) -> list[str]:
+        """Send the registration again to the connected nodes that keep policies from
+        another store: with kept_released, they drop what this store does not assign."""
+        told = []
+        for node in sorted(self.kept):
+            session = self.sessions.get(node)
+            if session is not None:
+                self._send_registration(session)
+                # Released, the agent drops them (a resync reports nothing back).
+                del self.kept[node]
+                told.append(node)
+        return told
+
+    async def release_kept(self) -> list[pb.NodePolicyStatus]:
+        """An operator's word that kept policies may go: recorded in the store (agents
+        that register later drop theirs), then told to the connected nodes keeping any."""
+        self.identity = await self._store("release kept policies", self.store.release_kept())
+        holders = {node: sorted(names) for node, names in self.kept.items()}
+        told = set(self._resend_to_keepers())
+        statuses = []
+        for node, names in sorted(holders.items()):
+            if node in told:
+                state, message = PENDING, f"told to drop {', '.join(names)}"
+            else:
+                state, message = UNREACHABLE, "not connected here: drops them when it registers"
+            statuses.append(pb.NodePolicyStatus(node=node, state=state, message=message))
+        return statuses
 
     def _refuse_if_live(self, node: str) -> None:
         record = self.registry.get(node)
@@ -420,6 +497,17 @@ class Fleet:
 
     def report(self, session: AgentSession, report: pb.PolicyReport) -> None:
         name, node = report.name, session.node
+        if report.outcome == pb.POLICY_OUTCOME_KEPT:
+            self.metrics.policy_reports.labels("kept").inc()
+            kept = self.kept.setdefault(node, set())
+            if name not in kept and len(kept) < MAX_KEPT_PER_NODE:
+                kept.add(name)
+                self._emit_policy(node, name, f"kept from another store: {report.message}")
+            return
+        if node in self.kept:
+            self.kept[node].discard(name)
+            if not self.kept[node]:
+                del self.kept[node]
         if report.outcome == pb.POLICY_OUTCOME_REMOVED:
             self.metrics.policy_reports.labels("removed").inc()
             self.removed.setdefault(name, set()).add(node)
@@ -577,7 +665,8 @@ class Fleet:
     # --- helpers ---
 
     def _local_view(self, record: NodeRecord) -> NodeView:
-        return NodeView(record.name, record.labels, record.status, record)
+        kept = tuple(sorted(self.kept.get(record.name, ())))
+        return NodeView(record.name, record.labels, record.status, record, kept)
 
     async def _matching(self, selector: Mapping[str, str]) -> list[NodeView]:
         """Every node matching `selector`, by name: this replica's records and the

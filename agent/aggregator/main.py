@@ -5,8 +5,12 @@ TCP (agents' streams and reads; mutations with mTLS and an allowed identity), he
 reflection on both, and its own Prometheus metrics. SIGTERM/SIGINT stop it gracefully;
 SIGHUP re-reads the TLS certificates.
 
+`fabric-aggregator init` makes the store `run` needs: `run` refuses a store that init
+did not make (a missing SQLite file, one emptied to 0 bytes, a wiped etcd prefix), since
+an empty desired state would have every agent remove its fleet policies.
+
 Exit codes (agent/common/exits.py): 0 stopped, 1 runtime failure (a port in use, the
-store unreachable at start), 2 bad configuration.
+store unreachable, missing or not initialised at start), 2 bad configuration.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from agent.aggregator.fleet import Fleet
 from agent.aggregator.limits import REGISTRATION_BURST, REGISTRATION_BURST_PER_PEER, RateLimiter
 from agent.aggregator.metrics import FleetMetrics
 from agent.aggregator.service import SERVICE_NAME, Access, AggregatorServicer
-from agent.aggregator.store import StoreError, open_store
+from agent.aggregator.store import Store, StoreError, StoreNotInitialised, open_store
 from agent.common.addresses import format_host_port
 from agent.common.config import configure_logging, load_model
 from agent.common.errors import ConfigError, ListenError
@@ -89,19 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept agent streams on TCP without mTLS: anyone reaching the port may "
         "register as any node (logged as a WARNING at every start)",
     )
+    init = commands.add_parser(
+        "init",
+        help="make the desired-state store if it does not exist (run refuses a store "
+        "init did not make); an existing store is left as it is",
+    )
+    init.add_argument("--config", type=Path, help="YAML file: its store is the one made")
+    init.add_argument("--store", default=None, help=_FLAGS["--store"])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keys = (flag.removeprefix("--").replace("-", "_") for flag in _FLAGS)
-    overrides: dict[str, Any] = {key: getattr(args, key) for key in keys}
-    overrides["insecure_plaintext_agents"] = args.insecure_plaintext_agents
+    if args.command == "init":
+        overrides: dict[str, Any] = {"store": args.store}
+    else:
+        keys = (flag.removeprefix("--").replace("-", "_") for flag in _FLAGS)
+        overrides = {key: getattr(args, key) for key in keys}
+        overrides["insecure_plaintext_agents"] = args.insecure_plaintext_agents
     try:
         config = load_model(AggregatorConfig, args.config, overrides)
     except ConfigError as exc:
         print(f"fabric-aggregator: invalid configuration: {exc}", file=sys.stderr)
         return ExitCode.INVALID
+    if args.command == "init":
+        return asyncio.run(init_store(config.store))
     configure_logging(config.log_level)
     try:
         asyncio.run(serve(config))
@@ -223,11 +239,45 @@ class AggregatorServer:
         self._listeners.remove_socket()
 
 
+async def init_store(url: str) -> int:
+    """`fabric-aggregator init`: a missing store is made with a new store id; an
+    existing one is left as it is (one from before store ids gets its id). A SQLite
+    file that exists without the aggregator's schema is refused, never overwritten."""
+    store = open_store(url, create=True)
+    try:
+        existing = await _initialised(store)
+        identity = await store.identity(create=True)
+    except StoreError as exc:
+        print(f"fabric-aggregator: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    finally:
+        await store.close()
+    state = "already initialised" if existing else "initialised a new, empty store"
+    print(f"fabric-aggregator: {url}: {state} (store id {identity.store_id})")
+    return ExitCode.OK
+
+
+async def _initialised(store: Store) -> bool:
+    try:
+        await store.identity()
+    except StoreNotInitialised:
+        return False
+    return True
+
+
 async def serve(config: AggregatorConfig) -> None:
     """Run until SIGTERM or SIGINT."""
     metrics = FleetMetrics()
-    store = open_store(config.store)
-    fleet = Fleet(store, config.liveness, metrics=metrics, max_nodes=config.max_nodes)
+    # Only a store that `init` made: a lost one must not look like an empty fleet.
+    store = open_store(config.store, create=False)
+    try:
+        identity = await store.identity()
+    except BaseException:
+        await store.close()
+        raise
+    fleet = Fleet(
+        store, config.liveness, metrics=metrics, max_nodes=config.max_nodes, identity=identity
+    )
     notifier = Notifier.from_environment()
     try:
         await fleet.start()
@@ -242,12 +292,13 @@ async def serve(config: AggregatorConfig) -> None:
         try:
             await server.start()
             log.info(
-                "fabric-aggregator %s (replica %s): store %s, gRPC on %s port %s (%s) and "
+                "fabric-aggregator %s (replica %s): store %s (id %s), gRPC on %s port %s (%s) and "
                 "unix:%s, metrics at http://%s/metrics, stale after %d missed %gs "
                 "summaries, gone after %gs",
                 __version__,
                 config.replica_name,
                 config.store,
+                identity.store_id,
                 config.grpc_listen,
                 server.tcp_port,
                 server.describe_tcp(),

@@ -95,6 +95,12 @@ class FleetMetrics:
             ["operation"],
             registry=r,
         )
+        self.kept_policies = Gauge(
+            "fabric_aggregator_kept_policies",
+            "Fleet policies connected nodes keep from another store (fabricctl fleet "
+            "release-kept lets them go)",
+            registry=r,
+        )
         self.assignments = Gauge(
             "fabric_aggregator_assignments", "Fleet policy assignments in the store", registry=r
         )
@@ -105,5 +111,5 @@ class FleetMetrics:
             self.nodes.labels(label)
         for label in ("too_large", "invalid"):
             self.summaries_dropped.labels(label)
-        for label in ("applied", "failed", "removed"):
+        for label in ("applied", "failed", "removed", "kept"):
             self.policy_reports.labels(label)

@@ -291,6 +291,20 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         log.info("fleet policy %s deleted: %d node(s) held it", request.name, len(nodes))
         return pb.DeletePolicyResponse(nodes=nodes)
 
+    async def ReleaseKeptPolicies(
+        self,
+        request: pb.ReleaseKeptPoliciesRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> pb.ReleaseKeptPoliciesResponse:
+        await self._authorize(context)
+        nodes = await self._call(context, self._fleet.release_kept())
+        log.warning(
+            "kept fleet policies released: agents drop the policies they kept from another "
+            "store (%d node(s) keeping some here)",
+            len(nodes),
+        )
+        return pb.ReleaseKeptPoliciesResponse(nodes=nodes)
+
     # --- helpers ---
 
     async def _authorize(self, context: grpc.aio.ServicerContext[object, object]) -> None:
