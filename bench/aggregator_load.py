@@ -196,6 +196,8 @@ def running_aggregator(gone_after: str = "60s") -> Iterator[RunningAggregator]:
             "--stale-after-missed", "3",
             "--gone-after", gone_after,
             "--log-level", "warning", "--insecure-plaintext-agents",
+            # Every simulated agent connects from this one address, at once.
+            "--registrations-per-peer-s", "1000000", "--registrations-per-s", "1000000",
         ]  # fmt: skip
         init = [sys.executable, "-m", "agent.aggregator.main", "init", "--store", argv[4]]
         subprocess.run(init, cwd=ROOT, check=True, capture_output=True)

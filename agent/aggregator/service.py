@@ -92,61 +92,19 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             first = await asyncio.wait_for(anext(request_iterator), REGISTER_TIMEOUT_S)
         except (StopAsyncIteration, TimeoutError):
             return
-        if first.WhichOneof("kind") != "register":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be register"
-            )
-        register = first.register
-        if self._registrations is not None:
-            refused = self._registrations.refusal(peer_address(context.peer()))
-            if refused is not None:
-                self._fleet.metrics.refused.labels("rate").inc()
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
-        try:
-            check_node_name(register.node_name)
-            check_labels("register", register.labels)
-        except ValueError as exc:
-            self._fleet.metrics.refused.labels("invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register: {exc}")
-        try:
-            check_register(register)
-        except LimitError as exc:
-            self._fleet.metrics.refused.labels("too_large").inc()
-            await _abort_field(context, exc.field, exc.reason)
-        if self._access.agents_need_mtls and not self._access.bind_node_names:
-            self._fleet.metrics.refused.labels("no_mtls").inc()
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "agent streams over TCP need mTLS (grpc_tls_cert, grpc_tls_key, "
-                "grpc_client_ca): without client certificates anyone could register as "
-                "any node; the aggregator's insecure_plaintext_agents option allows it",
-            )
-        if self._access.bind_node_names:
-            try:
-                names = client_identities(context)
-            except IdentityError as exc:
-                self._fleet.metrics.refused.labels("identity").inc()
-                log.warning("refused agent stream for node %r: %s", register.node_name, exc)
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-            if register.node_name not in names:
-                self._fleet.metrics.refused.labels("identity").inc()
-                log.warning(
-                    "refused agent stream: node name %r is not in its certificate (%s)",
-                    register.node_name,
-                    ", ".join(names) or "no identity",
-                )
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"node name {register.node_name!r} is not in this client's certificate "
-                    f"({', '.join(names) or 'no identity'}): an agent reports only for itself",
-                )
-        try:
-            session = await self._fleet.attach(register)
-        except NodeAlreadyConnected as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except FleetFull as exc:
-            self._fleet.metrics.refused.labels("fleet_full").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        admitted = await self._admit(first, context)
+        del first
+        if isinstance(admitted, grpc.Status):
+            # Ended with a status, not context.abort(): the abort's exception ties the
+            # registration (up to the message limit, natively allocated) into a reference
+            # cycle only the garbage collector frees, so a flood of refused
+            # registrations grew the aggregator's memory by ~50 KiB each.
+            context.set_code(admitted.code)
+            context.set_details(admitted.details)
+            if admitted.trailing_metadata:
+                context.set_trailing_metadata(admitted.trailing_metadata)
+            return
+        session = admitted
         writer = asyncio.create_task(_write(session.outbox, context))
         reader = asyncio.create_task(self._read(session, request_iterator))
         replaced = asyncio.create_task(session.replaced.wait())
@@ -166,6 +124,68 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             if failure is not None:
                 raise failure
         # The agent closed its side: the stream ends with OK.
+
+    async def _admit(
+        self,
+        first: pb.AgentMessage,
+        context: grpc.aio.ServicerContext[pb.AgentMessage, pb.AggregatorMessage],
+    ) -> AgentSession | grpc.Status:
+        """The session of a stream whose first message may register; else the status
+        that refuses it (counted by reason)."""
+        metrics = self._fleet.metrics
+        if first.WhichOneof("kind") != "register":
+            return _status(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be register")
+        register = first.register
+        if self._registrations is not None:
+            refused = self._registrations.refusal(peer_address(context.peer()))
+            if refused is not None:
+                metrics.refused.labels("rate").inc()
+                return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        try:
+            check_node_name(register.node_name)
+            check_labels("register", register.labels)
+        except ValueError as exc:
+            metrics.refused.labels("invalid").inc()
+            return _status(grpc.StatusCode.INVALID_ARGUMENT, f"register: {exc}")
+        try:
+            check_register(register)
+        except LimitError as exc:
+            metrics.refused.labels("too_large").inc()
+            return _field_status(exc.field, exc.reason)
+        if self._access.agents_need_mtls and not self._access.bind_node_names:
+            metrics.refused.labels("no_mtls").inc()
+            return _status(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "agent streams over TCP need mTLS (grpc_tls_cert, grpc_tls_key, "
+                "grpc_client_ca): without client certificates anyone could register as "
+                "any node; the aggregator's insecure_plaintext_agents option allows it",
+            )
+        if self._access.bind_node_names:
+            try:
+                names = client_identities(context)
+            except IdentityError as exc:
+                metrics.refused.labels("identity").inc()
+                log.warning("refused agent stream for node %r: %s", register.node_name, exc)
+                return _status(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            if register.node_name not in names:
+                metrics.refused.labels("identity").inc()
+                log.warning(
+                    "refused agent stream: node name %r is not in its certificate (%s)",
+                    register.node_name,
+                    ", ".join(names) or "no identity",
+                )
+                return _status(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"node name {register.node_name!r} is not in this client's certificate "
+                    f"({', '.join(names) or 'no identity'}): an agent reports only for itself",
+                )
+        try:
+            return await self._fleet.attach(register)
+        except NodeAlreadyConnected as exc:
+            return _status(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except FleetFull as exc:
+            metrics.refused.labels("fleet_full").inc()
+            return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     async def _read(
         self, session: AgentSession, request_iterator: AsyncIterator[pb.AgentMessage]
@@ -330,17 +350,31 @@ async def _write(
         await context.write(await outbox.get())
 
 
-async def _abort_field(
-    context: grpc.aio.ServicerContext[Any, Any], field: str, reason: str
-) -> NoReturn:
+def _status(code: grpc.StatusCode, details: str) -> grpc.Status:
+    return _Status(code, details, ())
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _field_status(field: str, reason: str) -> grpc.Status:
+    """INVALID_ARGUMENT naming `field`, with a google.rpc.BadRequest detail."""
     detail = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=reason)
         ]
     )
-    await context.abort_with_status(
-        rich_status(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}", detail)
-    )
+    return rich_status(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}", detail)
+
+
+async def _abort_field(
+    context: grpc.aio.ServicerContext[Any, Any], field: str, reason: str
+) -> NoReturn:
+    await context.abort_with_status(_field_status(field, reason))
 
 
 async def _wait_seconds(

@@ -5,6 +5,8 @@ are rate limited; ListNodes pages fit the client's message limit whatever they h
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 
 import grpc
@@ -201,3 +203,33 @@ def test_an_hour_of_error_deltas_stays_under_the_per_node_bound() -> None:
     assert record is not None
     assert sum(len(deltas) for _, deltas in record.deltas) <= MAX_DELTA_ENTRIES_PER_NODE
     assert record.deltas, "the latest deltas are kept"
+
+
+def test_a_refused_registration_is_freed_at_once_not_left_to_the_garbage_collector() -> None:
+    # Each refused registration is up to the message limit of native memory: held in a
+    # reference cycle, a flood of them grew the aggregator by ~50 KiB each until the
+    # collector happened to run (it counts objects, not bytes).
+    labels = {f"label-{i:05d}": "v" * 63 for i in range(200)}
+    with aggregator(insecure_plaintext_agents=True, registrations_per_peer_s=0.001) as running:
+        # Serialized here: every AgentMessage in this process is then the aggregator's.
+        wire = [register(f"node-{i}", labels=labels).SerializeToString() for i in range(40)]
+        channel = grpc.insecure_channel(running.target)
+        connect = channel.stream_stream(
+            "/fabric.aggregator.v1.AggregatorService/Connect",
+            request_serializer=None,
+            response_deserializer=pb.AggregatorMessage.FromString,
+        )
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for message in wire:  # refused for their labels, then for their rate
+                with contextlib.suppress(grpc.RpcError):
+                    list(connect(iter([message]), timeout=10))
+            gc.collect()
+            cyclic = [o for o in gc.garbage if isinstance(o, pb.AgentMessage | pb.Register)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            channel.close()
+
+    assert cyclic == []

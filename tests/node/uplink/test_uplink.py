@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from agent.common.errors import FabricError
 from agent.common.policy.documents import encode_document
 from agent.node.api.telemetry import SnapshotHub
 from agent.node.snapshot import Snapshot
-from agent.node.uplink.stream import Backoff, Uplink, UplinkSettings
+from agent.node.uplink.stream import Backoff, StoreIdFile, Uplink, UplinkSettings
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
 from agent.proto.fabric.v1 import qos_service_pb2, telemetry_service_pb2
@@ -242,3 +243,15 @@ def test_backoff_doubles_to_its_ceiling_with_jitter_and_resets() -> None:
     assert [high.next() for _ in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
     high.reset()
     assert high.next() == 1.0
+
+
+def test_a_corrupt_store_id_file_is_set_aside_and_counts_as_none(tmp_path: Path) -> None:
+    path = tmp_path / "fleet-store-id"
+    path.write_text("not an id\x00\n")
+    remembered = StoreIdFile(path)
+
+    assert remembered.read() is None
+    assert not path.exists()
+    assert (tmp_path / "fleet-store-id.corrupt").read_text() == "not an id\x00\n"
+    remembered.write("0123456789abcdef0123456789abcdef")
+    assert remembered.read() == "0123456789abcdef0123456789abcdef"
