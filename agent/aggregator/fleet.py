@@ -459,9 +459,11 @@ class Fleet:
     async def receive(self, session: AgentSession, message: pb.AgentMessage) -> None:
         which = message.WhichOneof("kind")
         if which == "summary":
-            self.summary(session, message.summary)
-            alive = self.store.node_alive(session.node, self._lease_ttl_s)
-            await self._best_effort("node alive", alive)
+            # A dropped summary does not keep the node live: it turns stale here and in
+            # the store alike.
+            if self.summary(session, message.summary):
+                alive = self.store.node_alive(session.node, self._lease_ttl_s)
+                await self._best_effort("node alive", alive)
         elif which == "policy_report":
             self.report(session, message.policy_report)
         elif which == "snapshot":
@@ -471,9 +473,9 @@ class Fleet:
         elif which == "register":
             raise ValueError("register: only the stream's first message may register")
 
-    def summary(self, session: AgentSession, summary: pb.NodeSummary) -> None:
+    def summary(self, session: AgentSession, summary: pb.NodeSummary) -> bool:
         """A summary into the fleet view; one over a bound, or with a value that cannot
-        be true, is dropped and counted (agent/aggregator/limits.py)."""
+        be true, is dropped and counted (agent/aggregator/limits.py): False."""
         try:
             check_summary(summary)
         except LimitError as exc:
@@ -488,12 +490,13 @@ class Fleet:
                     exc,
                     DUPLICATE_LOG_INTERVAL_S,
                 )
-            return
+            return False
         self.registry.summary(session.node, summary)
         self.metrics.summaries.inc()
         if summary.HasField("sampled_at"):
             delay_s = self._clock() - summary.sampled_at.ToNanoseconds() / 1e9
             self.metrics.summary_delay.observe(max(0.0, delay_s))
+        return True
 
     def report(self, session: AgentSession, report: pb.PolicyReport) -> None:
         name, node = report.name, session.node
