@@ -78,6 +78,7 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/api_watch.py
 	$(PY) bench/api_hostile.py
 	$(PY) bench/aggregator_load.py
+	$(PY) bench/aggregator_hostile.py
 
 debs-test:
 	@$(MAKE) --no-print-directory debs DEBS="$(TEST_DEBS)"

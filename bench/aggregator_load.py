@@ -195,8 +195,12 @@ def running_aggregator(gone_after: str = "60s") -> Iterator[RunningAggregator]:
             "--summary-interval", "1s",
             "--stale-after-missed", "3",
             "--gone-after", gone_after,
-            "--log-level", "warning",
+            "--log-level", "warning", "--insecure-plaintext-agents",
+            # Every simulated agent connects from this one address, at once.
+            "--registrations-per-peer-s", "1000000", "--registrations-per-s", "1000000",
         ]  # fmt: skip
+        init = [sys.executable, "-m", "agent.aggregator.main", "init", "--store", argv[4]]
+        subprocess.run(init, cwd=ROOT, check=True, capture_output=True)
         process = subprocess.Popen(argv, cwd=ROOT)
         aggregator = RunningAggregator(
             process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics"

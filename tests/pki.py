@@ -73,8 +73,10 @@ class Ca:
         dns: Sequence[str] = (),
         uris: Sequence[str] = (),
         ips: Sequence[str] = (),
+        file_name: str | None = None,
     ) -> Issued:
-        """A leaf certificate with subject CN `name`, written to `<name>.crt/.key`."""
+        """A leaf certificate with subject CN `name` (any text: a crafted one may hold a
+        NUL), written to `<file_name>.crt/.key` (`name` by default)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -95,7 +97,8 @@ class Ca:
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
-        issued = Issued(self.directory / f"{name}.crt", self.directory / f"{name}.key")
+        stem = file_name or name
+        issued = Issued(self.directory / f"{stem}.crt", self.directory / f"{stem}.key")
         issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         issued.key.write_bytes(
             key.private_bytes(

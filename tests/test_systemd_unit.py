@@ -29,7 +29,9 @@ def test_unit_verifies(tmp_path: Path, shipped: Path) -> None:
     text = shipped.read_text()
     assert f"ExecStart=/usr/bin/{program} " in text
     unit = tmp_path / shipped.name
-    unit.write_text(text.replace(f"ExecStart=/usr/bin/{program} ", f"ExecStart={executable} "))
+    for key in ("ExecStart", "ExecStartPre"):
+        text = text.replace(f"{key}=/usr/bin/{program} ", f"{key}={executable} ")
+    unit.write_text(text)
 
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(unit)],

@@ -2,9 +2,9 @@
 
 Sources as for the agent: the defaults below, a YAML file (`--config`), flags. The
 listener options are the agent's, names and rules (DaemonConfig, agent/common/config.py):
-the unix socket serves everything; TCP without mTLS serves reads and agent streams;
-mutations over TCP need mTLS and an allowed identity, and with mTLS an agent may only
-register under a node name its certificate carries.
+the unix socket serves everything; TCP without mTLS serves reads (and agent streams only
+with insecure_plaintext_agents); mutations over TCP need mTLS and an allowed identity,
+and with mTLS an agent may only register under a node name its certificate carries.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from agent.aggregator.limits import (
+    DEFAULT_MAX_NODES,
+    DEFAULT_REGISTRATIONS_PER_PEER_S,
+    DEFAULT_REGISTRATIONS_PER_S,
+)
 from agent.aggregator.registry import Liveness
 from agent.aggregator.store import parse_store_url
 from agent.common.config import DaemonConfig, Duration, duration_within
@@ -35,13 +40,26 @@ class AggregatorConfig(DaemonConfig):
     grpc_listen: str = "0.0.0.0:9480"
     # This replica's name in logs (several replicas may share one etcd).
     replica_name: str = Field(default_factory=socket.gethostname, min_length=1)
+    # Agent streams over TCP without mTLS: refused unless this is set, since anyone who
+    # reaches the port could then register as any node, take its stream and its fleet
+    # policies, and report for it. Logged as a WARNING at every start, and
+    # fabric_aggregator_insecure_agent_streams is 1.
+    insecure_plaintext_agents: bool = False
     # Desired state: sqlite:///path (one replica) or etcd://host:port[,...] (several).
     store: str = DEFAULT_STORE
     # Liveness: the summary interval agents are expected to keep, how many summaries a
     # node may miss before it is stale, and how long before a silent node is gone.
+    # Bounded like the interval an agent may register (agent/aggregator/limits.py).
     summary_interval: Annotated[Duration, AfterValidator(duration_within("100ms", "5m"))] = 1.0
     stale_after_missed: int = Field(default=3, ge=1, le=1000)
     gone_after: Duration = 60.0
+
+    # Nodes kept (connected, stale or gone); a new node name past this is refused.
+    max_nodes: int = Field(default=DEFAULT_MAX_NODES, ge=1, le=1_000_000)
+    # Agent registrations a second from one peer address, and in all (token buckets;
+    # bursts in agent/aggregator/limits.py). Past them: RESOURCE_EXHAUSTED, retried.
+    registrations_per_peer_s: float = Field(default=DEFAULT_REGISTRATIONS_PER_PEER_S, gt=0)
+    registrations_per_s: float = Field(default=DEFAULT_REGISTRATIONS_PER_S, gt=0)
 
     @field_validator("store")
     @classmethod

@@ -26,9 +26,17 @@ from typing import TypeVar
 from google.protobuf import timestamp_pb2
 
 from agent.aggregator.events import EventHub
+from agent.aggregator.limits import DEFAULT_MAX_NODES, LimitError, check_summary
 from agent.aggregator.metrics import STATUS_LABELS, FleetMetrics, event_label
 from agent.aggregator.registry import Clock, Liveness, NodeRecord, NodeRegistry
-from agent.aggregator.store import Assignment, Change, ChangeKind, Store, StoreError
+from agent.aggregator.store import (
+    Assignment,
+    Change,
+    ChangeKind,
+    Store,
+    StoreError,
+    StoreIdentity,
+)
 from agent.aggregator.store.base import check_node_name, selector_matches
 from agent.common.policy import documents as objects
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
@@ -61,6 +69,25 @@ class UnknownNode(LookupError):
 
 class UnknownPolicy(LookupError):
     """No fleet policy of that name."""
+
+
+class NodeAlreadyConnected(Exception):
+    """A second stream for a node whose first stream is still live. Mapped to gRPC
+    ALREADY_EXISTS: the real agent keeps its stream; an impostor (or a duplicate agent)
+    does not take it over."""
+
+
+class FleetFull(Exception):
+    """A new node past the aggregator's max_nodes. Mapped to RESOURCE_EXHAUSTED."""
+
+
+# Kept policies recorded per node (an agent holds at most its policy store's objects).
+MAX_KEPT_PER_NODE = 1024
+# How often a replica whose agents keep policies from another store checks for a release.
+RELEASE_CHECK_S = 10.0
+# Refused duplicate streams, and dropped summaries, are logged at most once per this
+# many seconds.
+DUPLICATE_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -98,9 +125,13 @@ class NodeView:
     labels: Mapping[str, str]
     status: pb.NodeStatus.ValueType
     record: NodeRecord | None = None
+    # Fleet policies the node kept from another store.
+    kept: tuple[str, ...] = ()
 
     def to_proto(self, *, with_summary: bool = True) -> pb.Node:
-        node = pb.Node(name=self.name, labels=dict(self.labels), status=self.status)
+        node = pb.Node(
+            name=self.name, labels=dict(self.labels), status=self.status, kept_policies=self.kept
+        )
         record = self.record
         if record is not None:
             node.last_seen.CopyFrom(_timestamp(record.last_seen_s))
@@ -121,8 +152,16 @@ class Fleet:
         *,
         metrics: FleetMetrics | None = None,
         clock: Clock = time.time,
+        max_nodes: int = DEFAULT_MAX_NODES,
+        identity: StoreIdentity | None = None,
     ) -> None:
         self.store = store
+        self.max_nodes = max_nodes
+        # The store's identity, sent to every agent (`fabric-aggregator run` reads it
+        # before serving; without it, start() reads it, making one for a new store).
+        self.identity = identity
+        # Node -> fleet policies it kept from another store (its KEPT reports).
+        self.kept: dict[str, set[str]] = {}
         self.liveness = liveness
         self.metrics = metrics or FleetMetrics()
         self._clock = clock
@@ -142,6 +181,8 @@ class Fleet:
         self._request_ids = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._error_logged: dict[str, float] = {}
+        self._duplicate_logged = -math.inf
+        self._dropped_logged = -math.inf
         # Whether the store watch is following desired state now (health reports it).
         self.store_ok = False
         # Liveness leases in the store outlive a silent node until it is gone.
@@ -152,9 +193,12 @@ class Fleet:
     async def start(self) -> None:
         """Load desired state and follow the store; raises StoreError when the store
         cannot be read at all (a replica without desired state must not serve)."""
+        if self.identity is None:
+            self.identity = await self.store.identity(create=True)
         loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._follow_store(loaded), name="store-watch"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="liveness-sweep"))
+        self._tasks.append(asyncio.create_task(self._follow_release(), name="kept-release"))
         try:
             await loaded
         except BaseException:
@@ -194,6 +238,19 @@ class Fleet:
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, WATCH_RETRY_MAX_S)
 
+    async def _follow_release(self, period_s: float = RELEASE_CHECK_S) -> None:
+        """While agents here keep policies from another store, look for a release made
+        through another replica (or before a restart) and pass it on to them."""
+        while True:
+            await asyncio.sleep(period_s)
+            if not self.kept or self.identity is None or self.identity.kept_released:
+                continue
+            with contextlib.suppress(StoreError):
+                identity = await self._store("read the store identity", self.store.identity())
+                if identity.kept_released:
+                    self.identity = identity
+                    self._resend_to_keepers()
+
     async def _sweep_loop(self) -> None:
         period_s = min(0.5, self.liveness.summary_interval_s / 2)
         while True:
@@ -206,6 +263,7 @@ class Fleet:
             self.metrics.nodes.labels(STATUS_LABELS[status]).set(count)
         self.metrics.streams.set(len(self.sessions))
         self.metrics.assignments.set(len(self.assignments))
+        self.metrics.kept_policies.set(sum(len(names) for names in self.kept.values()))
         self.metrics.event_watchers.set(len(self.events))
 
     # --- desired state from the store ---
@@ -283,23 +341,30 @@ class Fleet:
     # --- agent streams ---
 
     async def attach(self, register: pb.Register) -> AgentSession:
-        """A registered agent's stream: a newer stream for the node replaces an older one.
-        The registration, then every fleet policy for the node, are queued to it."""
+        """A registered agent's stream. A second stream for the node is refused
+        (NodeAlreadyConnected) while the first is live, and replaces it once the first
+        is stale (no summary for the node's stale threshold): an agent that lost its
+        connection without the aggregator noticing gets back in within a few summary
+        intervals, and nobody takes over a node that is reporting. The registration,
+        then every fleet policy for the node, are queued to it."""
         node = register.node_name
         check_node_name(node)
         labels = dict(register.labels)
+        known = self.registry.get(node) is not None or node in self.store_labels
+        if not known and max(len(self.registry), len(self.store_labels)) >= self.max_nodes:
+            raise FleetFull(
+                f"node {node}: this aggregator keeps at most {self.max_nodes} nodes "
+                "(max_nodes), connected or not"
+            )
         previous = self.sessions.get(node)
         if previous is not None:
-            log.info("node %s connected again: closing its previous stream", node)
+            self._refuse_if_live(node)
+            log.info("node %s connected again: closing its previous, silent stream", node)
             self.detach(previous)
             previous.replaced.set()
         session = AgentSession(node, labels)
-        # No await from here to the last send: a store change cannot slip in between the
-        # count in `registered` and the assignments that follow it.
-        matching = [a for a in self.assignments.values() if a.matches(labels)]
-        session.send(pb.AggregatorMessage(registered=pb.Registered(assignments=len(matching))))
-        for assignment in sorted(matching, key=lambda a: a.name):
-            self._send_assignment(session, assignment)
+        self._send_registration(session)
+        self.kept.pop(node, None)  # the agent reports what it keeps after registering
         self.sessions[node] = session
         self.registry.register(register)
         self.metrics.registrations.inc()
@@ -310,6 +375,75 @@ class Fleet:
             await self._best_effort("set node labels", self.store.set_node_labels(node, labels))
         await self._best_effort("node alive", self.store.node_alive(node, self._lease_ttl_s))
         return session
+
+    def _send_registration(self, session: AgentSession) -> None:
+        """`registered`, then every fleet policy for the node: what the agent resyncs on.
+        No await here: a store change cannot slip in between the count in `registered`
+        and the assignments that follow it."""
+        identity = self.identity or StoreIdentity("")
+        matching = [a for a in self.assignments.values() if a.matches(session.labels)]
+        registered = pb.Registered(
+            assignments=len(matching),
+            store_id=identity.store_id,
+            kept_released=identity.kept_released,
+        )
+        session.send(pb.AggregatorMessage(registered=registered))
+        for assignment in sorted(matching, key=lambda a: a.name):
+            self._send_assignment(session, assignment)
+
+    def _resend_to_keepers(self) -> list[str]:
+        """Send the registration again to the connected nodes that keep policies from
+        another store: with kept_released, they drop what this store does not assign."""
+        told = []
+        for node in sorted(self.kept):
+            session = self.sessions.get(node)
+            if session is not None:
+                self._send_registration(session)
+                # Released, the agent drops them (a resync reports nothing back).
+                del self.kept[node]
+                told.append(node)
+        return told
+
+    async def release_kept(self) -> list[pb.NodePolicyStatus]:
+        """An operator's word that kept policies may go: recorded in the store (agents
+        that register later drop theirs), then told to the connected nodes keeping any."""
+        self.identity = await self._store("release kept policies", self.store.release_kept())
+        holders = {node: sorted(names) for node, names in self.kept.items()}
+        told = set(self._resend_to_keepers())
+        statuses = []
+        for node, names in sorted(holders.items()):
+            if node in told:
+                state, message = PENDING, f"told to drop {', '.join(names)}"
+            else:
+                state, message = UNREACHABLE, "not connected here: drops them when it registers"
+            statuses.append(pb.NodePolicyStatus(node=node, state=state, message=message))
+        return statuses
+
+    def _refuse_if_live(self, node: str) -> None:
+        record = self.registry.get(node)
+        if record is None:
+            return
+        silent_s = self._clock() - record.last_seen_s
+        stale_after_s, _ = self.liveness.thresholds(record.interval_s)
+        if silent_s > stale_after_s:
+            return
+        self.metrics.refused.labels("duplicate").inc()
+        now = time.monotonic()
+        if now - self._duplicate_logged >= DUPLICATE_LOG_INTERVAL_S:
+            self._duplicate_logged = now
+            log.warning(
+                "refused a second stream for node %s: its stream is live (last summary "
+                "%.1fs ago); further refusals logged every %.0fs, counted in "
+                'fabric_aggregator_agents_refused{reason="duplicate"}',
+                node,
+                silent_s,
+                DUPLICATE_LOG_INTERVAL_S,
+            )
+        raise NodeAlreadyConnected(
+            f"node {node} already has a live stream on this aggregator (last summary "
+            f"{silent_s:.1f}s ago): a second stream is refused until the first has been "
+            f"silent for {stale_after_s:g}s"
+        )
 
     def detach(self, session: AgentSession) -> None:
         """The stream ended. The node's record stays: liveness turns it stale, then gone,
@@ -325,9 +459,11 @@ class Fleet:
     async def receive(self, session: AgentSession, message: pb.AgentMessage) -> None:
         which = message.WhichOneof("kind")
         if which == "summary":
-            self.summary(session, message.summary)
-            alive = self.store.node_alive(session.node, self._lease_ttl_s)
-            await self._best_effort("node alive", alive)
+            # A dropped summary does not keep the node live: it turns stale here and in
+            # the store alike.
+            if self.summary(session, message.summary):
+                alive = self.store.node_alive(session.node, self._lease_ttl_s)
+                await self._best_effort("node alive", alive)
         elif which == "policy_report":
             self.report(session, message.policy_report)
         elif which == "snapshot":
@@ -337,15 +473,44 @@ class Fleet:
         elif which == "register":
             raise ValueError("register: only the stream's first message may register")
 
-    def summary(self, session: AgentSession, summary: pb.NodeSummary) -> None:
+    def summary(self, session: AgentSession, summary: pb.NodeSummary) -> bool:
+        """A summary into the fleet view; one over a bound, or with a value that cannot
+        be true, is dropped and counted (agent/aggregator/limits.py): False."""
+        try:
+            check_summary(summary)
+        except LimitError as exc:
+            self.metrics.summaries_dropped.labels(exc.kind).inc()
+            now = time.monotonic()
+            if now - self._dropped_logged >= DUPLICATE_LOG_INTERVAL_S:
+                self._dropped_logged = now
+                log.warning(
+                    "dropped a summary of node %s: %s (further drops logged every %.0fs, "
+                    "counted in fabric_aggregator_summaries_dropped)",
+                    session.node,
+                    exc,
+                    DUPLICATE_LOG_INTERVAL_S,
+                )
+            return False
         self.registry.summary(session.node, summary)
         self.metrics.summaries.inc()
         if summary.HasField("sampled_at"):
             delay_s = self._clock() - summary.sampled_at.ToNanoseconds() / 1e9
             self.metrics.summary_delay.observe(max(0.0, delay_s))
+        return True
 
     def report(self, session: AgentSession, report: pb.PolicyReport) -> None:
         name, node = report.name, session.node
+        if report.outcome == pb.POLICY_OUTCOME_KEPT:
+            self.metrics.policy_reports.labels("kept").inc()
+            kept = self.kept.setdefault(node, set())
+            if name not in kept and len(kept) < MAX_KEPT_PER_NODE:
+                kept.add(name)
+                self._emit_policy(node, name, f"kept from another store: {report.message}")
+            return
+        if node in self.kept:
+            self.kept[node].discard(name)
+            if not self.kept[node]:
+                del self.kept[node]
         if report.outcome == pb.POLICY_OUTCOME_REMOVED:
             self.metrics.policy_reports.labels("removed").inc()
             self.removed.setdefault(name, set()).add(node)
@@ -503,7 +668,8 @@ class Fleet:
     # --- helpers ---
 
     def _local_view(self, record: NodeRecord) -> NodeView:
-        return NodeView(record.name, record.labels, record.status, record)
+        kept = tuple(sorted(self.kept.get(record.name, ())))
+        return NodeView(record.name, record.labels, record.status, record, kept)
 
     async def _matching(self, selector: Mapping[str, str]) -> list[NodeView]:
         """Every node matching `selector`, by name: this replica's records and the

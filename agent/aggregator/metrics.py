@@ -61,6 +61,19 @@ class FleetMetrics:
             ["reason"],
             registry=r,
         )
+        self.insecure_agent_streams = Gauge(
+            "fabric_aggregator_insecure_agent_streams",
+            "1 when agent streams are accepted on TCP without mTLS "
+            "(insecure_plaintext_agents): any peer may register as any node",
+            registry=r,
+        )
+        self.summaries_dropped = Counter(
+            "fabric_aggregator_summaries_dropped",
+            "Node summaries dropped: over a bound (too_large) or with a value that is not "
+            "finite or out of range (invalid); docs/api.md lists the bounds",
+            ["reason"],
+            registry=r,
+        )
         self.events = Counter(
             "fabric_aggregator_events", "Fleet events raised, by kind", ["kind"], registry=r
         )
@@ -82,6 +95,12 @@ class FleetMetrics:
             ["operation"],
             registry=r,
         )
+        self.kept_policies = Gauge(
+            "fabric_aggregator_kept_policies",
+            "Fleet policies connected nodes keep from another store (fabricctl fleet "
+            "release-kept lets them go)",
+            registry=r,
+        )
         self.assignments = Gauge(
             "fabric_aggregator_assignments", "Fleet policy assignments in the store", registry=r
         )
@@ -90,5 +109,7 @@ class FleetMetrics:
         )
         for label in STATUS_LABELS.values():
             self.nodes.labels(label)
-        for label in ("applied", "failed", "removed"):
+        for label in ("too_large", "invalid"):
+            self.summaries_dropped.labels(label)
+        for label in ("applied", "failed", "removed", "kept"):
             self.policy_reports.labels(label)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
+from agent.aggregator.limits import MAX_DELTA_ENTRIES_PER_NODE
 from agent.aggregator.store.base import selector_matches
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 
@@ -79,6 +80,8 @@ class NodeRecord:
     summary: pb.NodeSummary | None = None
     # (time, {(entity kind, entity, metric): delta}) for the summaries with any delta.
     deltas: deque[tuple[float, dict[tuple[str, str, str], float]]] = field(default_factory=deque)
+    # Entries in `deltas`, kept under MAX_DELTA_ENTRIES_PER_NODE (oldest dropped first).
+    delta_entries: int = 0
 
     def matches(self, selector: Mapping[str, str]) -> bool:
         return selector_matches(selector, self.labels)
@@ -197,8 +200,12 @@ class NodeRegistry:
         deltas = _deltas_of(summary)
         if deltas:
             record.deltas.append((now, deltas))
-        while record.deltas and record.deltas[0][0] < now - MAX_WINDOW_S:
-            record.deltas.popleft()
+            record.delta_entries += len(deltas)
+        while record.deltas and (
+            record.deltas[0][0] < now - MAX_WINDOW_S
+            or record.delta_entries > MAX_DELTA_ENTRIES_PER_NODE
+        ):
+            record.delta_entries -= len(record.deltas.popleft()[1])
 
     def sweep(self) -> list[tuple[str, pb.NodeStatus.ValueType]]:
         """Mark silent nodes stale or unreachable; returns the (node, status) changes."""

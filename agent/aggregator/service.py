@@ -13,7 +13,7 @@ import base64
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -25,8 +25,18 @@ from agent.aggregator.fleet import (
     SNAPSHOT_TIMEOUT_S,
     AgentSession,
     Fleet,
+    FleetFull,
+    NodeAlreadyConnected,
     UnknownNode,
     UnknownPolicy,
+)
+from agent.aggregator.limits import (
+    MAX_PAGE_BYTES,
+    LimitError,
+    RateLimiter,
+    check_labels_size,
+    check_register,
+    peer_address,
 )
 from agent.aggregator.registry import QueryError
 from agent.aggregator.store import Assignment, DocumentTooLarge, StoreError
@@ -35,7 +45,7 @@ from agent.common.labels import check_labels
 from agent.common.policy import documents as objects
 from agent.common.policy.documents import model_from_request
 from agent.common.policy.model import PolicyError
-from agent.common.security import Authorizer, client_identities
+from agent.common.security import Authorizer, IdentityError, client_identities
 from agent.common.status import invalid_status, rich_status
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
@@ -59,12 +69,17 @@ class Access:
     mutations: Authorizer
     # mTLS: an agent may only register under a name its certificate carries.
     bind_node_names: bool
+    # TCP: agent streams without mTLS are refused (unless the operator allowed them).
+    agents_need_mtls: bool = False
 
 
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
-    def __init__(self, fleet: Fleet, access: Access) -> None:
+    def __init__(
+        self, fleet: Fleet, access: Access, registrations: RateLimiter | None = None
+    ) -> None:
         self._fleet = fleet
         self._access = access
+        self._registrations = registrations
 
     # --- agents ---
 
@@ -77,32 +92,19 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             first = await asyncio.wait_for(anext(request_iterator), REGISTER_TIMEOUT_S)
         except (StopAsyncIteration, TimeoutError):
             return
-        if first.WhichOneof("kind") != "register":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be register"
-            )
-        register = first.register
-        try:
-            check_node_name(register.node_name)
-            check_labels("register", register.labels)
-        except ValueError as exc:
-            self._fleet.metrics.refused.labels("invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register: {exc}")
-        if self._access.bind_node_names:
-            names = client_identities(context)
-            if register.node_name not in names:
-                self._fleet.metrics.refused.labels("identity").inc()
-                log.warning(
-                    "refused agent stream: node name %r is not in its certificate (%s)",
-                    register.node_name,
-                    ", ".join(names) or "no identity",
-                )
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"node name {register.node_name!r} is not in this client's certificate "
-                    f"({', '.join(names) or 'no identity'}): an agent reports only for itself",
-                )
-        session = await self._fleet.attach(register)
+        admitted = await self._admit(first, context)
+        del first
+        if isinstance(admitted, grpc.Status):
+            # Ended with a status, not context.abort(): the abort's exception ties the
+            # registration (up to the message limit, natively allocated) into a reference
+            # cycle only the garbage collector frees, so a flood of refused
+            # registrations grew the aggregator's memory by ~50 KiB each.
+            context.set_code(admitted.code)
+            context.set_details(admitted.details)
+            if admitted.trailing_metadata:
+                context.set_trailing_metadata(admitted.trailing_metadata)
+            return
+        session = admitted
         writer = asyncio.create_task(_write(session.outbox, context))
         reader = asyncio.create_task(self._read(session, request_iterator))
         replaced = asyncio.create_task(session.replaced.wait())
@@ -123,6 +125,68 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 raise failure
         # The agent closed its side: the stream ends with OK.
 
+    async def _admit(
+        self,
+        first: pb.AgentMessage,
+        context: grpc.aio.ServicerContext[pb.AgentMessage, pb.AggregatorMessage],
+    ) -> AgentSession | grpc.Status:
+        """The session of a stream whose first message may register; else the status
+        that refuses it (counted by reason)."""
+        metrics = self._fleet.metrics
+        if first.WhichOneof("kind") != "register":
+            return _status(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be register")
+        register = first.register
+        if self._registrations is not None:
+            refused = self._registrations.refusal(peer_address(context.peer()))
+            if refused is not None:
+                metrics.refused.labels("rate").inc()
+                return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        try:
+            check_node_name(register.node_name)
+            check_labels("register", register.labels)
+        except ValueError as exc:
+            metrics.refused.labels("invalid").inc()
+            return _status(grpc.StatusCode.INVALID_ARGUMENT, f"register: {exc}")
+        try:
+            check_register(register)
+        except LimitError as exc:
+            metrics.refused.labels("too_large").inc()
+            return _field_status(exc.field, exc.reason)
+        if self._access.agents_need_mtls and not self._access.bind_node_names:
+            metrics.refused.labels("no_mtls").inc()
+            return _status(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "agent streams over TCP need mTLS (grpc_tls_cert, grpc_tls_key, "
+                "grpc_client_ca): without client certificates anyone could register as "
+                "any node; the aggregator's insecure_plaintext_agents option allows it",
+            )
+        if self._access.bind_node_names:
+            try:
+                names = client_identities(context)
+            except IdentityError as exc:
+                metrics.refused.labels("identity").inc()
+                log.warning("refused agent stream for node %r: %s", register.node_name, exc)
+                return _status(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            if register.node_name not in names:
+                metrics.refused.labels("identity").inc()
+                log.warning(
+                    "refused agent stream: node name %r is not in its certificate (%s)",
+                    register.node_name,
+                    ", ".join(names) or "no identity",
+                )
+                return _status(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"node name {register.node_name!r} is not in this client's certificate "
+                    f"({', '.join(names) or 'no identity'}): an agent reports only for itself",
+                )
+        try:
+            return await self._fleet.attach(register)
+        except NodeAlreadyConnected as exc:
+            return _status(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except FleetFull as exc:
+            metrics.refused.labels("fleet_full").inc()
+            return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
     async def _read(
         self, session: AgentSession, request_iterator: AsyncIterator[pb.AgentMessage]
     ) -> None:
@@ -139,9 +203,19 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         page, more = await self._call(
             context, self._fleet.page(request.selector, request.statuses, after, size)
         )
-        response = pb.ListNodesResponse(nodes=[v.to_proto() for v in page])
+        response = pb.ListNodesResponse()
+        page_bytes = 0
+        for index, view in enumerate(page):
+            node = view.to_proto()
+            # Each node costs its size plus a few bytes of framing.
+            page_bytes += node.ByteSize() + 8
+            if index > 0 and page_bytes > MAX_PAGE_BYTES:
+                # The page ends early: the client asks for the rest with the token.
+                more = True
+                break
+            response.nodes.append(node)
         if more:
-            response.next_page_token = _page_token(page[-1].name)
+            response.next_page_token = _page_token(response.nodes[-1].name)
         return response
 
     async def GetNode(
@@ -204,6 +278,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         _, document = objects.document_from_object(request.object)
         try:
             check_labels("selector", request.selector)
+            check_labels_size("selector", request.selector)
             assignment = Assignment(model.metadata.name, document, dict(request.selector))
         except ValueError as exc:
             await _abort_field(context, "selector", str(exc))
@@ -236,6 +311,20 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         log.info("fleet policy %s deleted: %d node(s) held it", request.name, len(nodes))
         return pb.DeletePolicyResponse(nodes=nodes)
 
+    async def ReleaseKeptPolicies(
+        self,
+        request: pb.ReleaseKeptPoliciesRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> pb.ReleaseKeptPoliciesResponse:
+        await self._authorize(context)
+        nodes = await self._call(context, self._fleet.release_kept())
+        log.warning(
+            "kept fleet policies released: agents drop the policies they kept from another "
+            "store (%d node(s) keeping some here)",
+            len(nodes),
+        )
+        return pb.ReleaseKeptPoliciesResponse(nodes=nodes)
+
     # --- helpers ---
 
     async def _authorize(self, context: grpc.aio.ServicerContext[object, object]) -> None:
@@ -261,17 +350,31 @@ async def _write(
         await context.write(await outbox.get())
 
 
-async def _abort_field(
-    context: grpc.aio.ServicerContext[object, object], field: str, reason: str
-) -> NoReturn:
+def _status(code: grpc.StatusCode, details: str) -> grpc.Status:
+    return _Status(code, details, ())
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _field_status(field: str, reason: str) -> grpc.Status:
+    """INVALID_ARGUMENT naming `field`, with a google.rpc.BadRequest detail."""
     detail = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=reason)
         ]
     )
-    await context.abort_with_status(
-        rich_status(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}", detail)
-    )
+    return rich_status(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}", detail)
+
+
+async def _abort_field(
+    context: grpc.aio.ServicerContext[Any, Any], field: str, reason: str
+) -> NoReturn:
+    await context.abort_with_status(_field_status(field, reason))
 
 
 async def _wait_seconds(

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Protocol, cast
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from agent.common.errors import FabricError
 
@@ -95,7 +97,10 @@ class AllowedClients:
         self.alternative = alternative
 
     def refusal(self, context: AuthContext) -> Refusal | None:
-        names = client_identities(context)
+        try:
+            names = client_identities(context)
+        except IdentityError as exc:
+            return grpc.StatusCode.PERMISSION_DENIED, f"{_needs_mtls(self.alternative)}; {exc}"
         if not names:
             message = f"{_needs_mtls(self.alternative)}; no client certificate identity"
             return grpc.StatusCode.UNAUTHENTICATED, message
@@ -108,22 +113,67 @@ class AllowedClients:
         return None
 
 
+class IdentityError(FabricError):
+    """A verified client certificate whose names cannot be an identity (a NUL or another
+    non-printable character in one, several subject CNs): the caller gets no identity."""
+
+
 def client_identities(context: AuthContext) -> tuple[str, ...]:
-    """The verified client certificate's subject CN, then its DNS and URI SANs; empty
-    when the call did not come over TLS with a client certificate."""
+    """The identities of the verified client certificate: its DNS and URI SANs when it
+    has any, its subject CN only when it has none. Empty when the call did not come over
+    TLS with a client certificate; IdentityError when the certificate's names cannot be
+    trusted as one (see `certificate_identities`)."""
     # The stubs say Mapping[str, bytes]; grpc returns a list of values per key.
     auth = cast(Mapping[str, Sequence[bytes]], context.auth_context())
     if list(auth.get("transport_security_type", ())) != [b"ssl"]:
         return ()
-    names: list[str] = []
-    # peer_dns and peer_uri split x509_subject_alternative_name by kind, which leaves out
-    # IP and e-mail SANs: an identity is a name a CA vouches for, not an address.
-    for key in ("x509_common_name", "peer_dns", "peer_uri"):
-        for value in auth.get(key, ()):
-            name = value.decode(errors="replace")
-            if name and name not in names:
-                names.append(name)
-    return tuple(names)
+    pems = list(auth.get("x509_pem_cert", ()))
+    if not pems:
+        return ()
+    return certificate_identities(pems[0])
+
+
+def certificate_identities(pem: bytes) -> tuple[str, ...]:
+    """A certificate's identities, by one rule for every listener: the DNS and URI
+    subject alternative names when there is at least one, else the subject's single CN.
+
+    The names are read from the certificate itself, not from gRPC's peer properties:
+    gRPC copies the CN as a C string, so `rt-operator\\0evil` would arrive as
+    `rt-operator`. A name that is empty or holds a character that is not printable
+    (NUL, control characters, other non-printables) makes the whole certificate
+    unusable as an identity (IdentityError): a CA that signed it was tricked or careless,
+    and no part of it is trusted. IP and e-mail SANs are never identities: an identity
+    is a name a CA vouches for, not an address.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise IdentityError(f"client certificate does not parse: {exc}") from exc
+    try:
+        alternatives = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        names: list[str] = []
+    else:
+        san = alternatives.value
+        names = [*san.get_values_for_type(x509.DNSName)]
+        names += san.get_values_for_type(x509.UniformResourceIdentifier)
+    source = "subject alternative name"
+    if not names:
+        source = "subject CN"
+        common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if len(common) > 1:
+            raise IdentityError(f"client certificate has {len(common)} subject CNs")
+        names = [str(attribute.value) for attribute in common]
+    unique: list[str] = []
+    for name in names:
+        if not name or not name.isprintable():
+            raise IdentityError(
+                f"client certificate {source} {name!r} is empty or holds a non-printable "
+                "character: not an identity"
+            )
+        if name not in unique:
+            unique.append(name)
+    return tuple(unique)
 
 
 # --- server certificates: loaded, checked and reloaded ---

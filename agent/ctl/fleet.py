@@ -253,6 +253,11 @@ def render_node(node: pb.Node) -> str:
         f"labels: {_labels(node.labels)}",
         f"capabilities: {','.join(node.capabilities) or '-'}",
     ]
+    if node.kept_policies:
+        lines.append(
+            f"kept from a previous store: {','.join(node.kept_policies)} "
+            "(fabricctl release-kept lets them go)"
+        )
     if not node.HasField("summary"):
         lines.append("no summary yet")
         return "\n".join(lines)
@@ -520,6 +525,20 @@ def delete(
         print(f"{name}: deleted from the fleet")
         _print_nodes(response.nodes, applied="removed")
     return ExitCode.INVALID if _any_failed(response.nodes) else ExitCode.OK
+
+
+def release_kept(channel: grpc.Channel, *, output: str, timeout_s: float) -> int:
+    """Tell the aggregator that agents may drop the fleet policies they kept from
+    another store; the nodes keeping some, as the aggregator knows them."""
+    response = _stub(channel).ReleaseKeptPolicies(
+        pb.ReleaseKeptPoliciesRequest(), timeout=timeout_s
+    )
+    if output == "json":
+        print(to_json(response))
+    else:
+        print("kept fleet policies released: agents drop what this store does not assign")
+        _print_nodes(response.nodes, applied="dropped")
+    return ExitCode.OK
 
 
 def _check_wait(wait_s: float) -> None:

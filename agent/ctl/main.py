@@ -63,7 +63,7 @@ AGENT_ENV = "FABRIC_AGENT"
 # The environment variable that names the aggregator for the fleet commands.
 AGGREGATOR_ENV = "FABRIC_AGGREGATOR"
 # Commands that only the aggregator answers; `policy` goes there with --aggregator.
-FLEET_COMMANDS = frozenset({"nodes", "node", "top", "events"})
+FLEET_COMMANDS = frozenset({"nodes", "node", "top", "events", "release-kept"})
 # Policy actions the aggregator serves.
 FLEET_POLICY_ACTIONS = frozenset({"apply", "delete"})
 
@@ -232,6 +232,13 @@ def _fleet_commands(
         help=f"only these kinds: {','.join(fleet.EVENT_KINDS)}; repeatable (default all)",
     )
     _selector(events, "only events of nodes with these labels")
+    commands.add_parser(
+        "release-kept",
+        parents=[common],
+        help="let agents drop the fleet policies they kept from a previous aggregator "
+        "store (--aggregator; after a lost store was made anew and what should stay was "
+        "applied again)",
+    )
 
 
 def _wait(parser: argparse.ArgumentParser) -> None:
@@ -418,6 +425,8 @@ def _dispatch_fleet(
     if args.command == "events":
         kinds = fleet.parse_names(args.kind, fleet.EVENT_KINDS, "--kind")
         return fleet.events(channel, kinds=kinds, selector=selector, output=output)
+    if args.command == "release-kept":
+        return fleet.release_kept(channel, output=output, timeout_s=timeout_s)
     wait_s = _duration(args.wait or fleet.DEFAULT_WAIT, "--wait")
     assert wait_s is not None
     if args.policy_command == "apply":

@@ -58,6 +58,7 @@ def uplink_settings(config: AgentConfig, collectors: Sequence[Collector]) -> Upl
         capabilities=(*(c.name for c in collectors), "qos-enforce"),
         summary_interval_s=config.interval,
         tls=tls,
+        store_id_path=config.state_dir / "fleet-store-id",
     )
 
 

@@ -332,6 +332,16 @@ class Agent:
         return [p.name for p in listed.policies if p.source == qos_service_pb2.POLICY_SOURCE_FLEET]
 
 
+def init_store(store: str) -> str:
+    """`fabric-aggregator init`: a missing store made, an existing one left alone."""
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.aggregator.main", "init", "--store", store],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, f"init {store}: {result.stderr}"
+    return result.stdout
+
+
 def wait_for(
     check: Callable[[], T | None],
     what: str,
@@ -454,6 +464,9 @@ class Lab:
                 "--grpc-client-ca", str(tls.client_ca),
                 "--grpc-allowed-identities", ",".join(tls.allowed_identities),
             ]  # fmt: skip
+        else:
+            argv.append("--insecure-plaintext-agents")
+        init_store(store)
         process = self._start(name, argv)
         stub = AggregatorServiceStub(self._channel(f"unix:{socket_path}"))
         aggregator = Aggregator(process, socket_path, port, metrics_port, stub)

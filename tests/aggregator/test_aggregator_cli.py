@@ -13,6 +13,7 @@ from agent.aggregator.config import AggregatorConfig
 from agent.common.config import load_model
 from agent.common.errors import ConfigError
 from tests import ROOT
+from tests.aggregator.processes import init_store
 from tests.conftest import free_port
 
 
@@ -77,6 +78,7 @@ def test_an_unreadable_store_exits_1_before_serving(tmp_path: Path) -> None:
 
 
 def test_a_taken_port_exits_1(tmp_path: Path) -> None:
+    init_store(f"sqlite://{tmp_path / 'state.db'}")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

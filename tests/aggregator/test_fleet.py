@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from agent.aggregator.events import EventHub, WatcherLimitError
-from agent.aggregator.fleet import AgentSession, Fleet, UnknownNode, UnknownPolicy
+from agent.aggregator.fleet import (
+    AgentSession,
+    Fleet,
+    NodeAlreadyConnected,
+    UnknownNode,
+    UnknownPolicy,
+)
 from agent.aggregator.registry import Liveness
 from agent.aggregator.store import Assignment, Store, StoreError, open_store
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
@@ -119,10 +125,28 @@ def test_registration_sends_the_count_then_every_matching_policy() -> None:
     run(scenario())
 
 
-def test_a_new_stream_for_a_node_replaces_the_old_one() -> None:
+def test_a_new_stream_for_a_node_is_refused_while_the_old_one_is_live() -> None:
     async def scenario() -> None:
-        async with fleet_on() as fleet:
+        clock = Clock()
+        async with fleet_on(clock=clock) as fleet:
             first = await fleet.attach(register("node-a"))
+            clock.now += LIVENESS.stale_after_s
+
+            with pytest.raises(NodeAlreadyConnected, match="already has a live stream"):
+                await fleet.attach(register("node-a"))
+
+            assert fleet.sessions["node-a"] is first
+            assert not first.replaced.is_set()
+
+    run(scenario())
+
+
+def test_a_new_stream_for_a_node_replaces_the_old_one_once_it_is_stale() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        async with fleet_on(clock=clock) as fleet:
+            first = await fleet.attach(register("node-a"))
+            clock.now += LIVENESS.stale_after_s + 0.1
             second = await fleet.attach(register("node-a"))
 
             assert first.replaced.is_set()

@@ -18,6 +18,7 @@ from agent.aggregator.store import (
     RevisionConflict,
     Store,
     StoreError,
+    StoreNotInitialised,
     open_store,
 )
 from agent.common.errors import ConfigError
@@ -326,3 +327,21 @@ def test_etcd_node_gone_through_another_replica_then_alive_again(
             await other.close()
 
     run(main())
+
+
+def test_identity_is_made_once_by_init_and_release_is_recorded(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        with pytest.raises(StoreNotInitialised):
+            await store.identity()
+
+        made = await store.identity(create=True)
+        again = await store.identity(create=True)
+        read = await store.identity()
+        released = await store.release_kept()
+
+        assert len(made.store_id) == 32 and not made.kept_released
+        assert again == read == made
+        assert released.store_id == made.store_id and released.kept_released
+        assert (await store.identity()).kept_released
+
+    with_store(store_url, body)

@@ -21,6 +21,8 @@ from agent.aggregator.store.base import (
     RevisionConflict,
     Store,
     StoreError,
+    StoreIdentity,
+    StoreNotInitialised,
 )
 from agent.common.addresses import HostPort, parse_host_port
 from agent.common.errors import ConfigError
@@ -34,6 +36,8 @@ __all__ = [
     "RevisionConflict",
     "Store",
     "StoreError",
+    "StoreIdentity",
+    "StoreNotInitialised",
     "open_store",
     "parse_store_url",
 ]
@@ -42,17 +46,18 @@ _SOURCE = "--store"
 _PREFIX = re.compile(r"^/([A-Za-z0-9._-]+/)*$")
 
 
-# A checked store URL's way to open it.
-Opener = Callable[[], Store]
+# A checked store URL's way to open it: create (a missing SQLite file) or not.
+Opener = Callable[[bool], Store]
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, create: bool = True) -> Store:
     """The store `url` names. ConfigError names the URL and what is wrong with it.
 
     Opening does not connect: the first operation does, and raises StoreError when the
-    backend cannot be reached.
+    backend cannot be reached. Without `create` a SQLite file must exist already
+    (`fabric-aggregator run` opens stores that `init` made, never new ones).
     """
-    return parse_store_url(url)()
+    return parse_store_url(url)(create)
 
 
 def parse_store_url(url: str) -> Opener:
@@ -75,10 +80,10 @@ def _sqlite(url: str, rest: str) -> Opener:
             _SOURCE, url, "want sqlite:///absolute/path/to/state.db or sqlite://:memory:"
         )
 
-    def opener() -> Store:
+    def opener(create: bool) -> Store:
         from agent.aggregator.store.sqlite import SqliteStore
 
-        return SqliteStore(url, rest)
+        return SqliteStore(url, rest, create=create)
 
     return opener
 
@@ -108,7 +113,8 @@ def _etcd(url: str, rest: str) -> Opener:
         raise ConfigError(_SOURCE, url, f"timeout_s {timeout!r}: want whole seconds >= 1")
 
     host, port = _grpc_target(url, endpoints)
-    return lambda: EtcdStore(url, host, port, prefix=prefix, timeout_s=int(timeout))
+    # An etcd prefix is "created" by init's store id, whatever `create` says.
+    return lambda create: EtcdStore(url, host, port, prefix=prefix, timeout_s=int(timeout))
 
 
 def _grpc_target(url: str, endpoints: list[HostPort]) -> tuple[str, int]:

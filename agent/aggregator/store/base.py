@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -39,6 +40,26 @@ class StoreError(FabricError):
         self.url = url
         self.operation = operation
         self.reason = reason
+
+
+class StoreNotInitialised(StoreError):
+    """A store `fabric-aggregator init` has not made (or one that lost what it made: a
+    SQLite file emptied to 0 bytes, an etcd prefix wiped). The aggregator refuses to run
+    on it: an empty desired state would have every agent remove its fleet policies."""
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """Who a store is: a random id made once, at init, that agents remember as the
+    store that gave them their fleet policies; and whether an operator has released
+    the policies agents kept from other stores (`fabricctl fleet release-kept`)."""
+
+    store_id: str
+    kept_released: bool = False
+
+
+def new_store_id() -> str:
+    return secrets.token_hex(16)
 
 
 class RevisionConflict(FabricError):
@@ -188,6 +209,16 @@ class Store(Protocol):
 
     async def node_gone(self, node: str) -> None:
         """Remove a node from live_nodes() now."""
+        ...
+
+    async def identity(self, *, create: bool = False) -> StoreIdentity:
+        """The store's identity. Without `create`, StoreNotInitialised when the store has
+        none (never initialised, or lost); with it, a store without one gets a new id
+        (what `fabric-aggregator init` does)."""
+        ...
+
+    async def release_kept(self) -> StoreIdentity:
+        """Record that agents may drop the fleet policies they kept from other stores."""
         ...
 
     def watch(self) -> AbstractAsyncContextManager[AsyncIterator[Change]]:

@@ -6,6 +6,8 @@ Several aggregator replicas on one etcd serve one fleet. Keys live under a prefi
     <prefix>assignments/<name>   an assignment; its etcd mod_revision is its revision
     <prefix>labels/<node>        a node's labels
     <prefix>live/<node>          present while the node is live, attached to its lease
+    <prefix>store/id             the store's id, made by `fabric-aggregator init`
+    <prefix>store/kept_released  present once an operator released kept policies
 
 Compare-and-swap is an etcd transaction comparing the key's mod_revision. Liveness is one
 lease per node holding that single key, kept alive by keepalives rather than new leases;
@@ -30,11 +32,14 @@ from agent.aggregator.store.base import (
     RefreshCoalescer,
     RevisionConflict,
     StoreError,
+    StoreIdentity,
+    StoreNotInitialised,
     check_node_name,
     decode_assignment,
     decode_labels,
     encode_assignment,
     encode_labels,
+    new_store_id,
 )
 from agent.common.labels import check_labels
 
@@ -241,6 +246,39 @@ class EtcdStore:
             else:
                 await self._client.delete(self._key("live", node))
 
+    # --- identity ---
+
+    async def identity(self, *, create: bool = False) -> StoreIdentity:
+        key = self._key("store", "id")
+        tx = self._client.transactions
+        with self._failing_as("read the store identity"):
+            current = await self._client.get(key)
+            if current is None:
+                if not create:
+                    raise StoreNotInitialised(
+                        self._url,
+                        "identity",
+                        f"no store id under {self._prefix} (never initialised, or the "
+                        "prefix was wiped): refusing to start with no desired state; "
+                        f"`fabric-aggregator init --store {self._url}` makes a new store",
+                    )
+                # Create-only: two replicas initialising at once agree on one id.
+                await self._client.transaction(
+                    compare=[tx.version(key) == 0],
+                    success=[tx.put(key, new_store_id().encode())],
+                    failure=[],
+                )
+                current = await self._client.get(key)
+            released = await self._client.get(self._key("store", "kept_released"))
+        if current is None:
+            raise StoreError(self._url, "read the store identity", "the store id vanished")
+        return StoreIdentity(bytes(current.value).decode(), released is not None)
+
+    async def release_kept(self) -> StoreIdentity:
+        with self._failing_as("release kept policies"):
+            await self._client.put(self._key("store", "kept_released"), b"1")
+        return await self.identity()
+
     # --- watch ---
 
     def _change(self, event: Any) -> Change | None:
@@ -254,7 +292,7 @@ class EtcdStore:
         if kind == "labels":
             labels = None if deleted else decode_labels(event.kv.value)
             return Change(ChangeKind.NODE_LABELS, name, revision, labels=labels)
-        return None  # liveness keys: not desired state
+        return None  # liveness and identity keys: not desired state
 
     async def _changes(self, watch: Any) -> AsyncIterator[Change]:
         with self._failing_as("watch"):

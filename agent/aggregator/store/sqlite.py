@@ -14,6 +14,7 @@ work for nothing (17 % of the aggregator's CPU at 10,000 nodes when it was writt
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -27,17 +28,20 @@ from agent.aggregator.store.base import (
     ChangeKind,
     RevisionConflict,
     StoreError,
+    StoreIdentity,
+    StoreNotInitialised,
     check_node_name,
     decode_assignment,
     decode_labels,
     encode_assignment,
     encode_labels,
+    new_store_id,
 )
 from agent.common.labels import check_labels
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Schema by version; opening a database at an older version runs the steps after it.
 _MIGRATIONS: dict[int, str] = {
@@ -64,6 +68,8 @@ _MIGRATIONS: dict[int, str] = {
     """,
     # Liveness moved to memory.
     2: "DROP TABLE node_liveness;",
+    # The store's identity (store_id, kept_released): written by identity(create=True).
+    3: "CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 }
 
 # A watch consumer this far behind has stopped consuming; its watch ends with a
@@ -76,9 +82,18 @@ _BUSY_TIMEOUT_MS = 5_000
 class SqliteStore:
     """The Store on a SQLite file (`sqlite:///abs/path.db`) or in memory (`:memory:`)."""
 
-    def __init__(self, url: str, path: str, watch_queue_limit: int = WATCH_QUEUE_LIMIT) -> None:
+    def __init__(
+        self,
+        url: str,
+        path: str,
+        watch_queue_limit: int = WATCH_QUEUE_LIMIT,
+        *,
+        create: bool = True,
+    ) -> None:
         self._url = url
         self._path = path
+        # Whether a missing file may be made (init, tests); `run` opens existing stores only.
+        self._create = create
         self._watch_queue_limit = watch_queue_limit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._connection: sqlite3.Connection | None = None  # the worker thread's only
@@ -106,10 +121,20 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         if self._connection is not None:
             return self._connection
+        existed = self._path == ":memory:" or os.path.exists(self._path)
+        if not existed and not self._create:
+            raise StoreNotInitialised(
+                self._url,
+                "open",
+                f"{self._path} does not exist: `fabric-aggregator init --store {self._url}` "
+                "makes a new, empty store",
+            )
         # Autocommit mode: every write below opens its own BEGIN IMMEDIATE transaction.
         connection = sqlite3.connect(self._path, isolation_level=None)
         try:
             connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            if existed and self._path != ":memory:":
+                self._check_schema(connection)
             connection.execute("PRAGMA journal_mode = WAL")
             # In WAL mode NORMAL is durable against a process crash, not a power loss;
             # desired state is re-applied by operators and agents re-register.
@@ -120,6 +145,24 @@ class SqliteStore:
             raise
         self._connection = connection
         return connection
+
+    def _check_schema(self, connection: sqlite3.Connection) -> None:
+        """An existing file must hold the aggregator's schema: one emptied to 0 bytes,
+        truncated or replaced would otherwise be given a new, empty schema, and every
+        agent would remove its fleet policies."""
+        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+        if version == 0:
+            size = os.path.getsize(self._path)
+            raise StoreNotInitialised(
+                self._url,
+                "open",
+                f"{self._path} exists ({size} bytes) but holds no aggregator schema "
+                "(emptied, truncated or not an aggregator store): refusing to start with "
+                "no desired state. Restore it from a backup, or move it aside and run "
+                f"`fabric-aggregator init --store {self._url}` for a new store (agents "
+                "then keep the fleet policies they hold until `fabricctl fleet "
+                "release-kept`)",
+            )
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
         connection.execute("BEGIN IMMEDIATE")
@@ -246,6 +289,44 @@ class SqliteStore:
             return self._write(connection, loop, in_transaction)
 
         return await self._run(f"delete assignment {name!r}", write)
+
+    # --- identity ---
+
+    async def identity(self, *, create: bool = False) -> StoreIdentity:
+        def read(connection: sqlite3.Connection) -> StoreIdentity:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                meta = dict(connection.execute("SELECT key, value FROM store_meta").fetchall())
+                if "store_id" not in meta:
+                    if not create:
+                        raise StoreNotInitialised(
+                            self._url,
+                            "identity",
+                            "the store has no store id: `fabric-aggregator init --store "
+                            f"{self._url}` gives it one",
+                        )
+                    meta["store_id"] = new_store_id()
+                    connection.execute(
+                        "INSERT INTO store_meta (key, value) VALUES ('store_id', ?)",
+                        (meta["store_id"],),
+                    )
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            return StoreIdentity(meta["store_id"], meta.get("kept_released") == "1")
+
+        return await self._run("read the store identity", read)
+
+    async def release_kept(self) -> StoreIdentity:
+        def write(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT INTO store_meta (key, value) VALUES ('kept_released', '1') "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            )
+
+        await self._run("release kept policies", write)
+        return await self.identity()
 
     # --- node labels ---
 

@@ -6,6 +6,13 @@ policies the aggregator assigns, reporting each outcome back. Fleet policies are
 objects of origin "fleet": enforced and persisted like any API object, so they survive
 a restart and keep being enforced while the aggregator is away.
 
+The agent remembers the aggregator store that gave it its fleet policies (the store id
+in `Registered`, kept in the state directory). Registered by a store with another id (a
+store lost and made again, which knows none of them), it keeps the fleet policies the
+new store does not assign and reports each KEPT, instead of removing them, until the
+aggregator says kept policies are released (`fabricctl fleet release-kept`): nothing an
+operator put in place is stripped by a lost store.
+
 While disconnected the agent keeps only the latest snapshot: the first summary after a
 reconnect covers the whole gap (its deltas since the last one sent, its rates averaged
 over it), so nothing queues up. Reconnects back off exponentially with jitter, 1 s to
@@ -14,9 +21,12 @@ over it), so nothing queues up. Reconnects back off exponentially with jitter, 1
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import random
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -105,6 +115,44 @@ class UplinkTls:
         )
 
 
+# A store id as the aggregator makes it: 32 hex digits.
+_STORE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class StoreIdFile:
+    """The id of the aggregator store that gave this agent its fleet policies, in one
+    small file. An unreadable or corrupt file is set aside (`.corrupt`) and treated as
+    none, never a failure loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> str | None:
+        try:
+            text = self.path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            self._set_aside(f"unreadable: {exc}")
+            return None
+        if not _STORE_ID.match(text):
+            self._set_aside(f"not a store id: {text[:40]!r}")
+            return None
+        return text
+
+    def write(self, store_id: str) -> None:
+        """Atomically: a crash leaves the old id or the new one."""
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(store_id + "\n", encoding="ascii")
+        os.replace(temporary, self.path)
+
+    def _set_aside(self, why: str) -> None:
+        aside = self.path.with_name(self.path.name + ".corrupt")
+        log.error("%s: %s; set aside as %s", self.path, why, aside)
+        with contextlib.suppress(OSError):
+            os.replace(self.path, aside)
+
+
 @dataclass(frozen=True)
 class UplinkSettings:
     target: str
@@ -113,6 +161,9 @@ class UplinkSettings:
     capabilities: Sequence[str]
     summary_interval_s: float
     tls: UplinkTls | None = None
+    # Where the id of the store that gave this node its fleet policies is kept (the
+    # state directory); None: not remembered, every registration resyncs.
+    store_id_path: Path | None = None
     backoff_min_s: float = BACKOFF_MIN_S
     backoff_max_s: float = BACKOFF_MAX_S
 
@@ -199,6 +250,8 @@ class Uplink:
         self._work: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._call: grpc.Future[object] | None = None
         self._outbox: _Outbox | None = None
+        path = settings.store_id_path
+        self.store_ids = StoreIdFile(path) if path is not None else None
 
     def offer(self, snapshot: Snapshot) -> None:
         """A new snapshot (the sampling loop's tick): the next summary is made from it.
@@ -281,17 +334,24 @@ class Uplink:
             for message in call:
                 which = message.WhichOneof("kind")
                 if which == "registered":
-                    expected, names = message.registered.assignments, set()
+                    registered = message.registered
+                    expected, names = registered.assignments, set()
                     self._registered(expected)
+                    resync = partial(
+                        self._resync,
+                        outbox=outbox,
+                        store_id=registered.store_id,
+                        released=registered.kept_released,
+                    )
                     if expected == 0:
-                        self._work.put(partial(self._resync, set()))
+                        self._work.put(partial(resync, set()))
                 elif which == "assignment":
                     assignment = message.assignment
                     self._work.put(partial(self._apply, outbox, assignment))
                     if expected is not None and len(names) < expected:
                         names.add(assignment.name)
                         if len(names) == expected:
-                            self._work.put(partial(self._resync, set(names)))
+                            self._work.put(partial(resync, set(names)))
                 elif which == "removal":
                     name = message.removal.name
                     self._work.put(partial(self._remove, outbox, name))
@@ -357,10 +417,40 @@ class Uplink:
                 log.info("fleet policy %s removed", name)
         outbox.put(pb.AgentMessage(policy_report=report))
 
-    def _resync(self, assigned: set[str]) -> None:
+    def _resync(
+        self, assigned: set[str], *, outbox: _Outbox, store_id: str = "", released: bool = False
+    ) -> None:
         """After registration: drop fleet policies the aggregator no longer assigns (it
-        deleted them, or the node's labels stopped matching, while this node was away)."""
-        for name in sorted(self._policies.fleet_names() - assigned):
+        deleted them, or the node's labels stopped matching, while this node was away).
+
+        Unless they came from another store: a store that does not know them (lost, and
+        made again) keeps them enforced and reported KEPT until it says they are
+        released. The store's id is remembered once nothing is kept from another."""
+        unassigned = sorted(self._policies.fleet_names() - assigned)
+        remembered = self.store_ids.read() if self.store_ids is not None else None
+        other_store = bool(store_id) and remembered is not None and remembered != store_id
+        if other_store and unassigned and not released:
+            for name in unassigned:
+                log.warning(
+                    "fleet policy %s came from aggregator store %s; store %s does not "
+                    "assign it: kept until an operator releases kept policies",
+                    name,
+                    remembered,
+                    store_id,
+                )
+                report = pb.PolicyReport(
+                    name=name,
+                    outcome=pb.POLICY_OUTCOME_KEPT,
+                    message=f"from store {remembered}, not assigned by store {store_id}",
+                )
+                outbox.put(pb.AgentMessage(policy_report=report))
+            return
+        if store_id and self.store_ids is not None and remembered != store_id:
+            try:
+                self.store_ids.write(store_id)
+            except OSError as exc:
+                log.error("cannot remember aggregator store %s: %s", store_id, exc)
+        for name in unassigned:
             try:
                 self._policies.delete_fleet(name)
                 log.info("fleet policy %s no longer assigned to this node: removed", name)

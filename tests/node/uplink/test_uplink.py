@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from agent.common.errors import FabricError
 from agent.common.policy.documents import encode_document
 from agent.node.api.telemetry import SnapshotHub
 from agent.node.snapshot import Snapshot
-from agent.node.uplink.stream import Backoff, Uplink, UplinkSettings
+from agent.node.uplink.stream import Backoff, StoreIdFile, Uplink, UplinkSettings
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
 from agent.proto.fabric.v1 import qos_service_pb2, telemetry_service_pb2
@@ -109,13 +110,16 @@ def start() -> Iterator[Callable[..., Running]]:
     stop = threading.Event()
     threads: list[threading.Thread] = []
 
-    def launch(policies: FakePolicies, hub: SnapshotHub | None = None) -> Running:
+    def launch(
+        policies: FakePolicies, hub: SnapshotHub | None = None, store_id_path: Path | None = None
+    ) -> Running:
         settings = UplinkSettings(
             target=f"127.0.0.1:{port}",
             node_name="node-a",
             labels={"pool": "training"},
             capabilities=("gpu", "qos-enforce"),
             summary_interval_s=0.2,
+            store_id_path=store_id_path,
             backoff_min_s=0.05,
             backoff_max_s=0.2,
         )
@@ -242,3 +246,71 @@ def test_backoff_doubles_to_its_ceiling_with_jitter_and_resets() -> None:
     assert [high.next() for _ in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
     high.reset()
     assert high.next() == 1.0
+
+
+STORE_A, STORE_B = "a" * 32, "b" * 32
+
+
+def registered_by(store_id: str, count: int = 0, released: bool = False) -> pb.AggregatorMessage:
+    message = pb.Registered(assignments=count, store_id=store_id, kept_released=released)
+    return pb.AggregatorMessage(registered=message)
+
+
+def test_a_store_with_another_id_keeps_unassigned_fleet_policies_until_released(
+    start: Callable[..., Running], tmp_path: Path
+) -> None:
+    path = tmp_path / "fleet-store-id"
+    path.write_text(STORE_A + "\n")
+    policies = FakePolicies(held={"train-net", "infer-net"})
+    aggregator = start(policies, store_id_path=path).aggregator
+    aggregator.next("register")
+
+    aggregator.outgoing.put(registered_by(STORE_B, 1))
+    aggregator.outgoing.put(assigned("infer-net", 3))
+    reports = [aggregator.next("policy_report").policy_report for _ in range(2)]
+
+    outcomes = {(r.name, r.outcome) for r in reports}
+    assert outcomes == {
+        ("infer-net", pb.POLICY_OUTCOME_APPLIED),
+        ("train-net", pb.POLICY_OUTCOME_KEPT),
+    }
+    assert policies.held == {"train-net", "infer-net"}
+    assert path.read_text().strip() == STORE_A
+
+    aggregator.outgoing.put(registered_by(STORE_B, 1, released=True))
+    aggregator.outgoing.put(assigned("infer-net", 3))
+    deadline = time.monotonic() + 5
+    while "train-net" in policies.held:
+        assert time.monotonic() < deadline, "train-net not removed once released"
+        time.sleep(0.01)
+    assert policies.held == {"infer-net"}
+    assert path.read_text().strip() == STORE_B
+
+
+def test_the_first_store_id_is_remembered_and_resyncs_as_before(
+    start: Callable[..., Running], tmp_path: Path
+) -> None:
+    path = tmp_path / "fleet-store-id"
+    policies = FakePolicies(held={"old-net"})
+    aggregator = start(policies, store_id_path=path).aggregator
+    aggregator.next("register")
+
+    aggregator.outgoing.put(registered_by(STORE_A))
+
+    deadline = time.monotonic() + 5
+    while "old-net" in policies.held or not path.exists():
+        assert time.monotonic() < deadline, "old-net not removed, or the id not remembered"
+        time.sleep(0.01)
+    assert path.read_text().strip() == STORE_A
+
+
+def test_a_corrupt_store_id_file_is_set_aside_and_counts_as_none(tmp_path: Path) -> None:
+    path = tmp_path / "fleet-store-id"
+    path.write_text("not an id\x00\n")
+    remembered = StoreIdFile(path)
+
+    assert remembered.read() is None
+    assert not path.exists()
+    assert (tmp_path / "fleet-store-id.corrupt").read_text() == "not an id\x00\n"
+    remembered.write("0123456789abcdef0123456789abcdef")
+    assert remembered.read() == "0123456789abcdef0123456789abcdef"

@@ -38,6 +38,10 @@ class _PolicyOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PolicyO
     POLICY_OUTCOME_APPLIED: _PolicyOutcome.ValueType  # 1
     POLICY_OUTCOME_FAILED: _PolicyOutcome.ValueType  # 2
     POLICY_OUTCOME_REMOVED: _PolicyOutcome.ValueType  # 3
+    POLICY_OUTCOME_KEPT: _PolicyOutcome.ValueType  # 4
+    """Held from another store and not assigned by this one: still enforced, until an
+    operator releases kept policies or this store assigns the name.
+    """
 
 class PolicyOutcome(_PolicyOutcome, metaclass=_PolicyOutcomeEnumTypeWrapper): ...
 
@@ -45,6 +49,10 @@ POLICY_OUTCOME_UNSPECIFIED: PolicyOutcome.ValueType  # 0
 POLICY_OUTCOME_APPLIED: PolicyOutcome.ValueType  # 1
 POLICY_OUTCOME_FAILED: PolicyOutcome.ValueType  # 2
 POLICY_OUTCOME_REMOVED: PolicyOutcome.ValueType  # 3
+POLICY_OUTCOME_KEPT: PolicyOutcome.ValueType  # 4
+"""Held from another store and not assigned by this one: still enforced, until an
+operator releases kept policies or this store assigns the name.
+"""
 Global___PolicyOutcome: _TypeAlias = PolicyOutcome  # noqa: Y015
 
 class _NodeStatus:
@@ -284,18 +292,31 @@ class Registered(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    KEPT_RELEASED_FIELD_NUMBER: _builtins.int
     assignments: _builtins.int
     """The fleet policies this node must enforce follow as `assignment` messages; any
-    the agent holds that are not among them are to be removed.
+    the agent holds that are not among them are to be removed, unless they came from
+    another store (below).
     """
+    store_id: _builtins.str
+    """The aggregator store's identity, made by `fabric-aggregator init`. An agent
+    remembers the store that gave it its fleet policies; told a different one (a store
+    lost and made again), it keeps the fleet policies the new store does not assign and
+    reports them KEPT, until `kept_released` (an operator's ReleaseKeptPolicies) says
+    they may go. Empty from an aggregator without store ids: policies are resynced.
+    """
+    kept_released: _builtins.bool
     def __init__(
         self,
         *,
         assignments: _builtins.int = ...,
+        store_id: _builtins.str = ...,
+        kept_released: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "kept_released", b"kept_released", "store_id", b"store_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -728,6 +749,7 @@ class Node(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    KEPT_POLICIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     status: Global___NodeStatus.ValueType
     agent_version: _builtins.str
@@ -739,6 +761,10 @@ class Node(_message.Message):
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def summary(self) -> Global___NodeSummary: ...
+    @_builtins.property
+    def kept_policies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Fleet policies the node kept from another store (POLICY_OUTCOME_KEPT)."""
+
     def __init__(
         self,
         *,
@@ -749,10 +775,11 @@ class Node(_message.Message):
         agent_version: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         summary: Global___NodeSummary | None = ...,
+        kept_policies: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "labels", b"labels", "last_seen", b"last_seen", "name", b"name", "status", b"status", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "kept_policies", b"kept_policies", "labels", b"labels", "last_seen", b"last_seen", "name", b"name", "status", b"status", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1224,6 +1251,45 @@ class DeletePolicyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeletePolicyRequest: _TypeAlias = DeletePolicyRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseKeptPoliciesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseKeptPoliciesRequest: _TypeAlias = ReleaseKeptPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseKeptPoliciesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodePolicyStatus]:
+        """The connected nodes that held kept policies, told to drop them now; others drop
+        theirs when they next register.
+        """
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___NodePolicyStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseKeptPoliciesResponse: _TypeAlias = ReleaseKeptPoliciesResponse  # noqa: Y015
 
 @_typing.final
 class DeletePolicyResponse(_message.Message):

@@ -69,6 +69,11 @@ class AggregatorServiceStub:
                 request_serializer=fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.DeletePolicyRequest.SerializeToString,
                 response_deserializer=fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.DeletePolicyResponse.FromString,
                 _registered_method=True)
+        self.ReleaseKeptPolicies = channel.unary_unary(
+                '/fabric.aggregator.v1.AggregatorService/ReleaseKeptPolicies',
+                request_serializer=fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.ReleaseKeptPoliciesRequest.SerializeToString,
+                response_deserializer=fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.ReleaseKeptPoliciesResponse.FromString,
+                _registered_method=True)
 
 
 class AggregatorServiceServicer:
@@ -131,6 +136,14 @@ class AggregatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseKeptPolicies(self, request, context):
+        """Let agents drop the fleet policies they kept from another store (see Registered):
+        recorded in the store, so agents that connect later drop theirs too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +181,11 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
                     servicer.DeletePolicy,
                     request_deserializer=fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.DeletePolicyRequest.FromString,
                     response_serializer=fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.DeletePolicyResponse.SerializeToString,
+            ),
+            'ReleaseKeptPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseKeptPolicies,
+                    request_deserializer=fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.ReleaseKeptPoliciesRequest.FromString,
+                    response_serializer=fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.ReleaseKeptPoliciesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +377,33 @@ class AggregatorService:
             '/fabric.aggregator.v1.AggregatorService/DeletePolicy',
             fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.DeletePolicyRequest.SerializeToString,
             fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.DeletePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseKeptPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabric.aggregator.v1.AggregatorService/ReleaseKeptPolicies',
+            fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.ReleaseKeptPoliciesRequest.SerializeToString,
+            fabric_dot_aggregator_dot_v1_dot_aggregator__service__pb2.ReleaseKeptPoliciesResponse.FromString,
             options,
             channel_credentials,
             insecure,

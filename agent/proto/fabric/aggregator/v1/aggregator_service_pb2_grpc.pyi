@@ -63,6 +63,10 @@ class AggregatorServiceStub:
     """
     DeletePolicy: _grpc.UnaryUnaryMultiCallable[_aggregator_service_pb2.DeletePolicyRequest, _aggregator_service_pb2.DeletePolicyResponse]
     """Remove a fleet policy from every node it was assigned to."""
+    ReleaseKeptPolicies: _grpc.UnaryUnaryMultiCallable[_aggregator_service_pb2.ReleaseKeptPoliciesRequest, _aggregator_service_pb2.ReleaseKeptPoliciesResponse]
+    """Let agents drop the fleet policies they kept from another store (see Registered):
+    recorded in the store, so agents that connect later drop theirs too.
+    """
 
 @_typing.type_check_only
 class AggregatorServiceAsyncStub(AggregatorServiceStub):
@@ -93,6 +97,10 @@ class AggregatorServiceAsyncStub(AggregatorServiceStub):
     """
     DeletePolicy: _aio.UnaryUnaryMultiCallable[_aggregator_service_pb2.DeletePolicyRequest, _aggregator_service_pb2.DeletePolicyResponse]  # type: ignore[assignment]
     """Remove a fleet policy from every node it was assigned to."""
+    ReleaseKeptPolicies: _aio.UnaryUnaryMultiCallable[_aggregator_service_pb2.ReleaseKeptPoliciesRequest, _aggregator_service_pb2.ReleaseKeptPoliciesResponse]  # type: ignore[assignment]
+    """Let agents drop the fleet policies they kept from another store (see Registered):
+    recorded in the store, so agents that connect later drop theirs too.
+    """
 
 class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -162,5 +170,15 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_aggregator_service_pb2.DeletePolicyResponse, _abc.Awaitable[_aggregator_service_pb2.DeletePolicyResponse]]:
         """Remove a fleet policy from every node it was assigned to."""
+
+    @_abc_1.abstractmethod
+    def ReleaseKeptPolicies(
+        self,
+        request: _aggregator_service_pb2.ReleaseKeptPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregator_service_pb2.ReleaseKeptPoliciesResponse, _abc.Awaitable[_aggregator_service_pb2.ReleaseKeptPoliciesResponse]]:
+        """Let agents drop the fleet policies they kept from another store (see Registered):
+        recorded in the store, so agents that connect later drop theirs too.
+        """
 
 def add_AggregatorServiceServicer_to_server(servicer: AggregatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
