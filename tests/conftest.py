@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroute2 import netns as pyroute2_netns
@@ -55,6 +58,29 @@ class VethPair:
     peer_device: str
     peer_address: str
     prefixlen: int = 30
+
+
+def iperf3_intervals(pair: VethPair, seconds: int, interval_s: float = 1.0) -> list[float]:
+    """Mbit/s per `interval_s` of a TCP flow from `pair.netns` to port 5201 of the peer,
+    as the receiver counted it."""
+    server = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{pair.peer_netns}", "iperf3", "-s", "-1", "-B",
+         pair.peer_address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)  # the server's listen: iperf3 has no readiness signal
+        client = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{pair.netns}", "iperf3", "-c", pair.peer_address,
+             "-t", str(seconds), "-i", str(interval_s), "-J"],
+            capture_output=True, text=True, timeout=seconds + 30, check=True,
+        )  # fmt: skip
+        report: dict[str, Any] = json.loads(client.stdout)
+        return [i["sum"]["bits_per_second"] / 1e6 for i in report["intervals"]]
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
 
 
 def netns_unavailable() -> str | None:

@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -32,7 +31,7 @@ from agent.node.qos.nftables import Nftables
 from agent.node.qos.nftrules import NFT_CGROUP_BASE, TABLE_FAMILY, TABLE_NAME
 from agent.node.qos.reconciler import Reconciler
 from agent.node.qos.state import load_state
-from tests.conftest import VethPair
+from tests.conftest import VethPair, iperf3_intervals
 from tests.node.qos import DEVICE, api_policy_document, fake_settings, make
 from tests.node.qos.fake_kernel import FakeKernel
 from tests.node.qos.test_reconciler import write
@@ -118,29 +117,6 @@ def test_an_ingress_policy_the_kernel_refuses_leaves_no_ifb_redirect_or_tree(
 MBIT = 1_000_000
 
 
-def _flow(pair: VethPair, seconds: int, interval_s: float) -> list[float]:
-    """Mbit/s per `interval_s` of a TCP flow from `pair`'s namespace to its peer (port
-    5201, which no class of the test's policy matches), as the receiver counted it."""
-    server = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{pair.peer_netns}", "iperf3", "-s", "-1", "-B",
-         pair.peer_address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        time.sleep(0.5)  # the server's listen: iperf3 has no readiness signal
-        client = subprocess.run(
-            ["nsenter", f"--net=/run/netns/{pair.netns}", "iperf3", "-c", pair.peer_address,
-             "-t", str(seconds), "-i", str(interval_s), "-J"],
-            capture_output=True, text=True, timeout=seconds + 30, check=True,
-        )  # fmt: skip
-        report: dict[str, Any] = json.loads(client.stdout)
-        return [i["sum"]["bits_per_second"] / MBIT for i in report["intervals"]]
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
-
-
 def _default_class_policy(device: str, default: str, *, with_fast: bool = True) -> str:
     document = api_policy_document(device, name="shaped", defaultClass=default)
     document["spec"]["classes"] = [
@@ -168,7 +144,7 @@ def test_default_class_changes_with_a_flow_running_and_no_moment_unshaped(
         assert reconciler.reconcile().result == "success"
         (policy,) = reconciler.managed
         slow, fast = policy.minors["slow"], policy.minors["fast"]
-        flow = threading.Thread(target=lambda: rates.extend(_flow(shaped_pair, 7, 0.25)))
+        flow = threading.Thread(target=lambda: rates.extend(iperf3_intervals(shaped_pair, 7, 0.25)))
         flow.start()
         time.sleep(2.5)  # the flow runs in "slow"
         path.write_text(_default_class_policy(shaped_pair.device, "fast"))

@@ -4,7 +4,6 @@ half-way through an apply, and a bad file that leaves the kernel alone."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,7 +20,7 @@ from agent.node.qos import tc
 from agent.node.qos.desired import build_tree
 from agent.node.qos.htb import HtbTree
 from tests import ROOT
-from tests.conftest import VethPair
+from tests.conftest import VethPair, iperf3_intervals
 from tests.node.test_e2e_prometheus import http_get
 
 METRICS_PORT = 9478
@@ -130,28 +128,6 @@ def daemon(shaped_pair: VethPair, tmp_path: Path) -> Iterator[Daemon]:
         yield instance
     finally:
         instance.stop(signal.SIGKILL)
-
-
-def iperf3_intervals(pair: VethPair, seconds: int) -> list[float]:
-    """Mbit/s per second of a TCP flow to port 5201 of the peer, receiver side."""
-    server = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{pair.peer_netns}", "iperf3", "-s", "-1", "-B",
-         pair.peer_address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        time.sleep(0.5)
-        client = subprocess.run(
-            ["nsenter", f"--net=/run/netns/{pair.netns}", "iperf3", "-c", pair.peer_address,
-             "-t", str(seconds), "-J"],
-            capture_output=True, text=True, timeout=seconds + 30, check=True,
-        )  # fmt: skip
-        report: dict[str, Any] = json.loads(client.stdout)
-        return [i["sum"]["bits_per_second"] / 1e6 for i in report["intervals"]]
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
 
 
 def test_restart_changes_nothing_while_a_flow_is_shaped(daemon: Daemon) -> None:
