@@ -30,6 +30,8 @@ from pydantic import (
 
 from agent.common.addresses import HostPort, parse_listen_address
 from agent.common.errors import ConfigError
+from agent.common.policy.limits import MAX_DOCUMENT_BYTES, format_bytes
+from agent.common.policy.model import YamlLimitError, load_yaml_documents
 from agent.common.security import TlsError, read_certificates, read_key_for
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -224,13 +226,22 @@ def load_model(model: type[ModelT], path: Path | None, overrides: Mapping[str, A
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            with path.open("rb") as file:
+                data = file.read(MAX_DOCUMENT_BYTES + 1)
+            if len(data) > MAX_DOCUMENT_BYTES:
+                raise ConfigError(source, "-", f"over {format_bytes(MAX_DOCUMENT_BYTES)}")
+            documents = load_yaml_documents(data.decode())
         except OSError as exc:
             raise ConfigError(source, "-", f"cannot read: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(source, "-", f"not UTF-8: {exc.reason}") from exc
+        except YamlLimitError as exc:
+            raise ConfigError(source, exc.path or "-", f"{exc.reason} ({exc.mark})") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(source, "-", f"not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
+        if len(documents) > 1:
+            raise ConfigError(source, "-", "holds several YAML documents; one is expected")
+        loaded = documents[0] if documents and documents[0] is not None else {}
         if not isinstance(loaded, dict):
             raise ConfigError(source, "-", "must be a mapping of option: value")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
