@@ -26,7 +26,7 @@ from typing import TypeVar
 from google.protobuf import timestamp_pb2
 
 from agent.aggregator.events import EventHub
-from agent.aggregator.limits import DEFAULT_MAX_NODES, LimitError, check_summary
+from agent.aggregator.limits import DEFAULT_MAX_NODES, LimitError, check_report, check_summary
 from agent.aggregator.metrics import STATUS_LABELS, FleetMetrics, event_label
 from agent.aggregator.registry import Clock, Liveness, NodeRecord, NodeRegistry
 from agent.aggregator.store import (
@@ -174,7 +174,8 @@ class Fleet:
         self.store_labels: dict[str, dict[str, str]] = {}
         # Policy name -> node -> report, for the revision each node was last sent.
         self.reports: dict[str, dict[str, NodeReport]] = {}
-        # Policy name -> nodes that reported its removal since it was last assigned.
+        # Policy name -> nodes that reported its removal, while a DeletePolicy of it
+        # waits: only those names, so removals an agent makes up cost nothing here.
         self.removed: dict[str, set[str]] = {}
         self._objects: dict[str, tuple[int, qos_service_pb2.PolicyObject]] = {}
         self._reported = asyncio.Event()
@@ -499,6 +500,13 @@ class Fleet:
         return True
 
     def report(self, session: AgentSession, report: pb.PolicyReport) -> None:
+        """An agent's report on a fleet policy; one naming no possible policy is dropped
+        and counted, a long message is cut (agent/aggregator/limits.py)."""
+        try:
+            check_report(report)
+        except LimitError:
+            self.metrics.policy_reports.labels("invalid").inc()
+            return
         name, node = report.name, session.node
         if report.outcome == pb.POLICY_OUTCOME_KEPT:
             self.metrics.policy_reports.labels("kept").inc()
@@ -513,7 +521,9 @@ class Fleet:
                 del self.kept[node]
         if report.outcome == pb.POLICY_OUTCOME_REMOVED:
             self.metrics.policy_reports.labels("removed").inc()
-            self.removed.setdefault(name, set()).add(node)
+            waiting = self.removed.get(name)
+            if waiting is not None:
+                waiting.add(node)
             self._emit_policy(node, name, "removed")
             self._notify_reports()
             return
@@ -583,17 +593,31 @@ class Fleet:
         # Before the delete: the store's watch may deliver it, and agents report the
         # removal, while the delete is awaited.
         sent_to = {node for node, session in self.sessions.items() if name in session.sent}
-        self.removed.pop(name, None)
+        removed: set[str] = set()
+        self.removed[name] = removed
+        try:
+            return await self._delete(name, assignment, sent_to, removed, wait_s)
+        finally:
+            if self.removed.get(name) is removed:
+                del self.removed[name]
+
+    async def _delete(
+        self,
+        name: str,
+        assignment: Assignment | None,
+        sent_to: set[str],
+        removed: set[str],
+        wait_s: float,
+    ) -> list[pb.NodePolicyStatus]:
         if not await self._store("delete assignment", self.store.delete_assignment(name)):
             raise UnknownPolicy(f"no fleet policy named {name!r}")
         self._assignment_removed(name)
 
         def outstanding() -> set[str]:
-            return {n for n in sent_to if n in self.sessions} - self.removed.get(name, set())
+            return {n for n in sent_to if n in self.sessions} - removed
 
         await self._wait(lambda: not outstanding(), wait_s)
         left = outstanding()
-        removed = self.removed.get(name, set())
         statuses: list[pb.NodePolicyStatus] = []
         views: dict[str, NodeView] = {}
         if assignment is not None:

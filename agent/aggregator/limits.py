@@ -13,6 +13,7 @@ a node that only sends such summaries turns stale, which is what an operator see
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
@@ -47,6 +48,14 @@ MAX_SUMMARY_STRING_BYTES = 256
 MAX_POWER_WATTS = 100_000.0
 MAX_BYTES_PER_SECOND = 1e13
 MAX_BITS_PER_SECOND = 8e13
+
+# --- policy reports ---
+
+# A report names a fleet policy: a DNS label, as agent/common/policy/model.py has it.
+POLICY_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# A report's message (why a policy failed) is kept per policy and node and carried in
+# events: longer ones are cut to this many bytes.
+MAX_REPORT_MESSAGE_BYTES = 4096
 
 # --- the fleet ---
 
@@ -154,6 +163,18 @@ def check_summary(summary: pb.NodeSummary) -> None:
         for name in ("policy", "class_name", "device"):
             _text(f"{where}.{name}", getattr(cls, name), MAX_SUMMARY_STRING_BYTES)
         _value(f"{where}.sent_bits_per_second", cls.sent_bits_per_second, MAX_BITS_PER_SECOND)
+
+
+def check_report(report: pb.PolicyReport) -> None:
+    """LimitError ("invalid") for a report that names no possible fleet policy; a
+    message over MAX_REPORT_MESSAGE_BYTES is cut in place."""
+    if not POLICY_NAME.match(report.name):
+        raise LimitError(
+            "policy_report.name", f"{report.name[:40]!r}: not a fleet policy name", "invalid"
+        )
+    if len(report.message.encode()) > MAX_REPORT_MESSAGE_BYTES:
+        cut = report.message.encode()[:MAX_REPORT_MESSAGE_BYTES]
+        report.message = cut.decode(errors="ignore") + " (cut)"
 
 
 # --- registration rate ---
