@@ -1,0 +1,110 @@
+"""A hostile or buggy aggregator against the agent's uplink: what it sends is refused
+per policy, costs the agent bounded memory, and never the policies already enforced."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from agent.common.policy.documents import encode_document
+from agent.node.qos.api_objects import RefusedError
+from agent.node.qos.reconciler import Reconciler
+from agent.node.uplink import stream
+from agent.node.uplink.stream import MAX_PENDING_FLEET_WORK, ReconcilerPolicies
+from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
+from agent.proto.fabric.v1 import qos_service_pb2
+from tests.node.qos import DEVICE, api_policy_document, assignment_document
+from tests.node.qos.fake_kernel import FakeKernel
+from tests.node.uplink.test_uplink import FakePolicies, Running, assigned, registered, start
+
+__all__ = ["start"]
+
+
+def fleet_assignment(index: int) -> qos_service_pb2.PolicyObject:
+    return encode_document(assignment_document(f"job-{index}", f"job-{index}", "node", "bulk"))
+
+
+def test_past_the_fleet_policy_bound_a_new_one_is_refused_and_the_held_ones_stay(
+    reconciler: Reconciler, kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stream, "MAX_FLEET_POLICIES", 4)
+    policies = ReconcilerPolicies(reconciler)
+    policies.apply_fleet(encode_document(api_policy_document(DEVICE, "node")))
+    for index in range(3):
+        policies.apply_fleet(fleet_assignment(index))
+    before = kernel.dump()
+
+    with pytest.raises(RefusedError) as refused:
+        policies.apply_fleet(fleet_assignment(3))
+
+    assert [(p.kind, p.subject) for p in refused.value.problems] == [("LIMIT", "job-3")]
+    assert "at most 4" in str(refused.value)
+    assert policies.fleet_names() == {"node", "job-0", "job-1", "job-2"}
+    assert kernel.dump() == before
+    # A new revision of a held policy is no new policy: still taken.
+    policies.apply_fleet(encode_document(api_policy_document(DEVICE, "node", bandwidth="2Gbit")))
+    policies.delete_fleet("job-0")
+    policies.apply_fleet(fleet_assignment(3))
+    assert policies.fleet_names() == {"node", "job-1", "job-2", "job-3"}
+
+
+class SlowPolicies(FakePolicies):
+    """Applies take a while; records how much work waited behind each."""
+
+    def __init__(self, pending: Callable[[], int]) -> None:
+        super().__init__()
+        self.pending = pending
+        self.most_pending = 0
+        self.lock = threading.Lock()
+
+    def apply_fleet(self, obj: qos_service_pb2.PolicyObject) -> None:
+        with self.lock:
+            self.most_pending = max(self.most_pending, self.pending())
+        time.sleep(0.002)
+        super().apply_fleet(obj)
+
+
+def test_an_aggregator_that_floods_assignments_waits_for_the_agent_to_apply_them(
+    start: Callable[..., Running],
+) -> None:
+    holder: list[Running] = []
+    policies = SlowPolicies(lambda: holder[0].uplink._work.qsize() if holder else 0)
+    running = start(policies)
+    holder.append(running)
+    aggregator = running.aggregator
+    aggregator.next("register")
+    flood = 600
+    aggregator.outgoing.put(registered(flood))
+    for index in range(flood):
+        aggregator.outgoing.put(assigned(f"flood-{index}", 1))
+
+    reports = [aggregator.next("policy_report", timeout_s=30).policy_report for _ in range(flood)]
+
+    assert [r.outcome for r in reports] == [pb.POLICY_OUTCOME_APPLIED] * flood
+    assert 0 < policies.most_pending <= MAX_PENDING_FLEET_WORK
+
+
+class BuggyPolicies(FakePolicies):
+    def apply_fleet(self, obj: qos_service_pb2.PolicyObject) -> None:
+        if obj.policy.metadata.name == "buggy-net":
+            raise RuntimeError("a bug in the apply path")
+        super().apply_fleet(obj)
+
+
+def test_an_unexpected_failure_of_one_fleet_policy_does_not_stop_the_next(
+    start: Callable[..., Running],
+) -> None:
+    policies = BuggyPolicies()
+    running = start(policies)
+    aggregator = running.aggregator
+    aggregator.next("register")
+    for message in (registered(2), assigned("buggy-net", 1), assigned("train-net", 1)):
+        aggregator.outgoing.put(message)
+
+    report = aggregator.next("policy_report").policy_report
+
+    assert (report.name, report.outcome) == ("train-net", pb.POLICY_OUTCOME_APPLIED)
+    assert "train-net" in policies.held
