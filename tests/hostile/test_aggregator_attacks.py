@@ -5,11 +5,20 @@ enforcement or the operator's view."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
+import sqlite3
+from pathlib import Path
+
+import aetcd
 
 from agent.aggregator.limits import MAX_REPORT_MESSAGE_BYTES
+from agent.aggregator.store import open_store
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
-from tests.aggregator.conftest import run
+from tests.aggregator.conftest import EtcdServer, etcd_server, run
 from tests.aggregator.test_fleet import assignment, fleet_on, register, report
+
+__all__ = ["etcd_server"]  # the session's etcd, used here
 
 MIB = 1024 * 1024
 
@@ -86,3 +95,100 @@ def test_a_megabyte_failure_message_is_cut_before_it_is_kept_or_published() -> N
     message, events = run(act())
     assert MAX_REPORT_MESSAGE_BYTES <= len(message) < MAX_REPORT_MESSAGE_BYTES + 16
     assert len(events[0].message) < MAX_REPORT_MESSAGE_BYTES + 64
+
+
+# --- a store holding values that do not decode ---
+
+GARBAGE = [b"\xff\xfe not json", b"[1, 2]", b'{"name": "x"}', b'{"name": 5, "policy": []}']
+LABELS_GARBAGE = [b"\xff\xfe not json", b"[1, 2]", b'{"pool": 5}', b'"pool=a"']
+
+
+async def etcd_put(port: int, key: str, value: bytes) -> None:
+    client = aetcd.Client(host="127.0.0.1", port=port)
+    try:
+        await client.put(key.encode(), value)
+    finally:
+        await client.close()
+
+
+def etcd_url(server: EtcdServer) -> tuple[str, str]:
+    prefix = f"/fabric-garbage-{secrets.token_hex(4)}/"
+    return f"etcd://127.0.0.1:{server.port}?prefix={prefix}", prefix
+
+
+def test_etcd_values_that_do_not_decode_cost_only_their_own_keys(
+    etcd_server: EtcdServer,
+) -> None:
+    url, prefix = etcd_url(etcd_server)
+
+    async def act() -> tuple[list[str], dict[str, dict[str, str]], list[str]]:
+        store = open_store(url, create=True)
+        await store.identity(create=True)
+        await store.put_assignment(assignment("train-net"))
+        await store.set_node_labels("node-1", {"pool": "a"})
+        for i, value in enumerate(GARBAGE):
+            await etcd_put(etcd_server.port, f"{prefix}assignments/bad-{i}", value)
+        for i, value in enumerate(LABELS_GARBAGE):
+            await etcd_put(etcd_server.port, f"{prefix}labels/bad-{i}", value)
+        try:
+            async with fleet_on(store) as fleet:
+                names = sorted(fleet.assignments)
+                labels = dict(fleet.store_labels)
+                # Garbage arriving through the watch, then a good change after it.
+                await etcd_put(etcd_server.port, f"{prefix}assignments/train-net", b"\x00")
+                await etcd_put(etcd_server.port, f"{prefix}labels/node-1", b"{")
+                await store.put_assignment(assignment("later-net"))
+                for _ in range(500):
+                    if "later-net" in fleet.assignments:
+                        break
+                    await asyncio.sleep(0.01)
+                return names, labels, sorted(fleet.assignments)
+        finally:
+            await store.close()
+
+    names, labels, after = run(act())
+
+    assert names == ["train-net"]
+    assert labels == {"node-1": {"pool": "a"}}
+    # The watch goes on past garbage; the last good revision of a garbled key stays.
+    assert after == ["later-net", "train-net"]
+
+
+def test_sqlite_rows_that_do_not_decode_cost_only_their_own_records(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'state.db'}"
+
+    async def prepare() -> None:
+        store = open_store(url, create=True)
+        try:
+            await store.identity(create=True)
+            await store.put_assignment(assignment("train-net"))
+            await store.set_node_labels("node-1", {"pool": "a"})
+        finally:
+            await store.close()
+
+    run(prepare())
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db, db:
+        for i, value in enumerate(GARBAGE):
+            db.execute(
+                "INSERT INTO assignments (name, record, revision) VALUES (?, ?, ?)",
+                (f"bad-{i}", value, 100 + i),
+            )
+        for i, value in enumerate(LABELS_GARBAGE):
+            db.execute(
+                "INSERT INTO node_labels (node, labels, revision) VALUES (?, ?, ?)",
+                (f"bad-{i}", value, 200 + i),
+            )
+
+    async def act() -> tuple[list[str], dict[str, dict[str, str]], int]:
+        store = open_store(url)
+        async with fleet_on(store) as fleet:
+            names, labels = sorted(fleet.assignments), dict(fleet.store_labels)
+            # Writing a garbled record again repairs it.
+            repaired = await store.put_assignment(assignment("bad-0"))
+            return names, labels, repaired.revision
+
+    names, labels, revision = run(act())
+
+    assert names == ["train-net"]
+    assert labels == {"node-1": {"pool": "a"}}
+    assert revision > 0
