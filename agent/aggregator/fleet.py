@@ -184,6 +184,8 @@ class Fleet:
         self._error_logged: dict[str, float] = {}
         self._duplicate_logged = -math.inf
         self._dropped_logged = -math.inf
+        # Nodes forgotten here whose labels the store still has to forget.
+        self._forgetting: set[str] = set()
         # Whether the store watch is following desired state now (health reports it).
         self.store_ok = False
         # Liveness leases in the store outlive a silent node until it is gone.
@@ -257,6 +259,37 @@ class Fleet:
         while True:
             await asyncio.sleep(period_s)
             self.sweep()
+            await self.forget_silent()
+
+    async def forget_silent(self) -> list[str]:
+        """Forget the nodes gone for longer than liveness.forget_after_s, here and in
+        the store (unless another replica holds the node's stream now); their names. A
+        store that fails is tried again at the next sweep."""
+        forgotten = self.registry.forget_silent(keep=self.sessions)
+        for node in forgotten:
+            self.kept.pop(node, None)
+            for reports in self.reports.values():
+                reports.pop(node, None)
+        if forgotten:
+            log.info(
+                "forgot %d node(s) silent for more than %.0fs: %s",
+                len(forgotten),
+                self.liveness.forget_after_s,
+                ", ".join(forgotten[:10]) + (" ..." if len(forgotten) > 10 else ""),
+            )
+        self._forgetting.update(forgotten)
+        if not self._forgetting:
+            return forgotten
+        try:
+            live = await self._store("list live nodes", self.store.live_nodes())
+            for node in sorted(self._forgetting):
+                if node not in live and self.registry.get(node) is None:
+                    await self._store("forget node", self.store.forget_node(node))
+                    self.store_labels.pop(node, None)
+                self._forgetting.discard(node)
+        except StoreError:
+            pass  # counted and logged by _store; tried again at the next sweep
+        return forgotten
 
     def sweep(self) -> None:
         self.registry.sweep()

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import aetcd
 
+from agent.aggregator.fleet import Fleet, FleetFull
 from agent.aggregator.limits import MAX_REPORT_MESSAGE_BYTES
+from agent.aggregator.registry import Liveness
 from agent.aggregator.store import open_store
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from tests.aggregator.conftest import EtcdServer, etcd_server, run
-from tests.aggregator.test_fleet import assignment, fleet_on, register, report
+from tests.aggregator.test_fleet import Clock, assignment, fleet_on, register, report
 
 __all__ = ["etcd_server"]  # the session's etcd, used here
 
@@ -192,3 +194,71 @@ def test_sqlite_rows_that_do_not_decode_cost_only_their_own_records(tmp_path: Pa
     assert names == ["train-net"]
     assert labels == {"node-1": {"pool": "a"}}
     assert revision > 0
+
+
+# --- registration churn ---
+
+
+def test_nodes_that_register_once_and_vanish_are_forgotten_and_never_lock_new_nodes_out() -> None:
+    clock = Clock()
+    liveness = Liveness(summary_interval_s=1.0, gone_after_s=30.0, forget_after_s=100.0)
+
+    async def act() -> tuple[bool, int, dict[str, dict[str, str]], list[str]]:
+        store = open_store("sqlite://:memory:")
+        fleet = Fleet(store, liveness, clock=clock, max_nodes=50)
+        await fleet.start()
+        try:
+            for i in range(50):
+                fleet.detach(await fleet.attach(register(f"ghost-{i}", pool="a")))
+                # Their liveness leases run out in the store's own (real) time.
+                await store.node_gone(f"ghost-{i}")
+            clock.now += 60
+            fleet.sweep()
+            await fleet.forget_silent()
+            with contextlib.suppress(FleetFull):
+                await fleet.attach(register("new-node"))
+            locked_out = "new-node" not in fleet.sessions
+            clock.now += 60
+            fleet.sweep()
+            forgotten = await fleet.forget_silent()
+            await fleet.attach(register("new-node", pool="b"))
+            return locked_out, len(forgotten), await store.list_nodes(), sorted(fleet.sessions)
+        finally:
+            await fleet.stop()
+            await store.close()
+
+    locked_out, forgotten, stored, sessions = run(act())
+
+    assert locked_out  # within forget_after, ghosts still count
+    assert forgotten == 50
+    assert stored == {"new-node": {"pool": "b"}}
+    assert sessions == ["new-node"]
+
+
+def test_a_silent_stream_keeps_its_node_and_a_node_back_before_forget_after_stays() -> None:
+    clock = Clock()
+    liveness = Liveness(summary_interval_s=1.0, gone_after_s=30.0, forget_after_s=100.0)
+
+    async def act() -> tuple[list[str], list[str]]:
+        store = open_store("sqlite://:memory:")
+        fleet = Fleet(store, liveness, clock=clock)
+        await fleet.start()
+        try:
+            silent = await fleet.attach(register("silent"))  # stream open, no summaries
+            fleet.detach(await fleet.attach(register("returning")))
+            clock.now += 90
+            fleet.sweep()
+            fleet.detach(await fleet.attach(register("returning")))
+            clock.now += 90
+            fleet.sweep()
+            forgotten = await fleet.forget_silent()
+            await fleet.receive(silent, pb.AgentMessage(summary=pb.NodeSummary()))
+            return forgotten, sorted(await store.list_nodes())
+        finally:
+            await fleet.stop()
+            await store.close()
+
+    forgotten, stored = run(act())
+
+    assert forgotten == []
+    assert stored == ["returning", "silent"]

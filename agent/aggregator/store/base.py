@@ -214,6 +214,11 @@ class Store(Protocol):
         """Remove a node from live_nodes() now."""
         ...
 
+    async def forget_node(self, node: str) -> None:
+        """Delete the node's labels (watchers see them deleted) and its liveness; a node
+        the store does not know is no error."""
+        ...
+
     async def identity(self, *, create: bool = False) -> StoreIdentity:
         """The store's identity. Without `create`, StoreNotInitialised when the store has
         none (never initialised, or lost); with it, a store without one gets a new id

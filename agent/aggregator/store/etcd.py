@@ -260,6 +260,11 @@ class EtcdStore:
             else:
                 await self._client.delete(self._key("live", node))
 
+    async def forget_node(self, node: str) -> None:
+        await self.node_gone(node)
+        with self._failing_as(f"forget node {node!r}"):
+            await self._client.delete(self._key("labels", node))
+
     # --- identity ---
 
     async def identity(self, *, create: bool = False) -> StoreIdentity:

@@ -398,6 +398,21 @@ class SqliteStore:
     async def node_gone(self, node: str) -> None:
         self._live.pop(node, None)
 
+    async def forget_node(self, node: str) -> None:
+        self._live.pop(node, None)
+        loop = asyncio.get_running_loop()
+
+        def write(connection: sqlite3.Connection) -> None:
+            def in_transaction(revision: int) -> tuple[None, Change | None]:
+                deleted = connection.execute("DELETE FROM node_labels WHERE node = ?", (node,))
+                if deleted.rowcount == 0:
+                    return None, None
+                return None, Change(ChangeKind.NODE_LABELS, node, revision)
+
+            self._write(connection, loop, in_transaction)
+
+        await self._run(f"forget node {node!r}", write)
+
     # --- watch ---
 
     def _publish(self, change: Change) -> None:
