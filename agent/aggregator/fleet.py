@@ -81,6 +81,11 @@ class FleetFull(Exception):
     """A new node past the aggregator's max_nodes. Mapped to RESOURCE_EXHAUSTED."""
 
 
+# Bytes queued to one agent's stream and not yet written to it: an agent that does not
+# read (stuck, or hostile) would otherwise grow the aggregator by every assignment and
+# snapshot request meant for it. Past this the stream ends (RESOURCE_EXHAUSTED) and the
+# agent, registering again, resyncs. The registration's own burst is not held to it.
+MAX_OUTBOX_BYTES = 64 * 1024 * 1024
 # Kept policies recorded per node (an agent holds at most its policy store's objects).
 MAX_KEPT_PER_NODE = 1024
 # How often a replica whose agents keep policies from another store checks for a release.
@@ -111,9 +116,27 @@ class AgentSession:
     snapshots: dict[int, asyncio.Future[pb.SnapshotReply]] = field(default_factory=dict)
     # Set when the session ends from this side (a newer stream for the same node).
     replaced: asyncio.Event = field(default_factory=asyncio.Event)
+    # Bytes in `outbox`; set `overflowed` when they would pass MAX_OUTBOX_BYTES.
+    queued_bytes: int = 0
+    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def send(self, message: pb.AggregatorMessage) -> None:
+    def send(self, message: pb.AggregatorMessage, *, bounded: bool = True) -> None:
+        """Queue `message` for the stream; past MAX_OUTBOX_BYTES (when `bounded`) the
+        session is marked overflowed instead, and nothing more is queued."""
+        if self.overflowed.is_set():
+            return
+        size = message.ByteSize()
+        if bounded and self.queued_bytes + size > MAX_OUTBOX_BYTES:
+            self.overflowed.set()
+            return
+        self.queued_bytes += size
         self.outbox.put_nowait(message)
+
+    async def next_message(self) -> pb.AggregatorMessage:
+        """The next queued message, taken off the byte count."""
+        message = await self.outbox.get()
+        self.queued_bytes -= message.ByteSize()
+        return message
 
 
 @dataclass(frozen=True)
@@ -354,14 +377,16 @@ class Fleet:
             self.reports.get(name, {}).pop(session.node, None)
             session.send(pb.AggregatorMessage(removal=pb.PolicyRemoval(name=name)))
 
-    def _send_assignment(self, session: AgentSession, assignment: Assignment) -> None:
+    def _send_assignment(
+        self, session: AgentSession, assignment: Assignment, *, bounded: bool = True
+    ) -> None:
         message = pb.PolicyAssignment(
             name=assignment.name, object=self._object_of(assignment), revision=assignment.revision
         )
         session.sent[assignment.name] = assignment.revision
         reports = self.reports.setdefault(assignment.name, {})
         reports[session.node] = NodeReport(assignment.revision, PENDING, "sent, no report yet")
-        session.send(pb.AggregatorMessage(assignment=message))
+        session.send(pb.AggregatorMessage(assignment=message), bounded=bounded)
 
     def _object_of(self, assignment: Assignment) -> qos_service_pb2.PolicyObject:
         """The message form of a stored policy, converted once per revision."""
@@ -421,9 +446,9 @@ class Fleet:
             store_id=identity.store_id,
             kept_released=identity.kept_released,
         )
-        session.send(pb.AggregatorMessage(registered=registered))
+        session.send(pb.AggregatorMessage(registered=registered), bounded=False)
         for assignment in sorted(matching, key=lambda a: a.name):
-            self._send_assignment(session, assignment)
+            self._send_assignment(session, assignment, bounded=False)
 
     def _resend_to_keepers(self) -> list[str]:
         """Send the registration again to the connected nodes that keep policies from

@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2
 
 from agent.aggregator.events import WatcherLimitError
 from agent.aggregator.fleet import (
+    MAX_OUTBOX_BYTES,
     MAX_WAIT_S,
     SNAPSHOT_TIMEOUT_S,
     AgentSession,
@@ -105,10 +106,11 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 context.set_trailing_metadata(admitted.trailing_metadata)
             return
         session = admitted
-        writer = asyncio.create_task(_write(session.outbox, context))
+        writer = asyncio.create_task(_write(session, context))
         reader = asyncio.create_task(self._read(session, request_iterator))
         replaced = asyncio.create_task(session.replaced.wait())
-        tasks: set[asyncio.Task[object]] = {writer, reader, replaced}
+        overflowed = asyncio.create_task(session.overflowed.wait())
+        tasks: set[asyncio.Task[object]] = {writer, reader, replaced, overflowed}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -117,6 +119,19 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             self._fleet.detach(session)
         if replaced in done:
             await context.abort(grpc.StatusCode.ABORTED, "replaced by a newer stream of this node")
+        if overflowed in done:
+            self._fleet.metrics.refused.labels("unread").inc()
+            log.warning(
+                "node %s did not read its stream: over %d MiB queued for it; stream ended, "
+                "it resyncs when it registers again",
+                session.node,
+                MAX_OUTBOX_BYTES // (1024 * 1024),
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"over {MAX_OUTBOX_BYTES // (1024 * 1024)} MiB queued for this stream and not "
+                "read: register again to resync",
+            )
         for task in done:
             failure = None if task.cancelled() else task.exception()
             if isinstance(failure, ValueError):
@@ -343,11 +358,11 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
 
 
 async def _write(
-    outbox: asyncio.Queue[pb.AggregatorMessage],
+    session: AgentSession,
     context: grpc.aio.ServicerContext[pb.AgentMessage, pb.AggregatorMessage],
 ) -> None:
     while True:
-        await context.write(await outbox.get())
+        await context.write(await session.next_message())
 
 
 def _status(code: grpc.StatusCode, details: str) -> grpc.Status:

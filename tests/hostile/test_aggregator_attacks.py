@@ -8,16 +8,22 @@ import asyncio
 import contextlib
 import secrets
 import sqlite3
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aetcd
+import grpc
+import pytest
 
+from agent.aggregator import fleet as fleet_module
 from agent.aggregator.fleet import Fleet, FleetFull
 from agent.aggregator.limits import MAX_REPORT_MESSAGE_BYTES
 from agent.aggregator.registry import Liveness
 from agent.aggregator.store import open_store
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from tests.aggregator.conftest import EtcdServer, etcd_server, run
+from tests.aggregator.inprocess import aggregator
 from tests.aggregator.test_fleet import Clock, assignment, fleet_on, register, report
 
 __all__ = ["etcd_server"]  # the session's etcd, used here
@@ -262,3 +268,55 @@ def test_a_silent_stream_keeps_its_node_and_a_node_back_before_forget_after_stay
 
     assert forgotten == []
     assert stored == ["returning", "silent"]
+
+
+# --- an agent that does not read its stream ---
+
+
+def test_an_agent_that_never_reads_its_stream_is_cut_off_not_queued_for_without_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bound = 8 * 1024
+    monkeypatch.setattr(fleet_module, "MAX_OUTBOX_BYTES", bound)
+
+    async def act() -> tuple[bool, int, bool, int]:
+        async with fleet_on() as fleet:
+            deaf = await fleet.attach(register("deaf"))
+            for i in range(200):  # about 140 bytes each
+                await fleet.apply(assignment(f"policy-{i}"), validate_only=False, wait_s=0)
+            cut, queued = deaf.overflowed.is_set(), deaf.queued_bytes
+            fleet.detach(deaf)
+            # Registering again: the whole resync is queued, whatever its size.
+            again = await fleet.attach(register("deaf"))
+            return cut, queued, again.overflowed.is_set(), again.outbox.qsize()
+
+    cut, queued, cut_again, resync = run(act())
+
+    assert cut
+    assert queued <= bound
+    assert not cut_again
+    assert resync == 201  # registered, then every policy
+
+
+def test_a_stream_cut_off_for_not_reading_ends_with_resource_exhausted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fleet_module, "MAX_OUTBOX_BYTES", 1)
+    with aggregator(insecure_plaintext_agents=True) as running:
+        stub = running.stub()
+        calls = iter([pb.AgentMessage(register=pb.Register(node_name="deaf"))])
+        stream = stub.Connect(_then_wait(calls), timeout=20)
+        assert next(stream).WhichOneof("kind") == "registered"
+        stub.GetNode(pb.GetNodeRequest(name="deaf", full_snapshot=True), timeout=5)
+
+        with pytest.raises(grpc.RpcError) as ended:
+            list(stream)
+
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "register again" in str(ended.value.details())
+
+
+def _then_wait(messages: Iterator[pb.AgentMessage]) -> Iterator[pb.AgentMessage]:
+    """The messages, then a stream that stays open without sending."""
+    yield from messages
+    time.sleep(15)
