@@ -16,7 +16,7 @@ from agent.node.uplink import stream
 from agent.node.uplink.stream import MAX_PENDING_FLEET_WORK, ReconcilerPolicies
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from agent.proto.fabric.v1 import qos_service_pb2
-from tests.node.qos import DEVICE, api_policy_document, assignment_document
+from tests.node.qos import DEVICE, api_policy, api_policy_document, assignment_document
 from tests.node.qos.fake_kernel import FakeKernel
 from tests.node.uplink.test_uplink import FakePolicies, Running, assigned, registered, start
 
@@ -108,3 +108,35 @@ def test_an_unexpected_failure_of_one_fleet_policy_does_not_stop_the_next(
 
     assert (report.name, report.outcome) == ("train-net", pb.POLICY_OUTCOME_APPLIED)
     assert "train-net" in policies.held
+
+
+@pytest.mark.parametrize("newcomer", ["aaa-net", "zzz-net"])
+def test_a_fleet_policy_for_an_interface_an_enforced_policy_holds_is_refused_whatever_its_name(
+    reconciler: Reconciler, kernel: FakeKernel, newcomer: str
+) -> None:
+    policies = ReconcilerPolicies(reconciler)
+    policies.apply_fleet(encode_document(api_policy_document(DEVICE, "holder")))
+    before = kernel.dump()
+
+    with pytest.raises(RefusedError) as refused:
+        policies.apply_fleet(
+            encode_document(api_policy_document(DEVICE, newcomer, bandwidth="5Gbit"))
+        )
+
+    assert [p.kind for p in refused.value.problems] == ["OWNERSHIP"]
+    assert "'holder'" in str(refused.value)
+    assert kernel.dump() == before
+    assert [(v.name, v.state) for v in reconciler.policies()] == [("holder", "enforced")]
+
+
+def test_a_local_api_policy_named_before_an_enforced_fleet_policy_does_not_take_its_interface(
+    reconciler: Reconciler, kernel: FakeKernel
+) -> None:
+    ReconcilerPolicies(reconciler).apply_fleet(encode_document(api_policy_document(DEVICE, "zzz")))
+    before = kernel.dump()
+
+    with pytest.raises(RefusedError):
+        reconciler.apply_object(api_policy(DEVICE, "aaa", rate="500Mbit"))
+
+    assert kernel.dump() == before
+    assert [(v.name, v.state) for v in reconciler.policies()] == [("zzz", "enforced")]
