@@ -35,6 +35,7 @@ from agent.aggregator.limits import (
     MAX_PAGE_BYTES,
     LimitError,
     RateLimiter,
+    UnregisteredStreams,
     check_labels_size,
     check_register,
     peer_address,
@@ -81,6 +82,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         self._fleet = fleet
         self._access = access
         self._registrations = registrations
+        self._unregistered = UnregisteredStreams()
 
     # --- agents ---
 
@@ -89,10 +91,19 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         request_iterator: AsyncIterator[pb.AgentMessage],
         context: grpc.aio.ServicerContext[pb.AgentMessage, pb.AggregatorMessage],
     ) -> None:
+        peer = peer_address(context.peer())
+        refused = self._unregistered.admit(peer)
+        if refused is not None:
+            self._fleet.metrics.refused.labels("unregistered").inc()
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(refused)
+            return
         try:
             first = await asyncio.wait_for(anext(request_iterator), REGISTER_TIMEOUT_S)
         except (StopAsyncIteration, TimeoutError):
             return
+        finally:
+            self._unregistered.release(peer)
         admitted = await self._admit(first, context)
         del first
         if isinstance(admitted, grpc.Status):

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from agent.aggregator import fleet as fleet_module
 from agent.aggregator.fleet import Fleet, FleetFull
-from agent.aggregator.limits import MAX_REPORT_MESSAGE_BYTES
+from agent.aggregator.limits import MAX_REPORT_MESSAGE_BYTES, MAX_UNREGISTERED_PER_PEER
 from agent.aggregator.registry import Liveness
 from agent.aggregator.store import open_store
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
@@ -320,3 +321,45 @@ def _then_wait(messages: Iterator[pb.AgentMessage]) -> Iterator[pb.AgentMessage]
     """The messages, then a stream that stays open without sending."""
     yield from messages
     time.sleep(15)
+
+
+# --- streams that never register ---
+
+
+def test_streams_left_silent_before_registering_are_bounded_per_peer_and_then_freed() -> None:
+    done = threading.Event()
+
+    def silent() -> Iterator[pb.AgentMessage]:
+        done.wait(30)
+        return
+        yield
+
+    with aggregator(insecure_plaintext_agents=True) as running:
+        stub = running.stub()
+        try:
+            held = [stub.Connect(silent(), timeout=30) for _ in range(MAX_UNREGISTERED_PER_PEER)]
+            refusal = None
+            deadline = time.monotonic() + 20
+            while refusal is None and time.monotonic() < deadline:
+                extra = stub.Connect(silent(), timeout=2)
+                try:
+                    list(extra)
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        refusal = exc
+            for call in held:
+                call.cancel()
+            registered = None
+            while registered is None and time.monotonic() < deadline + 10:
+                hello = iter([pb.AgentMessage(register=pb.Register(node_name="node-1"))])
+                try:
+                    registered = next(stub.Connect(hello, timeout=5)).WhichOneof("kind")
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        finally:
+            done.set()
+
+    assert refusal is not None
+    assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "register at once" in str(refusal.details())
+    assert registered == "registered"
