@@ -3,18 +3,31 @@ per policy, costs the agent bounded memory, and never the policies already enfor
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
+from agent.common.errors import FabricError
 from agent.common.policy.documents import encode_document
+from agent.node.api.telemetry import SnapshotHub
 from agent.node.qos.api_objects import RefusedError
 from agent.node.qos.reconciler import Reconciler
 from agent.node.uplink import stream
-from agent.node.uplink.stream import MAX_PENDING_FLEET_WORK, ReconcilerPolicies
+from agent.node.uplink.stream import (
+    MAX_PENDING_CONTROL,
+    MAX_PENDING_FLEET_WORK,
+    MAX_PENDING_SNAPSHOTS,
+    ReconcilerPolicies,
+    Uplink,
+    UplinkSettings,
+)
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
+from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
 from agent.proto.fabric.v1 import qos_service_pb2
 from tests.node.qos import DEVICE, api_policy, api_policy_document, assignment_document
 from tests.node.qos.fake_kernel import FakeKernel
@@ -140,3 +153,100 @@ def test_a_local_api_policy_named_before_an_enforced_fleet_policy_does_not_take_
 
     assert kernel.dump() == before
     assert [(v.name, v.state) for v in reconciler.policies()] == [("zzz", "enforced")]
+
+
+class DeafAggregator(pb_grpc.AggregatorServiceServicer):
+    """Sends `script()` on each stream, then holds it open, never reading the agent."""
+
+    def __init__(self, script: Callable[[], Iterator[pb.AggregatorMessage]]) -> None:
+        self.script = script
+        self.streams = 0
+
+    def Connect(
+        self, request_iterator: Iterator[pb.AgentMessage], context: grpc.ServicerContext
+    ) -> Iterator[pb.AggregatorMessage]:
+        self.streams += 1
+        yield from self.script()
+        while context.is_active():
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def deaf_aggregator(
+    script: Callable[[], Iterator[pb.AggregatorMessage]], policies: FakePolicies
+) -> Iterator[tuple[DeafAggregator, Uplink]]:
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    deaf = DeafAggregator(script)
+    pb_grpc.add_AggregatorServiceServicer_to_server(deaf, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    settings = UplinkSettings(
+        target=f"127.0.0.1:{port}",
+        node_name="node-a",
+        labels={},
+        capabilities=(),
+        summary_interval_s=0.2,
+        backoff_min_s=0.05,
+        backoff_max_s=0.2,
+    )
+    uplink = Uplink(settings, policies, SnapshotHub(0.2))
+    stop = threading.Event()
+    thread = threading.Thread(target=uplink.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield deaf, uplink
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        server.stop(0).wait()
+    assert not thread.is_alive(), "the uplink did not stop"
+
+
+def pending(uplink: Uplink) -> tuple[int, int]:
+    """(snapshot replies, control messages) waiting in the uplink's current stream."""
+    outbox = uplink._outbox
+    if outbox is None:
+        return 0, 0
+    with uplink.changed:
+        control = list(outbox._control)
+    return sum(m.WhichOneof("kind") == "snapshot" for m in control), len(control)
+
+
+def test_an_aggregator_that_asks_for_snapshots_without_reading_gets_few_answers() -> None:
+    def script() -> Iterator[pb.AggregatorMessage]:
+        yield registered(0)
+        for request_id in range(20_000):
+            yield pb.AggregatorMessage(snapshot_request=pb.SnapshotRequest(request_id=request_id))
+
+    most = 0
+    with deaf_aggregator(script, FakePolicies()) as (_, uplink):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            most = max(most, pending(uplink)[0])
+            time.sleep(0.01)
+
+    assert 0 < most <= MAX_PENDING_SNAPSHOTS
+
+
+class WordyPolicies(FakePolicies):
+    """Refuses every policy with a 4 KiB reason."""
+
+    def apply_fleet(self, obj: qos_service_pb2.PolicyObject) -> None:
+        raise FabricError("unknown interface: " + "x" * 4096)
+
+
+def test_an_aggregator_that_never_reads_its_reports_gets_its_stream_ended() -> None:
+    def script() -> Iterator[pb.AggregatorMessage]:
+        yield registered(0)
+        for index in range(10_000):
+            yield assigned(f"flood-{index}", 1)
+
+    most = 0
+    with deaf_aggregator(script, WordyPolicies()) as (deaf, uplink):
+        deadline = time.monotonic() + 30
+        while deaf.streams < 2 and time.monotonic() < deadline:
+            most = max(most, pending(uplink)[1])
+            time.sleep(0.01)
+
+    assert deaf.streams >= 2  # the agent ended the stream and registered again
+    assert most <= MAX_PENDING_CONTROL

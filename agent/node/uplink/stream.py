@@ -67,6 +67,13 @@ MAX_FLEET_POLICIES = 256
 # read until the worker catches up, and gRPC's flow control holds the aggregator back,
 # so an aggregator that sends faster than the node applies cannot grow its memory.
 MAX_PENDING_FLEET_WORK = 64
+# Snapshot replies waiting to be sent: a request past this is not answered (the
+# aggregator reports the node as not answering in time), so an aggregator that asks
+# without reading cannot make this node build and keep snapshot after snapshot.
+MAX_PENDING_SNAPSHOTS = 4
+# Control messages (reports, snapshot replies) waiting to be sent: past this the
+# aggregator is not reading, and the stream is ended (the next one resyncs).
+MAX_PENDING_CONTROL = 1024
 # Summaries are small; a snapshot reply for a large node is tens of KiB.
 _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     *CLIENT_KEEPALIVE_OPTIONS,
@@ -214,11 +221,26 @@ class _Outbox:
     def __init__(self, uplink: Uplink, register: pb.Register) -> None:
         self._uplink = uplink
         self._control: deque[pb.AgentMessage] = deque([pb.AgentMessage(register=register)])
+        self.snapshots = 0  # snapshot replies in _control
         self.closed = False
 
     def put(self, message: pb.AgentMessage) -> None:
+        """Queue a control message; past MAX_PENDING_CONTROL the outbox closes instead,
+        which ends the stream."""
         with self._uplink.changed:
-            self._control.append(message)
+            if len(self._control) >= MAX_PENDING_CONTROL:
+                if not self.closed:
+                    log.warning(
+                        "aggregator %s reads nothing of this stream (%d messages waiting): "
+                        "ending it",
+                        self._uplink.settings.target,
+                        len(self._control),
+                    )
+                self.closed = True
+            else:
+                self._control.append(message)
+                if message.WhichOneof("kind") == "snapshot":
+                    self.snapshots += 1
             self._uplink.changed.notify_all()
 
     def close(self) -> None:
@@ -236,7 +258,10 @@ class _Outbox:
                 if self.closed:
                     raise StopIteration
                 if self._control:
-                    return self._control.popleft()
+                    message = self._control.popleft()
+                    if message.WhichOneof("kind") == "snapshot":
+                        self.snapshots -= 1
+                    return message
                 if uplink.latest is not None:
                     snapshot, uplink.latest = uplink.latest, None
                     break
@@ -356,6 +381,8 @@ class Uplink:
             expected: int | None = None
             names: set[str] = set()
             for message in call:
+                if outbox.closed:
+                    return  # stopping, or the aggregator reads nothing: a new stream
                 which = message.WhichOneof("kind")
                 if which == "registered":
                     registered = message.registered
@@ -379,7 +406,8 @@ class Uplink:
                 elif which == "removal":
                     name = message.removal.name
                     self._work.put(partial(self._remove, outbox, name))
-                elif which == "snapshot_request":
+                elif which == "snapshot_request" and outbox.snapshots < MAX_PENDING_SNAPSHOTS:
+                    # Past the bound a request goes unanswered: the aggregator times out.
                     outbox.put(self._snapshot_reply(message.snapshot_request.request_id))
         finally:
             self.connected.clear()
