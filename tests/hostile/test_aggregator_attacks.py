@@ -21,7 +21,7 @@ from agent.aggregator import fleet as fleet_module
 from agent.aggregator.fleet import Fleet, FleetFull
 from agent.aggregator.limits import MAX_REPORT_MESSAGE_BYTES, MAX_UNREGISTERED_PER_PEER
 from agent.aggregator.registry import Liveness
-from agent.aggregator.store import open_store
+from agent.aggregator.store import StoreError, open_store
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 from tests.aggregator.conftest import EtcdServer, etcd_server, run
 from tests.aggregator.inprocess import aggregator
@@ -363,3 +363,36 @@ def test_streams_left_silent_before_registering_are_bounded_per_peer_and_then_fr
     assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "register at once" in str(refusal.details())
     assert registered == "registered"
+
+
+def test_a_garbled_store_id_stops_the_aggregator_naming_the_store(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    etcd, prefix = etcd_url(etcd_server)
+    sqlite = f"sqlite://{tmp_path / 'state.db'}"
+
+    async def garble() -> None:
+        for url in (etcd, sqlite):
+            store = open_store(url, create=True)
+            await store.identity(create=True)
+            await store.close()
+        await etcd_put(etcd_server.port, f"{prefix}store/id", b"\xff" * 100_000)
+
+    run(garble())
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db, db:
+        db.execute("UPDATE store_meta SET value = 'x\n' WHERE key = 'store_id'")
+
+    async def identity(url: str) -> StoreError:
+        store = open_store(url)
+        try:
+            with pytest.raises(StoreError) as failed:
+                await store.identity()
+            return failed.value
+        finally:
+            await store.close()
+
+    for url in (etcd, sqlite):
+        error = run(identity(url))
+        assert url in str(error)
+        assert "is not one init makes" in str(error)
+        assert len(str(error)) < 500

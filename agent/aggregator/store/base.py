@@ -65,6 +65,21 @@ def new_store_id() -> str:
     return secrets.token_hex(16)
 
 
+_STORE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def stored_store_id(url: str, raw: bytes | str) -> str:
+    """The store id as read back; StoreError when it is not one that init makes (a
+    damaged store, or a value something else wrote): agents remember this id, and it
+    must not be garbage."""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    if not _STORE_ID.match(text):
+        raise StoreError(
+            url, "read the store identity", f"store id {text[:40]!r} is not one init makes"
+        )
+    return text
+
+
 class RevisionConflict(FabricError):
     """A compare-and-swap lost: the record's revision is not the one the caller expected.
     Mapped to gRPC ABORTED: the caller re-reads and retries."""

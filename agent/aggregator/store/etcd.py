@@ -43,6 +43,7 @@ from agent.aggregator.store.base import (
     encode_labels,
     new_store_id,
     skipping_corrupt,
+    stored_store_id,
 )
 from agent.common.labels import check_labels
 
@@ -291,7 +292,8 @@ class EtcdStore:
             released = await self._client.get(self._key("store", "kept_released"))
         if current is None:
             raise StoreError(self._url, "read the store identity", "the store id vanished")
-        return StoreIdentity(bytes(current.value).decode(), released is not None)
+        store_id = stored_store_id(self._url, bytes(current.value))
+        return StoreIdentity(store_id, released is not None)
 
     async def release_kept(self) -> StoreIdentity:
         with self._failing_as("release kept policies"):

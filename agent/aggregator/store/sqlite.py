@@ -39,6 +39,7 @@ from agent.aggregator.store.base import (
     encode_labels,
     new_store_id,
     skipping_corrupt,
+    stored_store_id,
 )
 from agent.common.labels import check_labels
 
@@ -325,7 +326,8 @@ class SqliteStore:
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
-            return StoreIdentity(meta["store_id"], meta.get("kept_released") == "1")
+            store_id = stored_store_id(self._url, meta["store_id"])
+            return StoreIdentity(store_id, meta.get("kept_released") == "1")
 
         return await self._run("read the store identity", read)
 
