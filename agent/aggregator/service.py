@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
-from agent.aggregator.events import WatcherLimitError
+from agent.aggregator.events import MAX_EVENT_WATCHERS, WatcherLimitError
 from agent.aggregator.fleet import (
     MAX_OUTBOX_BYTES,
     MAX_WAIT_S,
@@ -73,6 +73,9 @@ class Access:
     bind_node_names: bool
     # TCP: agent streams without mTLS are refused (unless the operator allowed them).
     agents_need_mtls: bool = False
+    # WatchEvents streams this listener may hold, and its name for refusals.
+    max_watchers: int = MAX_EVENT_WATCHERS
+    listener: str = "the TCP listener"
 
 
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
@@ -83,6 +86,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         self._access = access
         self._registrations = registrations
         self._unregistered = UnregisteredStreams()
+        self._watchers = 0
 
     # --- agents ---
 
@@ -278,16 +282,21 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.WatchEventsResponse]:
+        access = self._access
         try:
+            if self._watchers >= access.max_watchers:
+                raise WatcherLimitError(access.max_watchers, f" on {access.listener}")
             subscription = self._fleet.events.subscribe(request.kinds, request.selector)
         except WatcherLimitError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        self._watchers += 1
         self._fleet.metrics.event_watchers.set(len(self._fleet.events))
         try:
             while (item := await subscription.next()) is not None:
                 event, missed = item
                 yield pb.WatchEventsResponse(event=event, missed=missed)
         finally:
+            self._watchers -= 1
             subscription.close()
             self._fleet.metrics.event_watchers.set(len(self._fleet.events))
 

@@ -23,6 +23,7 @@ from agent.aggregator.limits import MAX_REPORT_MESSAGE_BYTES, MAX_UNREGISTERED_P
 from agent.aggregator.registry import Liveness
 from agent.aggregator.store import StoreError, open_store
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
+from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
 from tests.aggregator.conftest import EtcdServer, etcd_server, run
 from tests.aggregator.inprocess import aggregator
 from tests.aggregator.test_fleet import Clock, assignment, fleet_on, register, report
@@ -396,3 +397,33 @@ def test_a_garbled_store_id_stops_the_aggregator_naming_the_store(
         assert url in str(error)
         assert "is not one init makes" in str(error)
         assert len(str(error)) < 500
+
+
+# --- WatchEvents slots ---
+
+
+def test_tcp_readers_taking_every_watch_slot_leave_the_unix_socket_its_own() -> None:
+    with aggregator() as running:
+        tcp = running.stub()
+        held = [tcp.WatchEvents(pb.WatchEventsRequest(), timeout=60) for _ in range(256)]
+        try:
+            deadline = time.monotonic() + 20
+            while len(running.fleet.events) < 256 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(tcp.WatchEvents(pb.WatchEventsRequest(), timeout=10))
+            with grpc.insecure_channel(f"unix:{running.config.grpc_socket}") as channel:
+                local = pb_grpc.AggregatorServiceStub(channel)
+                watch = local.WatchEvents(pb.WatchEventsRequest(), timeout=20)
+                while len(running.fleet.events) < 257 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                running.call(running.fleet.attach(pb.Register(node_name="node-1")))
+                event = next(watch).event
+                watch.cancel()
+        finally:
+            for call in held:
+                call.cancel()
+
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "on the TCP listener" in str(refused.value.details())
+    assert (event.kind, event.node) == (pb.EVENT_KIND_NODE_REGISTERED, "node-1")
