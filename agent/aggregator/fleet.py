@@ -86,6 +86,9 @@ class FleetFull(Exception):
 # snapshot request meant for it. Past this the stream ends (RESOURCE_EXHAUSTED) and the
 # agent, registering again, resyncs. The registration's own burst is not held to it.
 MAX_OUTBOX_BYTES = 64 * 1024 * 1024
+# How often the store's nodes without a record here are checked for liveness (a listing
+# of the store's live nodes), to forget those not live for forget_after.
+FORGET_CHECK_S = 60.0
 # Kept policies recorded per node (an agent holds at most its policy store's objects).
 MAX_KEPT_PER_NODE = 1024
 # How often a replica whose agents keep policies from another store checks for a release.
@@ -209,6 +212,9 @@ class Fleet:
         self._dropped_logged = -math.inf
         # Nodes forgotten here whose labels the store still has to forget.
         self._forgetting: set[str] = set()
+        # The store's nodes without a record here: since when each is not live.
+        self._unlive_since: dict[str, float] = {}
+        self._unlive_checked_s = -math.inf
         # Whether the store watch is following desired state now (health reports it).
         self.store_ok = False
         # Liveness leases in the store outlive a silent node until it is gone.
@@ -286,9 +292,28 @@ class Fleet:
 
     async def forget_silent(self) -> list[str]:
         """Forget the nodes gone for longer than liveness.forget_after_s, here and in
-        the store (unless another replica holds the node's stream now); their names. A
-        store that fails is tried again at the next sweep."""
+        the store (unless another replica holds the node's stream now); their names.
+        The store's nodes this replica has no record of (another replica's, or from
+        before a restart) are forgotten once not live for that long as this replica has
+        seen them, checked every FORGET_CHECK_S. A store that fails is tried again at
+        the next sweep."""
         forgotten = self.registry.forget_silent(keep=self.sessions)
+        self._forgetting.update(forgotten)
+        now = self._clock()
+        scan = bool(self.store_labels) and now - self._unlive_checked_s >= FORGET_CHECK_S
+        if self._forgetting or scan:
+            try:
+                live = await self._store("list live nodes", self.store.live_nodes())
+                if scan:
+                    self._unlive_checked_s = now
+                    forgotten += self._unlive_too_long(live, now)
+                for node in sorted(self._forgetting):
+                    if node not in live and self.registry.get(node) is None:
+                        await self._store("forget node", self.store.forget_node(node))
+                        self.store_labels.pop(node, None)
+                    self._forgetting.discard(node)
+            except StoreError:
+                pass  # counted and logged by _store; tried again at the next sweep
         for node in forgotten:
             self.kept.pop(node, None)
             for reports in self.reports.values():
@@ -300,19 +325,22 @@ class Fleet:
                 self.liveness.forget_after_s,
                 ", ".join(forgotten[:10]) + (" ..." if len(forgotten) > 10 else ""),
             )
-        self._forgetting.update(forgotten)
-        if not self._forgetting:
-            return forgotten
-        try:
-            live = await self._store("list live nodes", self.store.live_nodes())
-            for node in sorted(self._forgetting):
-                if node not in live and self.registry.get(node) is None:
-                    await self._store("forget node", self.store.forget_node(node))
-                    self.store_labels.pop(node, None)
-                self._forgetting.discard(node)
-        except StoreError:
-            pass  # counted and logged by _store; tried again at the next sweep
         return forgotten
+
+    def _unlive_too_long(self, live: set[str], now: float) -> list[str]:
+        """The store's nodes without a record here, not live since forget_after_s ago;
+        queued to be forgotten."""
+        unlive = (n for n in self.store_labels if n not in live and self.registry.get(n) is None)
+        self._unlive_since = {n: self._unlive_since.get(n, now) for n in unlive}
+        expired = [
+            n
+            for n, since in self._unlive_since.items()
+            if now - since > self.liveness.forget_after_s
+        ]
+        for node in expired:
+            del self._unlive_since[node]
+        self._forgetting.update(expired)
+        return expired
 
     def sweep(self) -> None:
         self.registry.sweep()

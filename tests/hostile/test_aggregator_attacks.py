@@ -427,3 +427,34 @@ def test_tcp_readers_taking_every_watch_slot_leave_the_unix_socket_its_own() -> 
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "on the TCP listener" in str(refused.value.details())
     assert (event.kind, event.node) == (pb.EVENT_KIND_NODE_REGISTERED, "node-1")
+
+
+def test_nodes_known_only_from_the_store_are_forgotten_once_not_live_for_forget_after() -> None:
+    clock = Clock()
+    liveness = Liveness(summary_interval_s=1.0, gone_after_s=30.0, forget_after_s=100.0)
+
+    async def act() -> tuple[list[str], list[str], dict[str, dict[str, str]]]:
+        store = open_store("sqlite://:memory:")
+        try:
+            # Nodes of an earlier run (or of another replica): labels, no record here.
+            for i in range(50):
+                await store.set_node_labels(f"ghost-{i}", {"pool": "a"})
+            await store.set_node_labels("elsewhere", {"pool": "a"})
+            await store.node_alive("elsewhere", 3600)
+            fleet = Fleet(store, liveness, clock=clock)
+            await fleet.start()
+            try:
+                early = await fleet.forget_silent()
+                clock.now += 150
+                late = await fleet.forget_silent()
+            finally:
+                await fleet.stop()
+            return early, late, await store.list_nodes()
+        finally:
+            await store.close()
+
+    early, late, stored = run(act())
+
+    assert early == []
+    assert sorted(late) == sorted(f"ghost-{i}" for i in range(50))
+    assert stored == {"elsewhere": {"pool": "a"}}
