@@ -53,6 +53,9 @@ class AggregatorConfig(DaemonConfig):
     summary_interval: Annotated[Duration, AfterValidator(duration_within("100ms", "5m"))] = 1.0
     stale_after_missed: int = Field(default=3, ge=1, le=1000)
     gone_after: Duration = 60.0
+    # A gone node is forgotten this long after its last summary: its record and its
+    # labels in the store go, so names that never come back do not fill max_nodes.
+    forget_after: Duration = 7 * 24 * 3600.0
 
     # Nodes kept (connected, stale or gone); a new node name past this is refused.
     max_nodes: int = Field(default=DEFAULT_MAX_NODES, ge=1, le=1_000_000)
@@ -78,8 +81,15 @@ class AggregatorConfig(DaemonConfig):
                 f"gone_after {self.gone_after:g}s must be longer than stale after "
                 f"{stale_after_s:g}s (summary_interval x stale_after_missed)"
             )
+        if self.forget_after <= self.gone_after:
+            raise ValueError(
+                f"forget_after {self.forget_after:g}s must be longer than gone_after "
+                f"{self.gone_after:g}s"
+            )
         return self
 
     @property
     def liveness(self) -> Liveness:
-        return Liveness(self.summary_interval, self.stale_after_missed, self.gone_after)
+        return Liveness(
+            self.summary_interval, self.stale_after_missed, self.gone_after, self.forget_after
+        )

@@ -17,12 +17,16 @@ from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
 # Events kept per subscriber: minutes of a busy fleet's events (an XID storm on a few
 # nodes), a few hundred KiB at most.
 EVENT_QUEUE_SIZE = 1024
+# WatchEvents streams on the TCP listener, and kept apart for the unix socket: TCP
+# readers need no identity, so taking every TCP slot must not lock the operator's
+# local tools out.
 MAX_EVENT_WATCHERS = 256
+LOCAL_EVENT_WATCHERS = 16
 
 
 class WatcherLimitError(RuntimeError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"at most {limit} WatchEvents streams at once")
+    def __init__(self, limit: int, where: str = "") -> None:
+        super().__init__(f"at most {limit} WatchEvents streams at once{where}")
 
 
 class EventSubscription:
@@ -83,7 +87,7 @@ class EventHub:
         labels_of: Callable[[str], Mapping[str, str]],
         *,
         queue_size: int = EVENT_QUEUE_SIZE,
-        max_watchers: int = MAX_EVENT_WATCHERS,
+        max_watchers: int = MAX_EVENT_WATCHERS + LOCAL_EVENT_WATCHERS,
     ) -> None:
         self._labels_of = labels_of
         self._queue_size = queue_size

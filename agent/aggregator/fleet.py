@@ -26,7 +26,7 @@ from typing import TypeVar
 from google.protobuf import timestamp_pb2
 
 from agent.aggregator.events import EventHub
-from agent.aggregator.limits import DEFAULT_MAX_NODES, LimitError, check_summary
+from agent.aggregator.limits import DEFAULT_MAX_NODES, LimitError, check_report, check_summary
 from agent.aggregator.metrics import STATUS_LABELS, FleetMetrics, event_label
 from agent.aggregator.registry import Clock, Liveness, NodeRecord, NodeRegistry
 from agent.aggregator.store import (
@@ -81,6 +81,14 @@ class FleetFull(Exception):
     """A new node past the aggregator's max_nodes. Mapped to RESOURCE_EXHAUSTED."""
 
 
+# Bytes queued to one agent's stream and not yet written to it: an agent that does not
+# read (stuck, or hostile) would otherwise grow the aggregator by every assignment and
+# snapshot request meant for it. Past this the stream ends (RESOURCE_EXHAUSTED) and the
+# agent, registering again, resyncs. The registration's own burst is not held to it.
+MAX_OUTBOX_BYTES = 64 * 1024 * 1024
+# How often the store's nodes without a record here are checked for liveness (a listing
+# of the store's live nodes), to forget those not live for forget_after.
+FORGET_CHECK_S = 60.0
 # Kept policies recorded per node (an agent holds at most its policy store's objects).
 MAX_KEPT_PER_NODE = 1024
 # How often a replica whose agents keep policies from another store checks for a release.
@@ -111,9 +119,27 @@ class AgentSession:
     snapshots: dict[int, asyncio.Future[pb.SnapshotReply]] = field(default_factory=dict)
     # Set when the session ends from this side (a newer stream for the same node).
     replaced: asyncio.Event = field(default_factory=asyncio.Event)
+    # Bytes in `outbox`; set `overflowed` when they would pass MAX_OUTBOX_BYTES.
+    queued_bytes: int = 0
+    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def send(self, message: pb.AggregatorMessage) -> None:
+    def send(self, message: pb.AggregatorMessage, *, bounded: bool = True) -> None:
+        """Queue `message` for the stream; past MAX_OUTBOX_BYTES (when `bounded`) the
+        session is marked overflowed instead, and nothing more is queued."""
+        if self.overflowed.is_set():
+            return
+        size = message.ByteSize()
+        if bounded and self.queued_bytes + size > MAX_OUTBOX_BYTES:
+            self.overflowed.set()
+            return
+        self.queued_bytes += size
         self.outbox.put_nowait(message)
+
+    async def next_message(self) -> pb.AggregatorMessage:
+        """The next queued message, taken off the byte count."""
+        message = await self.outbox.get()
+        self.queued_bytes -= message.ByteSize()
+        return message
 
 
 @dataclass(frozen=True)
@@ -174,7 +200,8 @@ class Fleet:
         self.store_labels: dict[str, dict[str, str]] = {}
         # Policy name -> node -> report, for the revision each node was last sent.
         self.reports: dict[str, dict[str, NodeReport]] = {}
-        # Policy name -> nodes that reported its removal since it was last assigned.
+        # Policy name -> nodes that reported its removal, while a DeletePolicy of it
+        # waits: only those names, so removals an agent makes up cost nothing here.
         self.removed: dict[str, set[str]] = {}
         self._objects: dict[str, tuple[int, qos_service_pb2.PolicyObject]] = {}
         self._reported = asyncio.Event()
@@ -183,6 +210,11 @@ class Fleet:
         self._error_logged: dict[str, float] = {}
         self._duplicate_logged = -math.inf
         self._dropped_logged = -math.inf
+        # Nodes forgotten here whose labels the store still has to forget.
+        self._forgetting: set[str] = set()
+        # The store's nodes without a record here: since when each is not live.
+        self._unlive_since: dict[str, float] = {}
+        self._unlive_checked_s = -math.inf
         # Whether the store watch is following desired state now (health reports it).
         self.store_ok = False
         # Liveness leases in the store outlive a silent node until it is gone.
@@ -256,6 +288,59 @@ class Fleet:
         while True:
             await asyncio.sleep(period_s)
             self.sweep()
+            await self.forget_silent()
+
+    async def forget_silent(self) -> list[str]:
+        """Forget the nodes gone for longer than liveness.forget_after_s, here and in
+        the store (unless another replica holds the node's stream now); their names.
+        The store's nodes this replica has no record of (another replica's, or from
+        before a restart) are forgotten once not live for that long as this replica has
+        seen them, checked every FORGET_CHECK_S. A store that fails is tried again at
+        the next sweep."""
+        forgotten = self.registry.forget_silent(keep=self.sessions)
+        self._forgetting.update(forgotten)
+        now = self._clock()
+        scan = bool(self.store_labels) and now - self._unlive_checked_s >= FORGET_CHECK_S
+        if self._forgetting or scan:
+            try:
+                live = await self._store("list live nodes", self.store.live_nodes())
+                if scan:
+                    self._unlive_checked_s = now
+                    forgotten += self._unlive_too_long(live, now)
+                for node in sorted(self._forgetting):
+                    if node not in live and self.registry.get(node) is None:
+                        await self._store("forget node", self.store.forget_node(node))
+                        self.store_labels.pop(node, None)
+                    self._forgetting.discard(node)
+            except StoreError:
+                pass  # counted and logged by _store; tried again at the next sweep
+        for node in forgotten:
+            self.kept.pop(node, None)
+            for reports in self.reports.values():
+                reports.pop(node, None)
+        if forgotten:
+            log.info(
+                "forgot %d node(s) silent for more than %.0fs: %s",
+                len(forgotten),
+                self.liveness.forget_after_s,
+                ", ".join(forgotten[:10]) + (" ..." if len(forgotten) > 10 else ""),
+            )
+        return forgotten
+
+    def _unlive_too_long(self, live: set[str], now: float) -> list[str]:
+        """The store's nodes without a record here, not live since forget_after_s ago;
+        queued to be forgotten."""
+        unlive = (n for n in self.store_labels if n not in live and self.registry.get(n) is None)
+        self._unlive_since = {n: self._unlive_since.get(n, now) for n in unlive}
+        expired = [
+            n
+            for n, since in self._unlive_since.items()
+            if now - since > self.liveness.forget_after_s
+        ]
+        for node in expired:
+            del self._unlive_since[node]
+        self._forgetting.update(expired)
+        return expired
 
     def sweep(self) -> None:
         self.registry.sweep()
@@ -320,14 +405,16 @@ class Fleet:
             self.reports.get(name, {}).pop(session.node, None)
             session.send(pb.AggregatorMessage(removal=pb.PolicyRemoval(name=name)))
 
-    def _send_assignment(self, session: AgentSession, assignment: Assignment) -> None:
+    def _send_assignment(
+        self, session: AgentSession, assignment: Assignment, *, bounded: bool = True
+    ) -> None:
         message = pb.PolicyAssignment(
             name=assignment.name, object=self._object_of(assignment), revision=assignment.revision
         )
         session.sent[assignment.name] = assignment.revision
         reports = self.reports.setdefault(assignment.name, {})
         reports[session.node] = NodeReport(assignment.revision, PENDING, "sent, no report yet")
-        session.send(pb.AggregatorMessage(assignment=message))
+        session.send(pb.AggregatorMessage(assignment=message), bounded=bounded)
 
     def _object_of(self, assignment: Assignment) -> qos_service_pb2.PolicyObject:
         """The message form of a stored policy, converted once per revision."""
@@ -387,9 +474,9 @@ class Fleet:
             store_id=identity.store_id,
             kept_released=identity.kept_released,
         )
-        session.send(pb.AggregatorMessage(registered=registered))
+        session.send(pb.AggregatorMessage(registered=registered), bounded=False)
         for assignment in sorted(matching, key=lambda a: a.name):
-            self._send_assignment(session, assignment)
+            self._send_assignment(session, assignment, bounded=False)
 
     def _resend_to_keepers(self) -> list[str]:
         """Send the registration again to the connected nodes that keep policies from
@@ -499,6 +586,13 @@ class Fleet:
         return True
 
     def report(self, session: AgentSession, report: pb.PolicyReport) -> None:
+        """An agent's report on a fleet policy; one naming no possible policy is dropped
+        and counted, a long message is cut (agent/aggregator/limits.py)."""
+        try:
+            check_report(report)
+        except LimitError:
+            self.metrics.policy_reports.labels("invalid").inc()
+            return
         name, node = report.name, session.node
         if report.outcome == pb.POLICY_OUTCOME_KEPT:
             self.metrics.policy_reports.labels("kept").inc()
@@ -513,7 +607,9 @@ class Fleet:
                 del self.kept[node]
         if report.outcome == pb.POLICY_OUTCOME_REMOVED:
             self.metrics.policy_reports.labels("removed").inc()
-            self.removed.setdefault(name, set()).add(node)
+            waiting = self.removed.get(name)
+            if waiting is not None:
+                waiting.add(node)
             self._emit_policy(node, name, "removed")
             self._notify_reports()
             return
@@ -583,17 +679,31 @@ class Fleet:
         # Before the delete: the store's watch may deliver it, and agents report the
         # removal, while the delete is awaited.
         sent_to = {node for node, session in self.sessions.items() if name in session.sent}
-        self.removed.pop(name, None)
+        removed: set[str] = set()
+        self.removed[name] = removed
+        try:
+            return await self._delete(name, assignment, sent_to, removed, wait_s)
+        finally:
+            if self.removed.get(name) is removed:
+                del self.removed[name]
+
+    async def _delete(
+        self,
+        name: str,
+        assignment: Assignment | None,
+        sent_to: set[str],
+        removed: set[str],
+        wait_s: float,
+    ) -> list[pb.NodePolicyStatus]:
         if not await self._store("delete assignment", self.store.delete_assignment(name)):
             raise UnknownPolicy(f"no fleet policy named {name!r}")
         self._assignment_removed(name)
 
         def outstanding() -> set[str]:
-            return {n for n in sent_to if n in self.sessions} - self.removed.get(name, set())
+            return {n for n in sent_to if n in self.sessions} - removed
 
         await self._wait(lambda: not outstanding(), wait_s)
         left = outstanding()
-        removed = self.removed.get(name, set())
         statuses: list[pb.NodePolicyStatus] = []
         views: dict[str, NodeView] = {}
         if assignment is not None:

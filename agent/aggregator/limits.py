@@ -13,6 +13,7 @@ a node that only sends such summaries turns stale, which is what an operator see
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
@@ -48,6 +49,14 @@ MAX_POWER_WATTS = 100_000.0
 MAX_BYTES_PER_SECOND = 1e13
 MAX_BITS_PER_SECOND = 8e13
 
+# --- policy reports ---
+
+# A report names a fleet policy: a DNS label, as agent/common/policy/model.py has it.
+POLICY_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# A report's message (why a policy failed) is kept per policy and node and carried in
+# events: longer ones are cut to this many bytes.
+MAX_REPORT_MESSAGE_BYTES = 4096
+
 # --- the fleet ---
 
 # Nodes one aggregator keeps (connected, stale or gone): each costs its labels and one
@@ -60,6 +69,12 @@ DEFAULT_REGISTRATIONS_PER_PEER_S = 5.0
 REGISTRATION_BURST_PER_PEER = 20
 DEFAULT_REGISTRATIONS_PER_S = 500.0
 REGISTRATION_BURST = 2_000
+# Agent streams open but not registered yet (each waits up to REGISTER_TIMEOUT_S for
+# its first message, tens of KiB each): from one peer address, and in all on one
+# listener. A real agent registers at once, so these are only reached by streams opened
+# and left silent.
+MAX_UNREGISTERED_PER_PEER = 32
+MAX_UNREGISTERED = 1024
 # ListNodes answers stay under this many bytes per page, whatever page_size asks: the
 # default gRPC client limit is 4 MiB.
 MAX_PAGE_BYTES = 3 * 1024 * 1024
@@ -154,6 +169,50 @@ def check_summary(summary: pb.NodeSummary) -> None:
         for name in ("policy", "class_name", "device"):
             _text(f"{where}.{name}", getattr(cls, name), MAX_SUMMARY_STRING_BYTES)
         _value(f"{where}.sent_bits_per_second", cls.sent_bits_per_second, MAX_BITS_PER_SECOND)
+
+
+def check_report(report: pb.PolicyReport) -> None:
+    """LimitError ("invalid") for a report that names no possible fleet policy; a
+    message over MAX_REPORT_MESSAGE_BYTES is cut in place."""
+    if not POLICY_NAME.match(report.name):
+        raise LimitError(
+            "policy_report.name", f"{report.name[:40]!r}: not a fleet policy name", "invalid"
+        )
+    if len(report.message.encode()) > MAX_REPORT_MESSAGE_BYTES:
+        cut = report.message.encode()[:MAX_REPORT_MESSAGE_BYTES]
+        report.message = cut.decode(errors="ignore") + " (cut)"
+
+
+# --- streams not registered yet ---
+
+
+@dataclass
+class UnregisteredStreams:
+    """Counts of streams waiting for their registration, per peer address and in all."""
+
+    per_peer: int = MAX_UNREGISTERED_PER_PEER
+    total: int = MAX_UNREGISTERED
+    _peers: dict[str, int] = field(default_factory=dict)
+    _total: int = 0
+
+    def admit(self, peer: str) -> str | None:
+        """None when one more may wait (and counts it: `release` it); else why not."""
+        held = self._peers.get(peer, 0)
+        if held >= self.per_peer:
+            return f"{held} streams from {peer} wait for their registration: register at once"
+        if self._total >= self.total:
+            return f"{self._total} streams wait for their registration: retry later"
+        self._peers[peer] = held + 1
+        self._total += 1
+        return None
+
+    def release(self, peer: str) -> None:
+        self._total -= 1
+        left = self._peers[peer] - 1
+        if left:
+            self._peers[peer] = left
+        else:
+            del self._peers[peer]
 
 
 # --- registration rate ---

@@ -30,6 +30,7 @@ from prometheus_client import start_http_server
 
 from agent import __version__
 from agent.aggregator.config import AggregatorConfig
+from agent.aggregator.events import LOCAL_EVENT_WATCHERS, MAX_EVENT_WATCHERS
 from agent.aggregator.fleet import Fleet
 from agent.aggregator.limits import REGISTRATION_BURST, REGISTRATION_BURST_PER_PEER, RateLimiter
 from agent.aggregator.metrics import FleetMetrics
@@ -168,6 +169,8 @@ class AggregatorServer:
             authorizer,
             bind_node_names=mtls,
             agents_need_mtls=tcp and not self.config.insecure_plaintext_agents,
+            max_watchers=MAX_EVENT_WATCHERS if tcp else LOCAL_EVENT_WATCHERS,
+            listener="the TCP listener" if tcp else "the unix socket",
         )
         pb_grpc.add_AggregatorServiceServicer_to_server(
             AggregatorServicer(self.fleet, access, self.registrations), server

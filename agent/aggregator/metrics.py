@@ -111,5 +111,5 @@ class FleetMetrics:
             self.nodes.labels(label)
         for label in ("too_large", "invalid"):
             self.summaries_dropped.labels(label)
-        for label in ("applied", "failed", "removed", "kept"):
+        for label in ("applied", "failed", "removed", "kept", "invalid"):
             self.policy_reports.labels(label)

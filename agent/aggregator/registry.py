@@ -13,7 +13,7 @@ import bisect
 import heapq
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
@@ -41,6 +41,10 @@ class Liveness:
     # Missed summaries before a node is stale.
     stale_after_missed: int = 3
     gone_after_s: float = 60.0
+    # A gone node is forgotten (its record, its labels in the store) once silent this
+    # long: nodes that come and go under new names (autoscaling, re-imaging) would
+    # otherwise fill max_nodes with ghosts and lock every new node out.
+    forget_after_s: float = 7 * 24 * 3600.0
 
     @property
     def stale_after_s(self) -> float:
@@ -64,6 +68,11 @@ class Liveness:
             raise ValueError(
                 f"gone after {self.gone_after_s:g}s must be longer than stale after "
                 f"{self.stale_after_s:g}s"
+            )
+        if self.forget_after_s <= self.gone_after_s:
+            raise ValueError(
+                f"forget after {self.forget_after_s:g}s must be longer than gone after "
+                f"{self.gone_after_s:g}s"
             )
 
 
@@ -230,6 +239,22 @@ class NodeRegistry:
                 )
                 changed.append((record.name, UNREACHABLE))
         return changed
+
+    def forget_silent(self, keep: Container[str] = ()) -> list[str]:
+        """Forget the gone nodes silent for longer than forget_after_s (and than their
+        own gone threshold), except those in `keep`; their names."""
+        now = self._clock()
+        forgotten = []
+        for record in self._nodes.values():
+            if record.status != UNREACHABLE or record.name in keep:
+                continue
+            _, gone_after_s = self.liveness.thresholds(record.interval_s)
+            if now - record.last_seen_s > max(self.liveness.forget_after_s, gone_after_s):
+                forgotten.append(record.name)
+        for name in forgotten:
+            del self._nodes[name]
+            del self._names[bisect.bisect_left(self._names, name)]
+        return forgotten
 
     # --- queries ---
 

@@ -19,8 +19,9 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
-from agent.aggregator.events import WatcherLimitError
+from agent.aggregator.events import MAX_EVENT_WATCHERS, WatcherLimitError
 from agent.aggregator.fleet import (
+    MAX_OUTBOX_BYTES,
     MAX_WAIT_S,
     SNAPSHOT_TIMEOUT_S,
     AgentSession,
@@ -34,6 +35,7 @@ from agent.aggregator.limits import (
     MAX_PAGE_BYTES,
     LimitError,
     RateLimiter,
+    UnregisteredStreams,
     check_labels_size,
     check_register,
     peer_address,
@@ -71,6 +73,9 @@ class Access:
     bind_node_names: bool
     # TCP: agent streams without mTLS are refused (unless the operator allowed them).
     agents_need_mtls: bool = False
+    # WatchEvents streams this listener may hold, and its name for refusals.
+    max_watchers: int = MAX_EVENT_WATCHERS
+    listener: str = "the TCP listener"
 
 
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
@@ -80,6 +85,8 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         self._fleet = fleet
         self._access = access
         self._registrations = registrations
+        self._unregistered = UnregisteredStreams()
+        self._watchers = 0
 
     # --- agents ---
 
@@ -88,10 +95,19 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         request_iterator: AsyncIterator[pb.AgentMessage],
         context: grpc.aio.ServicerContext[pb.AgentMessage, pb.AggregatorMessage],
     ) -> None:
+        peer = peer_address(context.peer())
+        refused = self._unregistered.admit(peer)
+        if refused is not None:
+            self._fleet.metrics.refused.labels("unregistered").inc()
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(refused)
+            return
         try:
             first = await asyncio.wait_for(anext(request_iterator), REGISTER_TIMEOUT_S)
         except (StopAsyncIteration, TimeoutError):
             return
+        finally:
+            self._unregistered.release(peer)
         admitted = await self._admit(first, context)
         del first
         if isinstance(admitted, grpc.Status):
@@ -105,10 +121,11 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 context.set_trailing_metadata(admitted.trailing_metadata)
             return
         session = admitted
-        writer = asyncio.create_task(_write(session.outbox, context))
+        writer = asyncio.create_task(_write(session, context))
         reader = asyncio.create_task(self._read(session, request_iterator))
         replaced = asyncio.create_task(session.replaced.wait())
-        tasks: set[asyncio.Task[object]] = {writer, reader, replaced}
+        overflowed = asyncio.create_task(session.overflowed.wait())
+        tasks: set[asyncio.Task[object]] = {writer, reader, replaced, overflowed}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -117,6 +134,19 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             self._fleet.detach(session)
         if replaced in done:
             await context.abort(grpc.StatusCode.ABORTED, "replaced by a newer stream of this node")
+        if overflowed in done:
+            self._fleet.metrics.refused.labels("unread").inc()
+            log.warning(
+                "node %s did not read its stream: over %d MiB queued for it; stream ended, "
+                "it resyncs when it registers again",
+                session.node,
+                MAX_OUTBOX_BYTES // (1024 * 1024),
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"over {MAX_OUTBOX_BYTES // (1024 * 1024)} MiB queued for this stream and not "
+                "read: register again to resync",
+            )
         for task in done:
             failure = None if task.cancelled() else task.exception()
             if isinstance(failure, ValueError):
@@ -252,16 +282,21 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.WatchEventsResponse]:
+        access = self._access
         try:
+            if self._watchers >= access.max_watchers:
+                raise WatcherLimitError(access.max_watchers, f" on {access.listener}")
             subscription = self._fleet.events.subscribe(request.kinds, request.selector)
         except WatcherLimitError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        self._watchers += 1
         self._fleet.metrics.event_watchers.set(len(self._fleet.events))
         try:
             while (item := await subscription.next()) is not None:
                 event, missed = item
                 yield pb.WatchEventsResponse(event=event, missed=missed)
         finally:
+            self._watchers -= 1
             subscription.close()
             self._fleet.metrics.event_watchers.set(len(self._fleet.events))
 
@@ -343,11 +378,11 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
 
 
 async def _write(
-    outbox: asyncio.Queue[pb.AggregatorMessage],
+    session: AgentSession,
     context: grpc.aio.ServicerContext[pb.AgentMessage, pb.AggregatorMessage],
 ) -> None:
     while True:
-        await context.write(await outbox.get())
+        await context.write(await session.next_message())
 
 
 def _status(code: grpc.StatusCode, details: str) -> grpc.Status:

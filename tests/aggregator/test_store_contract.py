@@ -130,6 +130,29 @@ def test_node_labels(store_url: str) -> None:
     with_store(store_url, body)
 
 
+def test_a_forgotten_node_loses_its_labels_and_liveness_and_watchers_see_it(
+    store_url: str,
+) -> None:
+    async def body(store: Store) -> None:
+        await store.set_node_labels("gpu-001", {"pool": "training"})
+        await store.set_node_labels("gpu-002", {"pool": "training"})
+        await store.node_alive("gpu-001", ttl_s=5)
+        async with store.watch() as changes:
+            await store.forget_node("gpu-001")
+            await store.forget_node("gpu-009")  # never known: no error, no change
+            await store.set_node_labels("gpu-003", {})
+            seen = await next_changes(changes, 2)
+
+        assert [(c.kind, c.key, c.deleted) for c in seen] == [
+            (ChangeKind.NODE_LABELS, "gpu-001", True),
+            (ChangeKind.NODE_LABELS, "gpu-003", False),
+        ]
+        assert await store.list_nodes() == {"gpu-002": {"pool": "training"}, "gpu-003": {}}
+        assert await store.live_nodes() == set()
+
+    with_store(store_url, body)
+
+
 def test_liveness(store_url: str) -> None:
     async def body(store: Store) -> None:
         await store.node_alive("gpu-001", ttl_s=1)

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.common.errors import FabricError
 from agent.common.labels import check_label_types
+
+log = logging.getLogger(__name__)
 
 # etcd refuses requests over 1.5 MiB; a third of that leaves room for the request's own
 # framing and keeps every stored value far from the limit whichever backend holds it.
@@ -60,6 +63,21 @@ class StoreIdentity:
 
 def new_store_id() -> str:
     return secrets.token_hex(16)
+
+
+_STORE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def stored_store_id(url: str, raw: bytes | str) -> str:
+    """The store id as read back; StoreError when it is not one that init makes (a
+    damaged store, or a value something else wrote): agents remember this id, and it
+    must not be garbage."""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    if not _STORE_ID.match(text):
+        raise StoreError(
+            url, "read the store identity", f"store id {text[:40]!r} is not one init makes"
+        )
+    return text
 
 
 class RevisionConflict(FabricError):
@@ -211,6 +229,11 @@ class Store(Protocol):
         """Remove a node from live_nodes() now."""
         ...
 
+    async def forget_node(self, node: str) -> None:
+        """Delete the node's labels (watchers see them deleted) and its liveness; a node
+        the store does not know is no error."""
+        ...
+
     async def identity(self, *, create: bool = False) -> StoreIdentity:
         """The store's identity. Without `create`, StoreNotInitialised when the store has
         none (never initialised, or lost); with it, a store without one gets a new id
@@ -264,16 +287,25 @@ def encode_assignment(
     return raw
 
 
+class CorruptRecord(ValueError):
+    """A stored value that does not decode to its record (a damaged store, or a value
+    written under the store's keys by something else)."""
+
+
 def decode_assignment(raw: bytes | str, revision: int) -> Assignment:
-    record = json.loads(raw)
-    return Assignment(
-        name=record["name"],
-        policy=record["policy"],
-        selector=record["selector"],
-        revision=revision,
-        created_unix_s=record["created_unix_s"],
-        updated_unix_s=record["updated_unix_s"],
-    )
+    """The assignment of a stored value; CorruptRecord when it is not one."""
+    try:
+        record = json.loads(raw)
+        return Assignment(
+            name=record["name"],
+            policy=record["policy"],
+            selector=record["selector"],
+            revision=revision,
+            created_unix_s=float(record["created_unix_s"]),
+            updated_unix_s=float(record["updated_unix_s"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CorruptRecord(f"not an assignment record: {type(exc).__name__}: {exc}") from exc
 
 
 def encode_labels(node: str, labels: Mapping[str, str]) -> bytes:
@@ -284,8 +316,26 @@ def encode_labels(node: str, labels: Mapping[str, str]) -> bytes:
 
 
 def decode_labels(raw: bytes | str) -> dict[str, str]:
-    labels: dict[str, str] = json.loads(raw)
+    """The labels of a stored value; CorruptRecord when they are not labels."""
+    try:
+        labels = json.loads(raw)
+        if not isinstance(labels, dict):
+            raise TypeError(f"a JSON {type(labels).__name__}, not an object")
+        check_label_types("labels", labels)
+    except (ValueError, TypeError) as exc:
+        raise CorruptRecord(f"not a labels record: {type(exc).__name__}: {exc}") from exc
     return labels
+
+
+@contextmanager
+def skipping_corrupt(url: str, key: str) -> Iterator[None]:
+    """Around decoding one record of a listing or watch: a value that does not decode is
+    logged and left out, so one bad key costs only itself. Its last good value, if this
+    replica had one, stays in use; writing the record again repairs it."""
+    try:
+        yield
+    except CorruptRecord as exc:
+        log.error("%s: %s: %s; left out", url, key, exc)
 
 
 class RefreshCoalescer:

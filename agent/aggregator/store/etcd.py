@@ -17,6 +17,7 @@ every replica sees every replica's writes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -29,6 +30,7 @@ from agent.aggregator.store.base import (
     Assignment,
     Change,
     ChangeKind,
+    CorruptRecord,
     RefreshCoalescer,
     RevisionConflict,
     StoreError,
@@ -40,6 +42,8 @@ from agent.aggregator.store.base import (
     encode_assignment,
     encode_labels,
     new_store_id,
+    skipping_corrupt,
+    stored_store_id,
 )
 from agent.common.labels import check_labels
 
@@ -114,9 +118,11 @@ class EtcdStore:
                 actual = 0 if current is None else int(current.mod_revision)
                 if expected_revision is not None and expected_revision != actual:
                     raise RevisionConflict(assignment.name, expected_revision, actual)
-                created_s = (
-                    now_s if current is None else decode_assignment(current.value, 0).created_unix_s
-                )
+                created_s = now_s
+                if current is not None:
+                    # A garbled record is replaced: the write repairs it.
+                    with contextlib.suppress(CorruptRecord):
+                        created_s = decode_assignment(current.value, 0).created_unix_s
                 record = encode_assignment(assignment, created_s, now_s)
                 # mod_revision 0 compares equal for an absent key: create-only.
                 succeeded, responses = await self._client.transaction(
@@ -149,7 +155,11 @@ class EtcdStore:
             found = await self._client.get_prefix(
                 self._key("assignments", ""), sort_order="ascend", sort_target="key"
             )
-        return [decode_assignment(kv.value, int(kv.mod_revision)) for kv in found]
+        assignments = []
+        for kv in found:
+            with skipping_corrupt(self._url, bytes(kv.key).decode(errors="replace")):
+                assignments.append(decode_assignment(kv.value, int(kv.mod_revision)))
+        return assignments
 
     async def delete_assignment(self, name: str, expected_revision: int | None = None) -> bool:
         if expected_revision is not None and expected_revision <= 0:
@@ -189,7 +199,12 @@ class EtcdStore:
         prefix = self._key("labels", "")
         with self._failing_as("list nodes"):
             found = await self._client.get_prefix(prefix, sort_order="ascend", sort_target="key")
-        return {kv.key[len(prefix) :].decode(): decode_labels(kv.value) for kv in found}
+        nodes = {}
+        for kv in found:
+            key = bytes(kv.key).decode(errors="replace")
+            with skipping_corrupt(self._url, key):
+                nodes[key[len(self._key("labels", "").decode()) :]] = decode_labels(kv.value)
+        return nodes
 
     # --- liveness: one lease per node, holding one key ---
 
@@ -246,6 +261,11 @@ class EtcdStore:
             else:
                 await self._client.delete(self._key("live", node))
 
+    async def forget_node(self, node: str) -> None:
+        await self.node_gone(node)
+        with self._failing_as(f"forget node {node!r}"):
+            await self._client.delete(self._key("labels", node))
+
     # --- identity ---
 
     async def identity(self, *, create: bool = False) -> StoreIdentity:
@@ -272,7 +292,8 @@ class EtcdStore:
             released = await self._client.get(self._key("store", "kept_released"))
         if current is None:
             raise StoreError(self._url, "read the store identity", "the store id vanished")
-        return StoreIdentity(bytes(current.value).decode(), released is not None)
+        store_id = stored_store_id(self._url, bytes(current.value))
+        return StoreIdentity(store_id, released is not None)
 
     async def release_kept(self) -> StoreIdentity:
         with self._failing_as("release kept policies"):
@@ -282,7 +303,7 @@ class EtcdStore:
     # --- watch ---
 
     def _change(self, event: Any) -> Change | None:
-        key = bytes(event.kv.key).decode()[len(self._prefix) :]
+        key = bytes(event.kv.key).decode(errors="replace")[len(self._prefix) :]
         kind, _, name = key.partition("/")
         revision = int(event.kv.mod_revision)
         deleted = event.kind == aetcd.EventKind.DELETE
@@ -297,7 +318,9 @@ class EtcdStore:
     async def _changes(self, watch: Any) -> AsyncIterator[Change]:
         with self._failing_as("watch"):
             async for event in watch:
-                change = self._change(event)
+                change = None
+                with skipping_corrupt(self._url, bytes(event.kv.key).decode(errors="replace")):
+                    change = self._change(event)
                 if change is not None:
                     yield change
 

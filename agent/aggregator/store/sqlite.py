@@ -14,6 +14,7 @@ work for nothing (17 % of the aggregator's CPU at 10,000 nodes when it was writt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -26,6 +27,7 @@ from agent.aggregator.store.base import (
     Assignment,
     Change,
     ChangeKind,
+    CorruptRecord,
     RevisionConflict,
     StoreError,
     StoreIdentity,
@@ -36,6 +38,8 @@ from agent.aggregator.store.base import (
     encode_assignment,
     encode_labels,
     new_store_id,
+    skipping_corrupt,
+    stored_store_id,
 )
 from agent.common.labels import check_labels
 
@@ -233,7 +237,11 @@ class SqliteStore:
                 actual = 0 if row is None else int(row[1])
                 if expected_revision is not None and expected_revision != actual:
                     raise RevisionConflict(assignment.name, expected_revision, actual)
-                created_s = now_s if row is None else decode_assignment(row[0], 0).created_unix_s
+                created_s = now_s
+                if row is not None:
+                    # A garbled record is replaced: the write repairs it.
+                    with contextlib.suppress(CorruptRecord):
+                        created_s = decode_assignment(row[0], 0).created_unix_s
                 record = encode_assignment(assignment, created_s, now_s)
                 connection.execute(
                     "INSERT INTO assignments (name, record, revision) VALUES (?, ?, ?) "
@@ -262,9 +270,13 @@ class SqliteStore:
     async def list_assignments(self) -> list[Assignment]:
         def read(connection: sqlite3.Connection) -> list[Assignment]:
             rows = connection.execute(
-                "SELECT record, revision FROM assignments ORDER BY name"
+                "SELECT name, record, revision FROM assignments ORDER BY name"
             ).fetchall()
-            return [decode_assignment(record, int(revision)) for record, revision in rows]
+            assignments = []
+            for name, record, revision in rows:
+                with skipping_corrupt(self._url, f"assignment {name!r}"):
+                    assignments.append(decode_assignment(record, int(revision)))
+            return assignments
 
         return await self._run("list assignments", read)
 
@@ -314,7 +326,8 @@ class SqliteStore:
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
-            return StoreIdentity(meta["store_id"], meta.get("kept_released") == "1")
+            store_id = stored_store_id(self._url, meta["store_id"])
+            return StoreIdentity(store_id, meta.get("kept_released") == "1")
 
         return await self._run("read the store identity", read)
 
@@ -364,7 +377,11 @@ class SqliteStore:
     async def list_nodes(self) -> dict[str, dict[str, str]]:
         def read(connection: sqlite3.Connection) -> dict[str, dict[str, str]]:
             rows = connection.execute("SELECT node, labels FROM node_labels ORDER BY node")
-            return {node: decode_labels(labels) for node, labels in rows}
+            nodes = {}
+            for node, labels in rows:
+                with skipping_corrupt(self._url, f"labels of node {node!r}"):
+                    nodes[node] = decode_labels(labels)
+            return nodes
 
         return await self._run("list nodes", read)
 
@@ -382,6 +399,21 @@ class SqliteStore:
 
     async def node_gone(self, node: str) -> None:
         self._live.pop(node, None)
+
+    async def forget_node(self, node: str) -> None:
+        self._live.pop(node, None)
+        loop = asyncio.get_running_loop()
+
+        def write(connection: sqlite3.Connection) -> None:
+            def in_transaction(revision: int) -> tuple[None, Change | None]:
+                deleted = connection.execute("DELETE FROM node_labels WHERE node = ?", (node,))
+                if deleted.rowcount == 0:
+                    return None, None
+                return None, Change(ChangeKind.NODE_LABELS, node, revision)
+
+            self._write(connection, loop, in_transaction)
+
+        await self._run(f"forget node {node!r}", write)
 
     # --- watch ---
 

@@ -457,6 +457,19 @@ def check_admitted(name: str, entry: ApiEntry, admission: Admission) -> None:
         raise RefusedError([Precondition("LIMIT", "spec.match", message)])
 
 
+def check_displaces_none(name: str, before: Admission, after: Admission) -> None:
+    """RefusedError (OWNERSHIP) when API object `name` would take an interface from an
+    API policy that holds it now. Among API policies the pass gives an interface to the
+    first by name, so a newcomer named before the holder would otherwise tear the
+    enforced policy down and take its place."""
+    holders = {p.policy.metadata.name: p for p in before.policies}
+    for other, problem in after.refused.items():
+        holder = holders.get(other)
+        if other != name and holder is not None and problem.kind == "OWNERSHIP":
+            reason = owner_text(holder, "the API") + ", enforced now"
+            raise RefusedError([Precondition("OWNERSHIP", "spec.interface", reason)])
+
+
 def usable_models(entries: Mapping[str, ApiEntry]) -> dict[str, PolicyObject]:
     """The entries' models; one that no longer validates is logged and left out."""
     models: dict[str, PolicyObject] = {}

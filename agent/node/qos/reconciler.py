@@ -55,6 +55,7 @@ from agent.node.qos.api_objects import (
     admit,
     assignment_target,
     check_admitted,
+    check_displaces_none,
     check_lease_ttl,
     check_origin,
     entry_view,
@@ -421,13 +422,22 @@ class Reconciler:
     def _check(
         self, name: str, entry: ApiEntry, candidate: Mapping[str, ApiEntry], read: FileRead
     ) -> None:
+        files = self._effective_files(read)
         admission = admit(
-            self._effective_files(read),
+            files,
             candidate,
             interface_exists=self.kernel.interface_exists,
             cgroup_root=self.settings.cgroup_root,
         )
         check_admitted(name, entry, admission)
+        before = admit(
+            files,
+            self._entries(),
+            interface_exists=self.kernel.interface_exists,
+            cgroup_root=self.settings.cgroup_root,
+            cgroups_required=False,
+        )
+        check_displaces_none(name, before, admission)
 
     def _dry_run(
         self,

@@ -45,7 +45,7 @@ from agent.common.policy.model import PolicyError
 from agent.node.api.convert import validate_sections
 from agent.node.api.telemetry import SnapshotSource, get_snapshot_response
 from agent.node.collectors.gpu import GPU
-from agent.node.qos.api_objects import ORIGIN_FLEET, NotFoundError
+from agent.node.qos.api_objects import ORIGIN_FLEET, NotFoundError, Precondition, RefusedError
 from agent.node.snapshot import Snapshot
 from agent.node.uplink.summary import SummaryBuilder
 from agent.proto.fabric.aggregator.v1 import aggregator_service_pb2 as pb
@@ -58,6 +58,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 60.0
+# Fleet policies one node holds. Each enforcement pass covers every policy, so a pass
+# costs in proportion and each apply makes one: at 1,000 fleet objects an apply took
+# 0.5 s and rising (on the fake kernel), at 256 a few tens of ms. A real node holds a
+# handful (one per job); past this, a new one is refused (FAILED, type LIMIT).
+MAX_FLEET_POLICIES = 256
+# Assignments and removals received but not yet applied: past this the stream is not
+# read until the worker catches up, and gRPC's flow control holds the aggregator back,
+# so an aggregator that sends faster than the node applies cannot grow its memory.
+MAX_PENDING_FLEET_WORK = 64
+# Snapshot replies waiting to be sent: a request past this is not answered (the
+# aggregator reports the node as not answering in time), so an aggregator that asks
+# without reading cannot make this node build and keep snapshot after snapshot.
+MAX_PENDING_SNAPSHOTS = 4
+# Control messages (reports, snapshot replies) waiting to be sent: past this the
+# aggregator is not reading, and the stream is ended (the next one resyncs).
+MAX_PENDING_CONTROL = 1024
 # Summaries are small; a snapshot reply for a large node is tens of KiB.
 _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     *CLIENT_KEEPALIVE_OPTIONS,
@@ -86,7 +102,18 @@ class ReconcilerPolicies:
         self._reconciler = reconciler
 
     def apply_fleet(self, obj: qos_service_pb2.PolicyObject) -> None:
-        self._reconciler.apply_object(model_from_request(obj), origin=ORIGIN_FLEET)
+        model = model_from_request(obj)
+        name = model.metadata.name
+        # Fleet objects are applied by the one uplink worker: the count cannot change
+        # between this check and the apply.
+        held = self._reconciler.fleet_names()
+        if name not in held and len(held) >= MAX_FLEET_POLICIES:
+            reason = (
+                f"this node holds {len(held)} fleet policies, at most {MAX_FLEET_POLICIES}: "
+                "a new one is refused until one is deleted"
+            )
+            raise RefusedError([Precondition("LIMIT", name, reason)])
+        self._reconciler.apply_object(model, origin=ORIGIN_FLEET)
 
     def delete_fleet(self, name: str) -> bool:
         try:
@@ -194,11 +221,26 @@ class _Outbox:
     def __init__(self, uplink: Uplink, register: pb.Register) -> None:
         self._uplink = uplink
         self._control: deque[pb.AgentMessage] = deque([pb.AgentMessage(register=register)])
+        self.snapshots = 0  # snapshot replies in _control
         self.closed = False
 
     def put(self, message: pb.AgentMessage) -> None:
+        """Queue a control message; past MAX_PENDING_CONTROL the outbox closes instead,
+        which ends the stream."""
         with self._uplink.changed:
-            self._control.append(message)
+            if len(self._control) >= MAX_PENDING_CONTROL:
+                if not self.closed:
+                    log.warning(
+                        "aggregator %s reads nothing of this stream (%d messages waiting): "
+                        "ending it",
+                        self._uplink.settings.target,
+                        len(self._control),
+                    )
+                self.closed = True
+            else:
+                self._control.append(message)
+                if message.WhichOneof("kind") == "snapshot":
+                    self.snapshots += 1
             self._uplink.changed.notify_all()
 
     def close(self) -> None:
@@ -216,7 +258,10 @@ class _Outbox:
                 if self.closed:
                     raise StopIteration
                 if self._control:
-                    return self._control.popleft()
+                    message = self._control.popleft()
+                    if message.WhichOneof("kind") == "snapshot":
+                        self.snapshots -= 1
+                    return message
                 if uplink.latest is not None:
                     snapshot, uplink.latest = uplink.latest, None
                     break
@@ -247,7 +292,7 @@ class Uplink:
         self.summaries_sent = 0
         self.registrations = 0
         self.connected = threading.Event()
-        self._work: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._work: queue.Queue[Callable[[], None] | None] = queue.Queue(MAX_PENDING_FLEET_WORK)
         self._call: grpc.Future[object] | None = None
         self._outbox: _Outbox | None = None
         path = settings.store_id_path
@@ -286,6 +331,10 @@ class Uplink:
                 )
                 stop.wait(delay_s)
         finally:
+            # Stopping: what was not applied yet is sent again at the next registration.
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._work.get_nowait()
             self._work.put(None)
             worker.join(timeout=10)
 
@@ -332,6 +381,8 @@ class Uplink:
             expected: int | None = None
             names: set[str] = set()
             for message in call:
+                if outbox.closed:
+                    return  # stopping, or the aggregator reads nothing: a new stream
                 which = message.WhichOneof("kind")
                 if which == "registered":
                     registered = message.registered
@@ -355,7 +406,8 @@ class Uplink:
                 elif which == "removal":
                     name = message.removal.name
                     self._work.put(partial(self._remove, outbox, name))
-                elif which == "snapshot_request":
+                elif which == "snapshot_request" and outbox.snapshots < MAX_PENDING_SNAPSHOTS:
+                    # Past the bound a request goes unanswered: the aggregator times out.
                     outbox.put(self._snapshot_reply(message.snapshot_request.request_id))
         finally:
             self.connected.clear()
@@ -389,7 +441,12 @@ class Uplink:
 
     def _apply_loop(self) -> None:
         while (job := self._work.get()) is not None:
-            job()
+            try:
+                job()
+            except Exception:
+                # The stream waits on this worker (its queue is bounded): one job's bug
+                # must not stop every later one.
+                log.exception("fleet policy work failed")
 
     def _apply(self, outbox: _Outbox, assignment: pb.PolicyAssignment) -> None:
         report = pb.PolicyReport(name=assignment.name, revision=assignment.revision)
