@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import re
 import socket
 import stat
@@ -680,12 +681,16 @@ def read_policy_text(path: Path) -> str:
         return PolicyError([PolicyViolation(str(path), "", reason)])
 
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise refused("cannot read: not a regular file")
-        if info.st_size > MAX_DOCUMENT_BYTES:
-            raise refused(_too_large(info.st_size))
-        with path.open("rb") as handle:
+        # What is checked is what is read: the open file, not its name, which may be
+        # replaced by a FIFO between a stat and an open (O_NONBLOCK: opening one does not
+        # wait for a writer).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise refused("cannot read: not a regular file")
+            if info.st_size > MAX_DOCUMENT_BYTES:
+                raise refused(_too_large(info.st_size))
             data = handle.read(MAX_DOCUMENT_BYTES + 1)
         if len(data) > MAX_DOCUMENT_BYTES:  # it grew since stat
             raise refused(_too_large(len(data), more=True))

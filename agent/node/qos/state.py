@@ -145,7 +145,17 @@ def read_json(path: Path) -> Any:
         raise StateError(f"{path}: not a regular file")
     if info.st_size > MAX_STATE_BYTES:
         raise StateError(f"{path}: {info.st_size} bytes, over the {MAX_STATE_BYTES} byte limit")
-    with path.open("rb") as stream:
+    # The name may be replaced after the lstat: the open takes no symlink and waits for no
+    # FIFO's writer, and what is read is checked again as opened.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateError(f"{path}: not a regular file") from None
+        raise
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateError(f"{path}: not a regular file")
         raw = stream.read(MAX_STATE_BYTES + 1)
     if len(raw) > MAX_STATE_BYTES:
         raise StateError(f"{path}: over the {MAX_STATE_BYTES} byte limit")
