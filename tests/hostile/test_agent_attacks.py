@@ -16,8 +16,10 @@ import pytest
 
 from agent.common.policy.model import PolicyError, read_policy_text
 from agent.node.qos.files import FileRead, read_files
-from agent.node.qos.state import STATE_FILE, StateError, load_state
-from tests.node.qos import DEVICE
+from agent.node.qos.reconciler import Reconciler
+from agent.node.qos.state import MAX_SET_ASIDE, STATE_FILE, StateError, load_state
+from tests.node.qos import DEVICE, fake_settings
+from tests.node.qos.fake_kernel import FakeKernel
 from tests.node.qos.test_reconciler import write
 
 # Generous: a read that takes this long is one that waits for a FIFO's writer.
@@ -99,3 +101,29 @@ def test_a_state_file_swapped_for_a_fifo_after_its_check_is_unusable_not_a_block
     assert done, "the agent's start waited for a writer of the FIFO"
     assert isinstance(result, StateError), result
     assert "not a regular file" in str(result)
+
+
+# --- state files set aside, start after start -----------------------------------------
+
+
+def test_a_restart_loop_over_a_corrupt_state_file_keeps_only_the_newest_set_aside_copies(
+    kernel: FakeKernel, dirs: tuple[Path, Path], cgroups: Path
+) -> None:
+    write(dirs[0], DEVICE)
+    starts = MAX_SET_ASIDE * 4
+    state_file = dirs[1] / STATE_FILE
+
+    for start in range(starts):
+        dirs[1].mkdir(exist_ok=True)
+        state_file.write_text(f"corrupt at start {start}")
+        agent = Reconciler(fake_settings(dirs, cgroups), kernel)
+        try:
+            assert agent.reconcile().result == "success"
+        finally:
+            agent.close()
+
+    aside = sorted(dirs[1].glob(f"{STATE_FILE}.corrupt-*"))
+    assert [p.read_text() for p in aside] == [
+        f"corrupt at start {start}" for start in range(starts - MAX_SET_ASIDE, starts)
+    ]
+    assert load_state(dirs[1]).policies["node"].device == DEVICE

@@ -8,8 +8,8 @@ enforcement carries on without a single kernel change.
 The file is a record the kernel and the policy files can rebuild, so an unusable one
 (unreadable, not JSON, another version, a value out of range, over MAX_STATE_BYTES, a
 directory in its place) never stops the agent: `Quarantine` renames it aside
-(`qos-state.json.corrupt-<UTC time>`), logs why and counts it, and the agent starts from
-the kernel as it finds it.
+(`qos-state.json.corrupt-<UTC time>`, the newest MAX_SET_ASIDE of each kept), logs why
+and counts it, and the agent starts from the kernel as it finds it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -198,16 +199,24 @@ def load_state(state_dir: Path) -> QosState:
     return QosState({p.name: p for p in policies}, nft_body, data.get("nft_listing"))
 
 
+# Set-aside copies kept of each state file: a start that finds it unusable every time
+# (a restart loop) adds one a start, and the latest few are what an operator reads;
+# without a bound, 16 MiB a start fills the disk.
+MAX_SET_ASIDE = 5
+
+
 class Quarantine:
     """Sets unusable state files aside, so that the agent starts without them and the
     operator can still read them; counts them by file name (a metric)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = MAX_SET_ASIDE) -> None:
         self.counts: Counter[str] = Counter()
+        self.keep = keep
 
     def set_aside(self, path: Path, reason: str) -> Path | None:
-        """Rename `path` to `<name>.corrupt-<UTC time>`; None when it cannot be (the
-        state directory is read-only): it is then left where it is, and still unused."""
+        """Rename `path` to `<name>.corrupt-<UTC time>`, then remove the oldest of those
+        past the newest `keep`; None when it cannot be (the state directory is
+        read-only): it is then left where it is, and still unused."""
         self.counts[path.name] += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = path.with_name(f"{path.name}.corrupt-{stamp}")
@@ -217,7 +226,19 @@ class Quarantine:
             log.error("%s; cannot set it aside (%s): starting without it", reason, exc)
             return None
         log.error("%s; set aside as %s: starting without it", reason, target.name)
+        self._prune(path)
         return target
+
+    def _prune(self, path: Path) -> None:
+        # The UTC stamps sort as they were made.
+        aside = sorted(path.parent.glob(f"{glob_escape(path.name)}.corrupt-*"))
+        for old in aside[: max(len(aside) - self.keep, 0)]:
+            if old.is_dir() and not old.is_symlink():
+                continue  # a directory is not the agent's to empty
+            try:
+                old.unlink()
+            except OSError as exc:
+                log.warning("cannot remove %s, set aside earlier: %s", old, exc)
 
 
 class StateSaveError(FabricError):
