@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from agent.common.policy.limits import MAX_DOCUMENT_BYTES
 from agent.common.policy.model import PolicyError, read_policy_text
-from agent.node.qos.files import FileRead, read_files
+from agent.node.qos.api_objects import FAILED
+from agent.node.qos.files import MAX_POLICY_DIRECTORY_BYTES, MAX_POLICY_FILES, FileRead, read_files
 from agent.node.qos.reconciler import Reconciler
 from agent.node.qos.state import MAX_SET_ASIDE, STATE_FILE, StateError, load_state
 from tests.node.qos import DEVICE, fake_settings
@@ -127,3 +129,59 @@ def test_a_restart_loop_over_a_corrupt_state_file_keeps_only_the_newest_set_asid
         f"corrupt at start {start}" for start in range(starts - MAX_SET_ASIDE, starts)
     ]
     assert load_state(dirs[1]).policies["node"].device == DEVICE
+
+
+# --- a policy directory past what a node holds ------------------------------------------
+
+
+def test_a_directory_of_twice_the_policy_file_bound_costs_one_problem_and_loses_nothing(
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
+) -> None:
+    write(dirs[0], DEVICE)
+    assert reconciler.reconcile().result == "success"
+    enforced = kernel.tree(DEVICE)
+    # Cheap to refuse one by one, and sorted before node.yaml: what a node may be handed.
+    for i in range(2 * MAX_POLICY_FILES):
+        (dirs[0] / f"flood-{i:05}.yaml").write_text("kind: QosPolicy\n\tbroken: here\n")
+
+    result = reconciler.reconcile()
+
+    assert len(result.violations) == MAX_POLICY_FILES + 1
+    (directory,) = [v for v in result.violations if v.file == str(dirs[0])]
+    assert directory.reason.startswith(f"{MAX_POLICY_FILES + 1} of {2 * MAX_POLICY_FILES + 1} ")
+    assert "from flood-01024.yaml on" in directory.reason
+    assert kernel.tree(DEVICE) == enforced
+    (node,) = [v for v in reconciler.policies() if v.name == "node"]
+    assert node.state == FAILED
+    assert "not read" in node.message and "the version last applied stays" in node.message
+
+
+def test_files_past_the_directorys_byte_bound_are_not_parsed_and_what_they_enforce_stays(
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
+) -> None:
+    write(dirs[0], DEVICE)
+    assert reconciler.reconcile().result == "success"
+    enforced = kernel.tree(DEVICE)
+    # Each within the document limit, and refused at its second line: together they
+    # take every byte the directory may.
+    head = "kind: QosPolicy\n\tbroken: here\n#"
+    filler = head + "x" * (MAX_DOCUMENT_BYTES - len(head) - 1) + "\n"
+    files = MAX_POLICY_DIRECTORY_BYTES // MAX_DOCUMENT_BYTES
+    for i in range(files):
+        (dirs[0] / f"big-{i:02}.yaml").write_text(filler)
+
+    result = reconciler.reconcile()
+
+    (directory,) = [v for v in result.violations if v.file == str(dirs[0])]
+    assert directory.reason.startswith(f"1 of {files + 1} policy files not read")
+    assert "from node.yaml on" in directory.reason
+    assert kernel.tree(DEVICE) == enforced
+    (node,) = [v for v in reconciler.policies() if v.name == "node"]
+    assert node.state == FAILED
+    assert "not read" in node.message and "the version last applied stays" in node.message
+
+    for path in dirs[0].glob("big-*.yaml"):
+        path.unlink()
+    write(dirs[0], DEVICE, rate="300Mbit")
+    assert reconciler.reconcile().result == "success"
+    assert kernel.tree(DEVICE) != enforced

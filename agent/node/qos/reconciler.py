@@ -541,6 +541,8 @@ class Reconciler:
     def _report(self, read: FileRead, files: FileSet, errors: Mapping[str, str]) -> None:
         """Log each problem as it appears or changes, and once when it is gone."""
         current: dict[str, tuple[str, str]] = {}
+        if read.left_out is not None:
+            current["directory"] = ("QoS policy directory", str(read.left_out))
         for file, reason in read.broken.items():
             current[f"file {file}"] = (f"QoS policy file {file}", f"not taken: {reason}")
         for refusal in read.refused:
