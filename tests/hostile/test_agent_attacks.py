@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-from agent.common.policy.limits import MAX_DOCUMENT_BYTES
-from agent.common.policy.model import PolicyError, read_policy_text
+from agent.common.policy.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENTS
+from agent.common.policy.model import PolicyError, load_policies, read_policy_text
 from agent.node.qos.api_objects import FAILED
 from agent.node.qos.files import MAX_POLICY_DIRECTORY_BYTES, MAX_POLICY_FILES, FileRead, read_files
 from agent.node.qos.reconciler import Reconciler
 from agent.node.qos.state import MAX_SET_ASIDE, STATE_FILE, StateError, load_state
 from tests.node.qos import DEVICE, fake_settings
 from tests.node.qos.fake_kernel import FakeKernel
-from tests.node.qos.test_reconciler import write
+from tests.node.qos.test_reconciler import POLICY, write
 
 # Generous: a read that takes this long is one that waits for a FIFO's writer.
 READ_TIMEOUT_S = 10.0
@@ -185,3 +185,35 @@ def test_files_past_the_directorys_byte_bound_are_not_parsed_and_what_they_enfor
     write(dirs[0], DEVICE, rate="300Mbit")
     assert reconciler.reconcile().result == "success"
     assert kernel.tree(DEVICE) != enforced
+
+
+# --- many documents in one file ---------------------------------------------------------
+
+
+def test_a_megabyte_of_empty_documents_is_one_problem_of_its_file_and_costs_no_other(
+    reconciler: Reconciler, kernel: FakeKernel, dirs: tuple[Path, Path]
+) -> None:
+    write(dirs[0], DEVICE)
+    assert reconciler.reconcile().result == "success"
+    enforced = kernel.tree(DEVICE)
+    flood = dirs[0] / "flood.yaml"
+    flood.write_text("---\n{}\n" * 140_000)
+
+    result = reconciler.reconcile()
+
+    (violation,) = [v for v in result.violations if v.file == str(flood)]
+    assert violation.reason == f"holds more than {MAX_DOCUMENTS} documents"
+    assert violation.line == 2 * MAX_DOCUMENTS + 1
+    (listed,) = [v for v in reconciler.policies() if v.file == str(flood)]
+    assert listed.message == f"line {violation.line}:1: {violation.reason}"
+    assert kernel.tree(DEVICE) == enforced
+
+
+def test_a_file_of_as_many_policies_as_documents_allowed_loads_them_all() -> None:
+    policies = [POLICY.format(name=f"p{i}", device=f"eth{i}", rate="500Mbit") for i in range(256)]
+
+    loaded = load_policies("---\n".join(policies), "many.yaml")
+
+    assert len(loaded) == MAX_DOCUMENTS
+    with pytest.raises(PolicyError, match=f"more than {MAX_DOCUMENTS} documents"):
+        load_policies("---\n".join([*policies, policies[0]]), "many.yaml")
