@@ -5,6 +5,8 @@ the disk does not fill, what is enforced stays."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -15,12 +17,26 @@ from typing import Any
 import pytest
 
 from agent.common.policy.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENTS
-from agent.common.policy.model import PolicyError, load_policies, read_policy_text
-from agent.node.qos.api_objects import FAILED
+from agent.common.policy.model import (
+    PolicyError,
+    PolicyObject,
+    load_policies,
+    parse_document,
+    read_policy_text,
+)
+from agent.node.qos.api_objects import API_FILE, FAILED, RefusedError
 from agent.node.qos.files import MAX_POLICY_DIRECTORY_BYTES, MAX_POLICY_FILES, FileRead, read_files
 from agent.node.qos.reconciler import Reconciler
-from agent.node.qos.state import MAX_SET_ASIDE, STATE_FILE, StateError, load_state
-from tests.node.qos import DEVICE, fake_settings
+from agent.node.qos.state import (
+    MAX_SET_ASIDE,
+    MAX_STATE_BYTES,
+    STATE_FILE,
+    StateError,
+    StateSaveError,
+    load_state,
+    write_json_atomic,
+)
+from tests.node.qos import DEVICE, SPARE, api_policy, assignment_document, fake_settings
 from tests.node.qos.fake_kernel import FakeKernel
 from tests.node.qos.test_reconciler import POLICY, write
 
@@ -217,3 +233,56 @@ def test_a_file_of_as_many_policies_as_documents_allowed_loads_them_all() -> Non
     assert len(loaded) == MAX_DOCUMENTS
     with pytest.raises(PolicyError, match=f"more than {MAX_DOCUMENTS} documents"):
         load_policies("---\n".join([*policies, policies[0]]), "many.yaml")
+
+
+# --- API objects past what a start reads back --------------------------------------------
+
+
+def megabyte_assignment(name: str) -> PolicyObject:
+    """An assignment of nearly 1 MiB to class bulk of job-net: 250 cgroup paths of 4,000
+    characters (cgroups not there yet: they wait, and cost no u32 filter)."""
+    stem = "/".join(["a" * 250] * 16)[:3990]
+    document = assignment_document(name, stem, "job-net", "bulk")
+    document["spec"]["match"] = [{"cgroup": f"{stem}/{j:05}"} for j in range(250)]
+    return parse_document(document, "request")
+
+
+def test_api_objects_past_what_a_start_reads_back_are_refused_and_the_others_survive_a_restart(
+    kernel: FakeKernel, dirs: tuple[Path, Path], cgroups: Path
+) -> None:
+    agent = Reconciler(fake_settings(dirs, cgroups), kernel)
+    agent.apply_object(api_policy(SPARE))
+    enforced = kernel.tree(SPARE)
+    applied: list[str] = []
+    try:
+        with pytest.raises(RefusedError) as refused:
+            for i in range(2 * MAX_STATE_BYTES // MAX_DOCUMENT_BYTES):
+                agent.apply_object(megabyte_assignment(f"job-{i}"))
+                applied.append(f"job-{i}")
+    finally:
+        agent.close()
+
+    (problem,) = refused.value.problems
+    assert problem.kind == "LIMIT" and problem.subject == f"job-{len(applied)}"
+    assert API_FILE in problem.description
+    assert (dirs[1] / API_FILE).stat().st_size <= MAX_STATE_BYTES
+    restarted = Reconciler(fake_settings(dirs, cgroups), kernel)
+    try:
+        restarted.reconcile()
+        assert {e.name for e in restarted.api.entries()} == {"job-net", *applied}
+    finally:
+        restarted.close()
+    assert kernel.tree(SPARE) == enforced
+    assert not list(dirs[1].glob("*.corrupt-*"))
+
+
+def test_a_state_file_is_never_written_past_what_a_start_reads_back(tmp_path: Path) -> None:
+    path = tmp_path / STATE_FILE
+    write_json_atomic(path, {"version": 1})
+
+    with pytest.raises(StateSaveError) as refused:
+        write_json_atomic(path, {"version": 1, "padding": "x" * MAX_STATE_BYTES})
+
+    assert refused.value.errno == errno.EFBIG
+    assert json.loads(path.read_text()) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]

@@ -218,6 +218,7 @@ class Reconciler:
             # The policy files are read once: admission and the pass share the read.
             read = self._read()
             self._check(name, entry, candidate, read)
+            self.api.check_room(entry)
             if validate_only:
                 changes = self._dry_run(entry, candidate, read)
                 return ApiOutcome(entry_view(entry, self._states, self._devices()), changes)

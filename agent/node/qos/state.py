@@ -262,17 +262,27 @@ def save_state(state_dir: Path, state: QosState) -> None:
     write_json_atomic(state_dir / STATE_FILE, payload)
 
 
+def encode_json(payload: Any) -> bytes:
+    """A state file's bytes for `payload`."""
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Replace `path` with `payload` as JSON: a temporary file, fsync, rename, and an
     fsync of the directory, so a crash leaves the old file or the new one. Raises
-    StateSaveError (the file as it was) when the directory cannot take it."""
+    StateSaveError (the file as it was) when the directory cannot take it, or (EFBIG)
+    when it would be over MAX_STATE_BYTES: a file the next start would set aside."""
+    data = encode_json(payload)
     try:
-        _write_json_atomic(path, payload)
+        if len(data) > MAX_STATE_BYTES:
+            reason = f"{len(data)} bytes, over the {MAX_STATE_BYTES} byte limit"
+            raise OSError(errno.EFBIG, reason, str(path))
+        _write_json_atomic(path, data)
     except OSError as exc:
         raise StateSaveError(path, exc) from exc
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
+def _write_json_atomic(path: Path, data: bytes) -> None:
     directory = path.parent
     if directory.exists() and not directory.is_dir():
         # mkdir would say EEXIST, which names the wrong problem.
@@ -280,9 +290,8 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(payload, out, indent=2, sort_keys=True)
-            out.write("\n")
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
