@@ -14,7 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1.health_pb2 import HealthCheckRequest
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from agent.common.policy.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENTS
 from agent.common.policy.model import (
@@ -24,6 +27,7 @@ from agent.common.policy.model import (
     parse_document,
     read_policy_text,
 )
+from agent.node.api.server import MAX_CONNECTIONS
 from agent.node.qos.api_objects import API_FILE, FAILED, RefusedError
 from agent.node.qos.files import MAX_POLICY_DIRECTORY_BYTES, MAX_POLICY_FILES, FileRead, read_files
 from agent.node.qos.reconciler import Reconciler
@@ -36,9 +40,14 @@ from agent.node.qos.state import (
     load_state,
     write_json_atomic,
 )
+from tests.hostile.test_agent_api import Api, api
+from tests.node.api.test_listeners import CHANNEL_OPTIONS
 from tests.node.qos import DEVICE, SPARE, api_policy, assignment_document, fake_settings
 from tests.node.qos.fake_kernel import FakeKernel
+from tests.node.qos.test_daemon import wait_until
 from tests.node.qos.test_reconciler import POLICY, write
+
+__all__ = ["api"]  # the in-process API, for the connection tests
 
 # Generous: a read that takes this long is one that waits for a FIFO's writer.
 READ_TIMEOUT_S = 10.0
@@ -286,3 +295,42 @@ def test_a_state_file_is_never_written_past_what_a_start_reads_back(tmp_path: Pa
     assert refused.value.errno == errno.EFBIG
     assert json.loads(path.read_text()) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]
+
+
+# --- connections held open on the API's listeners ---------------------------------------
+
+
+def connection(target: str) -> grpc.Channel:
+    """A channel with a connection of its own (channels otherwise share one)."""
+    return grpc.insecure_channel(
+        target, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    )
+
+
+def answers(channel: grpc.Channel) -> bool:
+    try:
+        HealthStub(channel).Check(HealthCheckRequest(), timeout=5)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def test_connections_held_open_on_tcp_are_bounded_and_leave_the_unix_socket_served(
+    api: Api,
+) -> None:
+    target = f"127.0.0.1:{api.server.tcp_port}"
+    held = [connection(target) for _ in range(MAX_CONNECTIONS + 32)]
+    try:
+        answered = sum(answers(channel) for channel in held)
+
+        assert answered == MAX_CONNECTIONS
+        assert answers(api.unix())
+    finally:
+        for channel in held:
+            channel.close()
+    # Connections closed are taken again.
+    fresh = connection(target)
+    try:
+        wait_until(lambda: answers(fresh), 30, "a TCP call once the others closed")
+    finally:
+        fresh.close()
