@@ -8,7 +8,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
+import socket
 import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +32,11 @@ from agent.common.policy.model import (
     read_policy_text,
 )
 from agent.node.api.server import MAX_CONNECTIONS
+from agent.node.exporter import (
+    MAX_METRICS_CONNECTIONS,
+    METRICS_IDLE_TIMEOUT_S,
+    ExpositionCache,
+)
 from agent.node.qos.api_objects import API_FILE, FAILED, RefusedError
 from agent.node.qos.files import MAX_POLICY_DIRECTORY_BYTES, MAX_POLICY_FILES, FileRead, read_files
 from agent.node.qos.reconciler import Reconciler
@@ -40,14 +49,16 @@ from agent.node.qos.state import (
     load_state,
     write_json_atomic,
 )
+from agent.node.sampler import Sampler
 from tests.hostile.test_agent_api import Api, api
 from tests.node.api.test_listeners import CHANNEL_OPTIONS
 from tests.node.qos import DEVICE, SPARE, api_policy, assignment_document, fake_settings
 from tests.node.qos.fake_kernel import FakeKernel
 from tests.node.qos.test_daemon import wait_until
 from tests.node.qos.test_reconciler import POLICY, write
+from tests.node.test_exporter import served
 
-__all__ = ["api"]  # the in-process API, for the connection tests
+__all__ = ["api", "served"]  # the in-process API and metrics server
 
 # Generous: a read that takes this long is one that waits for a FIFO's writer.
 READ_TIMEOUT_S = 10.0
@@ -334,3 +345,34 @@ def test_connections_held_open_on_tcp_are_bounded_and_leave_the_unix_socket_serv
         wait_until(lambda: answers(fresh), 30, "a TCP call once the others closed")
     finally:
         fresh.close()
+
+
+def test_metrics_connections_that_send_nothing_are_bounded_then_dropped_and_scrapes_go_on(
+    served: tuple[Sampler, ExpositionCache, str],
+) -> None:
+    sampler, cache, url = served
+    cache.update(sampler.sample())
+    address = urllib.parse.urlsplit(url)
+    threads_before = threading.active_count()
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(MAX_METRICS_CONNECTIONS + 8):
+            silent.append(socket.create_connection((address.hostname or "", address.port or 0)))
+        # A thread a connection held, none for those past the bound.
+        handlers = threading.active_count() - threads_before
+
+        assert handlers <= MAX_METRICS_CONNECTIONS
+        open_ = list(silent)
+
+        def all_dropped() -> bool:
+            readable, _, _ = select.select(open_, [], [], 1.0)
+            closed = [c for c in readable if c.recv(1) == b""]
+            open_[:] = [c for c in open_ if c not in closed]
+            return not open_
+
+        wait_until(all_dropped, 3 * METRICS_IDLE_TIMEOUT_S, "the silent connections dropped")
+    finally:
+        for connection in silent:
+            connection.close()
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        assert response.status == 200
