@@ -246,7 +246,9 @@ def test_a_megabyte_of_empty_documents_is_one_problem_of_its_file_and_costs_no_o
 
 
 def test_a_file_of_as_many_policies_as_documents_allowed_loads_them_all() -> None:
-    policies = [POLICY.format(name=f"p{i}", device=f"eth{i}", rate="500Mbit") for i in range(256)]
+    policies = [
+        POLICY.format(name=f"p{i}", device=f"eth{i}", rate="500Mbit") for i in range(MAX_DOCUMENTS)
+    ]
 
     loaded = load_policies("---\n".join(policies), "many.yaml")
 
