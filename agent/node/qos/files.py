@@ -8,7 +8,9 @@ enforced already, else the earlier file), is refused by itself, and every other 
 policies are taken as read. A file is taken
 once it is complete: its size and modification time unchanged for a settle time (a
 writer caught mid-write would otherwise be enforced as written, a truncated document
-included); until then the version read before stands.
+included); until then the version read before stands. A read takes the directory up to
+MAX_POLICY_FILES files and MAX_POLICY_DIRECTORY_BYTES, in name order; past that, files
+are not read, and what was applied from them stays as last applied.
 """
 
 from __future__ import annotations
