@@ -5,7 +5,8 @@ is the socket file's mode (0660) and group, so whoever can connect may do everyt
 (`AllowAll`); and, unless grpc_listen is none, on TCP, where reads are open and
 mutations need mTLS and an allowed client identity (agent/common/security.py).
 
-`Listeners` builds both servers with the same limits and keepalive, binds them (TCP
+`Listeners` builds both servers with the same limits (messages, and connections each
+listener holds at once where the daemon gives a bound) and keepalive, binds them (TCP
 first, so a taken port leaves no socket file behind), restricts the socket and reloads
 the TCP certificates on SIGHUP. What each daemon serves, and starting and stopping,
 stay with it: the agent's servers are synchronous `grpc.server`s, the aggregator's
@@ -72,15 +73,21 @@ def restrict_socket(path: Path, group: str | None) -> None:
         raise ListenError(f"{path}: cannot set mode or group {group!r}: {exc}") from exc
 
 
-def server_options(*, max_send_bytes: int, max_receive_bytes: int) -> list[tuple[str, int]]:
-    """A server's message limits and keepalive. Clients must keep their keepalive time
-    at or above the server's minimum ping interval, or they get GOAWAY (too_many_pings):
-    agent/common/channel.py has both halves."""
-    return [
+def server_options(
+    *, max_send_bytes: int, max_receive_bytes: int, max_connections: int | None = None
+) -> list[tuple[str, int]]:
+    """A server's message limits and keepalive, and with `max_connections` the
+    connections it holds at once (gRPC closes those past it as they arrive). Clients
+    must keep their keepalive time at or above the server's minimum ping interval, or
+    they get GOAWAY (too_many_pings): agent/common/channel.py has both halves."""
+    options = [
         ("grpc.max_send_message_length", max_send_bytes),
         ("grpc.max_receive_message_length", max_receive_bytes),
         *SERVER_KEEPALIVE_OPTIONS,
     ]
+    if max_connections is not None:
+        options.append(("grpc.max_allowed_incoming_connections", max_connections))
+    return options
 
 
 @dataclass(frozen=True)
@@ -177,13 +184,16 @@ class Listeners(Generic[ServerT]):
         socket_group: str | None = None,
         max_send_bytes: int,
         max_receive_bytes: int,
+        max_connections: int | None = None,
     ) -> None:
         self.socket_path: Path = socket_path
         self.tcp: TcpSettings | None = tcp
         self.name: str = name
         self._group: str | None = socket_group
         options: list[tuple[str, int]] = server_options(
-            max_send_bytes=max_send_bytes, max_receive_bytes=max_receive_bytes
+            max_send_bytes=max_send_bytes,
+            max_receive_bytes=max_receive_bytes,
+            max_connections=max_connections,
         )
         self.unix: ServerT = build(options, AllowAll(), False)
         self.tcp_server: ServerT | None = None

@@ -16,6 +16,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector as PromCollector
@@ -213,9 +214,19 @@ class ExpositionCache:
         return self._current
 
 
+# Connections the metrics server holds at once, and how long one may send nothing. Each
+# holds a thread and a file descriptor: clients that connect and send nothing
+# (slowloris) would otherwise take every descriptor the agent enforces with. Scrapers
+# are a Prometheus or two, a scrape takes milliseconds, and a scraper reconnects when
+# its idle keep-alive connection is closed.
+MAX_METRICS_CONNECTIONS = 64
+METRICS_IDLE_TIMEOUT_S = 10.0
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: MetricsServer
     protocol_version = "HTTP/1.1"
+    timeout = METRICS_IDLE_TIMEOUT_S
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -268,7 +279,8 @@ _INDEX = (
 
 class MetricsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """HTTP server for /metrics; threads per connection so one slow client cannot block
-    another scrape."""
+    another scrape, at most MAX_METRICS_CONNECTIONS of them (one past that is closed as
+    it arrives), each closed after METRICS_IDLE_TIMEOUT_S without a request."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -278,12 +290,23 @@ class MetricsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             self.address_family = socket.AF_INET6
         self.cache = cache
         self.interval_s = interval_s
+        self._slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
         try:
             super().__init__(address, _Handler)
         except OSError as exc:
             raise ListenError(
                 f"cannot listen on {format_host_port(*address)} for metrics: {exc.strerror or exc}"
             ) from exc
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # False: the server closes the connection without a thread.
+        return self._slots.acquire(blocking=False)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)

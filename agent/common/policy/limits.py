@@ -5,7 +5,8 @@ aggregator) is held to these limits by the model's one parse, so that what valid
 accepts the kernel can hold, and what it refuses costs little to refuse:
 
 - the document: at most `MAX_DOCUMENT_BYTES`, nested at most `MAX_DEPTH` levels, at
-  most `MAX_VALUES` values once YAML aliases are expanded;
+  most `MAX_VALUES` values once YAML aliases are expanded; a file at most
+  `MAX_DOCUMENTS` documents;
 - a rate: at most `MAX_RATE_BPS`;
 - an interface name, and the IFB device an ingress policy derives from it: at most
   `MAX_IFNAME_BYTES` bytes of UTF-8, as the kernel counts them;
@@ -34,6 +35,11 @@ MAX_DEPTH = 32
 # Parsing is what a hostile file costs, about 40 us a value in PyYAML: 20,000 keeps its
 # refusal near a second.
 MAX_VALUES = 20_000
+# Documents in one file (`---` separated): a file holds a few policies, one for each
+# interface and direction it covers. A megabyte of empty documents is 140,000 of them,
+# 8 s to refuse one by one with a violation each (a 6 MB reason in the log and in
+# ListPolicies); past this the file is refused as soon as the count is passed.
+MAX_DOCUMENTS = 256
 # HTB keeps rates as 64-bit bytes per second (TCA_HTB_RATE64), which carries far more;
 # 10 Tbit/s is beyond any NIC a node has, so a larger rate is a typo or an attack.
 MAX_RATE_BPS = 10 * 10**12

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import re
 import socket
 import stat
@@ -43,6 +44,7 @@ from agent.common.errors import FabricError
 from agent.common.policy.limits import (
     MAX_DEPTH,
     MAX_DOCUMENT_BYTES,
+    MAX_DOCUMENTS,
     MAX_IFNAME_BYTES,
     MAX_RATE_BPS,
     MAX_U32_FILTERS_PER_CLASS,
@@ -680,12 +682,16 @@ def read_policy_text(path: Path) -> str:
         return PolicyError([PolicyViolation(str(path), "", reason)])
 
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise refused("cannot read: not a regular file")
-        if info.st_size > MAX_DOCUMENT_BYTES:
-            raise refused(_too_large(info.st_size))
-        with path.open("rb") as handle:
+        # What is checked is what is read: the open file, not its name, which may be
+        # replaced by a FIFO between a stat and an open (O_NONBLOCK: opening one does not
+        # wait for a writer).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise refused("cannot read: not a regular file")
+            if info.st_size > MAX_DOCUMENT_BYTES:
+                raise refused(_too_large(info.st_size))
             data = handle.read(MAX_DOCUMENT_BYTES + 1)
         if len(data) > MAX_DOCUMENT_BYTES:  # it grew since stat
             raise refused(_too_large(len(data), more=True))
@@ -724,17 +730,23 @@ class _BoundedLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing while it composes, before anything is built: nesting
     beyond MAX_DEPTH (the composer recurses once per level: 20,000 levels end in
     RecursionError), more than MAX_VALUES values with aliases expanded (parsing is what
-    costs: a megabyte of values took 22 s to parse and then refuse), and integers too
-    long to be a rate (Python refuses to build one of over 4300 digits)."""
+    costs: a megabyte of values took 22 s to parse and then refuse), more than
+    MAX_DOCUMENTS documents in the file, and integers too long to be a rate (Python
+    refuses to build one of over 4300 digits)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._fields: list[int | str] = []
         self._values = 0
+        self._documents = 0
         # The values under each anchored node, aliases expanded: what an alias adds.
         self._anchored: dict[int, int] = {}
 
     def compose_document(self) -> yaml.Node | None:
+        self._documents += 1
+        if self._documents > MAX_DOCUMENTS:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise YamlLimitError("", f"holds more than {MAX_DOCUMENTS} documents", mark)
         self._values, self._anchored = 0, {}
         return super().compose_document()
 

@@ -49,6 +49,11 @@ MAX_SEND_BYTES = 16 * 1024 * 1024
 # a bigger one with RESOURCE_EXHAUSTED before it is parsed, so no client makes the agent
 # hold many large messages at once.
 MAX_RECEIVE_BYTES = 2 * 1024 * 1024
+# Connections each listener holds at once; gRPC closes those past it as they arrive.
+# Each is a file descriptor, and the agent runs with systemd's 1,024: 1,016 connections
+# from anyone who reaches the TCP port left it none to read a policy file, talk to the
+# kernel or save its state. Clients are a node's hooks and a few operators.
+MAX_CONNECTIONS = 128
 
 TELEMETRY_SERVICE = telemetry_service_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
 QOS_SERVICE = qos_service_pb2.DESCRIPTOR.services_by_name["QosService"].full_name
@@ -98,6 +103,7 @@ class ApiServer:
             socket_group=group,
             max_send_bytes=MAX_SEND_BYTES,
             max_receive_bytes=MAX_RECEIVE_BYTES,
+            max_connections=MAX_CONNECTIONS,
         )
 
     def _server(

@@ -41,9 +41,11 @@ from agent.common.policy.model import (
 )
 from agent.node.qos.desired import owner_text, policy_device
 from agent.node.qos.state import (
+    MAX_STATE_BYTES,
     Quarantine,
     StateError,
     check_version,
+    encode_json,
     read_json,
     text_field,
     write_json_atomic,
@@ -243,8 +245,18 @@ class ApiPolicyStore:
 
     def save(self) -> None:
         """Raises StateSaveError (the file as it was) when it cannot be written."""
-        objects = [self._entries[name].to_json() for name in sorted(self._entries)]
-        write_json_atomic(self.path, {"version": VERSION, "objects": objects})
+        write_json_atomic(self.path, _file_payload(self._entries))
+
+    def check_room(self, entry: ApiEntry) -> None:
+        """RefusedError (LIMIT) when the file with `entry` put in would be over
+        MAX_STATE_BYTES: the next start would set it aside, and every API object with it."""
+        size = len(encode_json(_file_payload({**self._entries, entry.name: entry})))
+        if size > MAX_STATE_BYTES:
+            reason = (
+                f"{API_FILE} would hold {size} bytes with it, over the {MAX_STATE_BYTES} "
+                "bytes the agent reads back at start"
+            )
+            raise RefusedError([Precondition("LIMIT", entry.name, reason)])
 
     def get(self, name: str) -> ApiEntry | None:
         return self._entries.get(name)
@@ -264,6 +276,10 @@ class ApiPolicyStore:
     def next_expiry(self) -> float | None:
         times = [e.expires_at for e in self._entries.values() if e.expires_at is not None]
         return min(times) if times else None
+
+
+def _file_payload(entries: Mapping[str, ApiEntry]) -> dict[str, Any]:
+    return {"version": VERSION, "objects": [entries[name].to_json() for name in sorted(entries)]}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ enforced already, else the earlier file), is refused by itself, and every other 
 policies are taken as read. A file is taken
 once it is complete: its size and modification time unchanged for a settle time (a
 writer caught mid-write would otherwise be enforced as written, a truncated document
-included); until then the version read before stands.
+included); until then the version read before stands. A read takes the directory up to
+MAX_POLICY_FILES files and MAX_POLICY_DIRECTORY_BYTES, in name order; past that, files
+are not read, and what was applied from them stays as last applied.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.common.policy.limits import format_bytes
 from agent.common.policy.model import (
     LoadedPolicy,
     ParseCache,
@@ -34,6 +37,14 @@ from agent.node.qos.state import QosState
 log = logging.getLogger(__name__)
 
 POLICY_SUFFIXES = (".yaml", ".yml")
+# What one pass reads of the policy directory, in name order. A node enforces a policy
+# per interface and direction, a few kilobytes each: a thousand files of that are 4 MiB.
+# Files within the 1 MiB document limit each still cost their parse, about 0.4 s a MiB
+# (a file of comments alike), and the parse cache holds their text: 200 such files took
+# 105 s to read and 465 MiB, so the directory as a whole is bounded too. Past either
+# bound a file is not read; what was applied from it stays enforced as last applied.
+MAX_POLICY_FILES = 1024
+MAX_POLICY_DIRECTORY_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,13 +71,16 @@ class FileRead:
     (none: every policy may be enforced); `refused`: the policies of readable files left
     out; `broken`: the files none of whose policies could be read (unreadable, not YAML,
     a document the model refuses), with their reasons; `unsettled`: files still
-    changing, whose previous version stands (those never read before: not read yet)."""
+    changing, whose previous version stands (those never read before: not read yet);
+    `left_out`: the directory's files past MAX_POLICY_FILES or
+    MAX_POLICY_DIRECTORY_BYTES, not read, as one violation (also in `violations`)."""
 
     policies: list[LoadedPolicy]
     violations: list[PolicyViolation]
     refused: tuple[Refusal, ...] = ()
     broken: Mapping[str, str] = field(default_factory=dict)
     unsettled: tuple[str, ...] = ()
+    left_out: PolicyViolation | None = None
 
 
 def policy_files(directory: Path) -> list[Path]:
@@ -141,10 +155,17 @@ def read_files(
     violations: list[PolicyViolation] = []
     broken: dict[str, str] = {}
     unsettled: list[str] = []
+    budget = _DirectoryBudget()
     for path in paths:
         name = str(path)
+        if budget.full:
+            budget.left_out.append(name)
+            continue
         previous = cache.get(name)
         if settled is not None and not settled(path):
+            if previous is not None and not budget.take(previous[0]):
+                budget.left_out.append(name)
+                continue
             unsettled.append(name)
             if previous is None:
                 continue
@@ -153,8 +174,12 @@ def read_files(
             try:
                 text = read_policy_text(path)
             except PolicyError as exc:
+                budget.take("")
                 violations.extend(exc.violations)
                 broken[name] = "; ".join(_reason(v) for v in exc.violations)
+                continue
+            if not budget.take(text):
+                budget.left_out.append(name)
                 continue
             if previous is not None and previous[0] == text:
                 entry = previous
@@ -169,12 +194,63 @@ def read_files(
             broken[name] = "; ".join(_reason(v) for v in entry[1].violations)
         else:
             candidates.extend(entry[1])
+    left_out = budget.violation(paths) if budget.left_out else None
+    if left_out is not None:
+        violations.append(left_out)
+        # Only the files something was applied from are named: their policies stay as
+        # last applied, with why. The others are one problem of the directory, however
+        # many they are.
+        applied = {p.file for p in kept(budget.left_out)}
+        for name in budget.left_out:
+            if name in applied:
+                broken[name] = budget.reason
     cache.clear()
     cache.update(parsed)
     unread = [f for f in unsettled if f not in parsed]
     taken, refused = admit_files(candidates, kept([*broken, *unread]), interface_exists, incumbents)
     violations.extend(r.violation for r in refused)
-    return FileRead(taken, violations, tuple(refused), broken, tuple(unsettled))
+    return FileRead(taken, violations, tuple(refused), broken, tuple(unsettled), left_out)
+
+
+class _DirectoryBudget:
+    """The files and bytes one read of the policy directory takes, in name order, and the
+    files left out past them."""
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.bytes = 0
+        self.left_out: list[str] = []
+
+    @property
+    def full(self) -> bool:
+        """Whether no file after this one is read: the count is reached, or a file did not
+        fit in the bytes left."""
+        return self.files >= MAX_POLICY_FILES or bool(self.left_out)
+
+    def take(self, text: str) -> bool:
+        """Whether a file of `text` (an unreadable file: "") fits."""
+        size = len(text.encode("utf-8", errors="surrogatepass"))
+        if self.full or self.bytes + size > MAX_POLICY_DIRECTORY_BYTES:
+            return False
+        self.files += 1
+        self.bytes += size
+        return True
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"not read: the policy directory is read up to {MAX_POLICY_FILES} files and "
+            f"{format_bytes(MAX_POLICY_DIRECTORY_BYTES)}, in name order"
+        )
+
+    def violation(self, paths: Sequence[Path]) -> PolicyViolation:
+        first = Path(self.left_out[0])
+        return PolicyViolation(
+            str(first.parent),
+            "",
+            f"{len(self.left_out)} of {len(paths)} policy files {self.reason}, "
+            f"from {first.name} on",
+        )
 
 
 def admit_files(

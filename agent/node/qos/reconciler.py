@@ -219,6 +219,7 @@ class Reconciler:
             # The policy files are read once: admission and the pass share the read.
             read = self._read()
             self._check(name, entry, candidate, read)
+            self.api.check_room(entry)
             if validate_only:
                 changes = self._dry_run(entry, candidate, read)
                 return ApiOutcome(entry_view(entry, self._states, self._devices()), changes)
@@ -551,6 +552,8 @@ class Reconciler:
     def _report(self, read: FileRead, files: FileSet, errors: Mapping[str, str]) -> None:
         """Log each problem as it appears or changes, and once when it is gone."""
         current: dict[str, tuple[str, str]] = {}
+        if read.left_out is not None:
+            current["directory"] = ("QoS policy directory", str(read.left_out))
         for file, reason in read.broken.items():
             current[f"file {file}"] = (f"QoS policy file {file}", f"not taken: {reason}")
         for refusal in read.refused:

@@ -8,8 +8,8 @@ enforcement carries on without a single kernel change.
 The file is a record the kernel and the policy files can rebuild, so an unusable one
 (unreadable, not JSON, another version, a value out of range, over MAX_STATE_BYTES, a
 directory in its place) never stops the agent: `Quarantine` renames it aside
-(`qos-state.json.corrupt-<UTC time>`), logs why and counts it, and the agent starts from
-the kernel as it finds it.
+(`qos-state.json.corrupt-<UTC time>`, the newest MAX_SET_ASIDE of each kept), logs why
+and counts it, and the agent starts from the kernel as it finds it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,17 @@ def read_json(path: Path) -> Any:
         raise StateError(f"{path}: not a regular file")
     if info.st_size > MAX_STATE_BYTES:
         raise StateError(f"{path}: {info.st_size} bytes, over the {MAX_STATE_BYTES} byte limit")
-    with path.open("rb") as stream:
+    # The name may be replaced after the lstat: the open takes no symlink and waits for no
+    # FIFO's writer, and what is read is checked again as opened.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateError(f"{path}: not a regular file") from None
+        raise
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateError(f"{path}: not a regular file")
         raw = stream.read(MAX_STATE_BYTES + 1)
     if len(raw) > MAX_STATE_BYTES:
         raise StateError(f"{path}: over the {MAX_STATE_BYTES} byte limit")
@@ -188,16 +199,24 @@ def load_state(state_dir: Path) -> QosState:
     return QosState({p.name: p for p in policies}, nft_body, data.get("nft_listing"))
 
 
+# Set-aside copies kept of each state file: a start that finds it unusable every time
+# (a restart loop) adds one a start, and the latest few are what an operator reads;
+# without a bound, 16 MiB a start fills the disk.
+MAX_SET_ASIDE = 5
+
+
 class Quarantine:
     """Sets unusable state files aside, so that the agent starts without them and the
     operator can still read them; counts them by file name (a metric)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = MAX_SET_ASIDE) -> None:
         self.counts: Counter[str] = Counter()
+        self.keep = keep
 
     def set_aside(self, path: Path, reason: str) -> Path | None:
-        """Rename `path` to `<name>.corrupt-<UTC time>`; None when it cannot be (the
-        state directory is read-only): it is then left where it is, and still unused."""
+        """Rename `path` to `<name>.corrupt-<UTC time>`, then remove the oldest of those
+        past the newest `keep`; None when it cannot be (the state directory is
+        read-only): it is then left where it is, and still unused."""
         self.counts[path.name] += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = path.with_name(f"{path.name}.corrupt-{stamp}")
@@ -207,7 +226,19 @@ class Quarantine:
             log.error("%s; cannot set it aside (%s): starting without it", reason, exc)
             return None
         log.error("%s; set aside as %s: starting without it", reason, target.name)
+        self._prune(path)
         return target
+
+    def _prune(self, path: Path) -> None:
+        # The UTC stamps sort as they were made.
+        aside = sorted(path.parent.glob(f"{glob_escape(path.name)}.corrupt-*"))
+        for old in aside[: max(len(aside) - self.keep, 0)]:
+            if old.is_dir() and not old.is_symlink():
+                continue  # a directory is not the agent's to empty
+            try:
+                old.unlink()
+            except OSError as exc:
+                log.warning("cannot remove %s, set aside earlier: %s", old, exc)
 
 
 class StateSaveError(FabricError):
@@ -231,17 +262,27 @@ def save_state(state_dir: Path, state: QosState) -> None:
     write_json_atomic(state_dir / STATE_FILE, payload)
 
 
+def encode_json(payload: Any) -> bytes:
+    """A state file's bytes for `payload`."""
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Replace `path` with `payload` as JSON: a temporary file, fsync, rename, and an
     fsync of the directory, so a crash leaves the old file or the new one. Raises
-    StateSaveError (the file as it was) when the directory cannot take it."""
+    StateSaveError (the file as it was) when the directory cannot take it, or (EFBIG)
+    when it would be over MAX_STATE_BYTES: a file the next start would set aside."""
+    data = encode_json(payload)
     try:
-        _write_json_atomic(path, payload)
+        if len(data) > MAX_STATE_BYTES:
+            reason = f"{len(data)} bytes, over the {MAX_STATE_BYTES} byte limit"
+            raise OSError(errno.EFBIG, reason, str(path))
+        _write_json_atomic(path, data)
     except OSError as exc:
         raise StateSaveError(path, exc) from exc
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
+def _write_json_atomic(path: Path, data: bytes) -> None:
     directory = path.parent
     if directory.exists() and not directory.is_dir():
         # mkdir would say EEXIST, which names the wrong problem.
@@ -249,9 +290,8 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(payload, out, indent=2, sort_keys=True)
-            out.write("\n")
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
