@@ -30,6 +30,7 @@ from pydantic import (
 
 from agent.common.addresses import HostPort, parse_listen_address
 from agent.common.errors import ConfigError
+from agent.common.files import FileTooLarge, NotRegularFile, read_regular
 from agent.common.policy.limits import MAX_DOCUMENT_BYTES, format_bytes
 from agent.common.policy.model import YamlLimitError, load_yaml_documents
 from agent.common.security import TlsError, read_certificates, read_key_for
@@ -226,11 +227,11 @@ def load_model(model: type[ModelT], path: Path | None, overrides: Mapping[str, A
     if path is not None:
         source = str(path)
         try:
-            with path.open("rb") as file:
-                data = file.read(MAX_DOCUMENT_BYTES + 1)
-            if len(data) > MAX_DOCUMENT_BYTES:
-                raise ConfigError(source, "-", f"over {format_bytes(MAX_DOCUMENT_BYTES)}")
-            documents = load_yaml_documents(data.decode())
+            documents = load_yaml_documents(read_regular(path, MAX_DOCUMENT_BYTES).decode())
+        except NotRegularFile:
+            raise ConfigError(source, "-", "cannot read: not a regular file") from None
+        except FileTooLarge:
+            raise ConfigError(source, "-", f"over {format_bytes(MAX_DOCUMENT_BYTES)}") from None
         except OSError as exc:
             raise ConfigError(source, "-", f"cannot read: {exc.strerror or exc}") from exc
         except UnicodeDecodeError as exc:

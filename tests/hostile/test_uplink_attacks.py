@@ -4,10 +4,12 @@ per policy, costs the agent bounded memory, and never the policies already enfor
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,6 +25,7 @@ from agent.node.uplink.stream import (
     MAX_PENDING_FLEET_WORK,
     MAX_PENDING_SNAPSHOTS,
     ReconcilerPolicies,
+    StoreIdFile,
     Uplink,
     UplinkSettings,
 )
@@ -250,3 +253,25 @@ def test_an_aggregator_that_never_reads_its_reports_gets_its_stream_ended() -> N
 
     assert deaf.streams >= 2  # the agent ended the stream and registered again
     assert most <= MAX_PENDING_CONTROL
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink", "huge"])
+def test_a_planted_store_id_file_is_set_aside_without_blocking_or_following_it(
+    tmp_path: Path, planted: str
+) -> None:
+    path = tmp_path / "fleet-store-id"
+    victim = tmp_path / "victim"
+    victim.write_text("0123456789abcdef0123456789abcdef\n")
+    if planted == "fifo":
+        os.mkfifo(path)
+    elif planted == "symlink":
+        path.symlink_to(victim)
+    else:
+        path.write_bytes(b"0" * (64 << 20))
+    remembered = StoreIdFile(path)
+
+    assert remembered.read() is None
+    assert not path.exists()
+    remembered.write("fedcba9876543210fedcba9876543210")
+    assert remembered.read() == "fedcba9876543210fedcba9876543210"
+    assert victim.read_text() == "0123456789abcdef0123456789abcdef\n"

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import re
 import socket
-import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from agent.common.errors import FabricError
+from agent.common.files import FileTooLarge, NotRegularFile, read_regular
 from agent.common.policy.limits import (
     MAX_DEPTH,
     MAX_DOCUMENT_BYTES,
@@ -682,20 +681,12 @@ def read_policy_text(path: Path) -> str:
         return PolicyError([PolicyViolation(str(path), "", reason)])
 
     try:
-        # What is checked is what is read: the open file, not its name, which may be
-        # replaced by a FIFO between a stat and an open (O_NONBLOCK: opening one does not
-        # wait for a writer).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise refused("cannot read: not a regular file")
-            if info.st_size > MAX_DOCUMENT_BYTES:
-                raise refused(_too_large(info.st_size))
-            data = handle.read(MAX_DOCUMENT_BYTES + 1)
-        if len(data) > MAX_DOCUMENT_BYTES:  # it grew since stat
-            raise refused(_too_large(len(data), more=True))
+        data = read_regular(path, MAX_DOCUMENT_BYTES)
         return data.decode()
+    except NotRegularFile:
+        raise refused("cannot read: not a regular file") from None
+    except FileTooLarge as exc:
+        raise refused(_too_large(exc.size or 0, more=exc.size is None)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise refused(f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
 

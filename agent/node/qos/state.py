@@ -18,8 +18,6 @@ import errno
 import json
 import logging
 import os
-import stat
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.errors import FabricError
+from agent.common.files import FileTooLarge, NotRegularFile, read_regular, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -135,31 +134,18 @@ def text_field(data: Mapping[str, Any], key: str, owner: str | None = None) -> s
 
 def read_json(path: Path) -> Any:
     """The JSON value in state file `path`; None when there is no file. StateError when
-    it cannot be used: not a regular file, over MAX_STATE_BYTES, not UTF-8, not JSON.
-    NaN and Infinity parse (the fields that hold numbers refuse them). Other OSErrors
-    (EACCES, EIO) propagate."""
+    it cannot be used: not a regular file (a symbolic link included), over
+    MAX_STATE_BYTES, not UTF-8, not JSON. NaN and Infinity parse (the fields that hold
+    numbers refuse them). Other OSErrors (EACCES, EIO) propagate."""
     try:
-        info = path.lstat()
+        raw = read_regular(path, MAX_STATE_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    if not stat.S_ISREG(info.st_mode):
-        raise StateError(f"{path}: not a regular file")
-    if info.st_size > MAX_STATE_BYTES:
-        raise StateError(f"{path}: {info.st_size} bytes, over the {MAX_STATE_BYTES} byte limit")
-    # The name may be replaced after the lstat: the open takes no symlink and waits for no
-    # FIFO's writer, and what is read is checked again as opened.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StateError(f"{path}: not a regular file") from None
-        raise
-    with os.fdopen(fd, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StateError(f"{path}: not a regular file")
-        raw = stream.read(MAX_STATE_BYTES + 1)
-    if len(raw) > MAX_STATE_BYTES:
-        raise StateError(f"{path}: over the {MAX_STATE_BYTES} byte limit")
+    except NotRegularFile:
+        raise StateError(f"{path}: not a regular file") from None
+    except FileTooLarge as exc:
+        size = f"{exc.size} bytes, over" if exc.size is not None else "over"
+        raise StateError(f"{path}: {size} the {MAX_STATE_BYTES} byte limit") from None
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -277,30 +263,6 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         if len(data) > MAX_STATE_BYTES:
             reason = f"{len(data)} bytes, over the {MAX_STATE_BYTES} byte limit"
             raise OSError(errno.EFBIG, reason, str(path))
-        _write_json_atomic(path, data)
+        replace_atomically(path, data)
     except OSError as exc:
         raise StateSaveError(path, exc) from exc
-
-
-def _write_json_atomic(path: Path, data: bytes) -> None:
-    directory = path.parent
-    if directory.exists() and not directory.is_dir():
-        # mkdir would say EEXIST, which names the wrong problem.
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename is durable once the directory entry is.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

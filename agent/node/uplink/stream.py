@@ -40,6 +40,7 @@ import grpc
 from agent import __version__
 from agent.common.channel import CLIENT_KEEPALIVE_OPTIONS
 from agent.common.errors import FabricError
+from agent.common.files import FileTooLarge, NotRegularFile, read_regular, replace_atomically
 from agent.common.policy.documents import model_from_request
 from agent.common.policy.model import PolicyError
 from agent.node.api.convert import validate_sections
@@ -144,6 +145,7 @@ class UplinkTls:
 
 # A store id as the aggregator makes it: 32 hex digits.
 _STORE_ID = re.compile(r"^[0-9a-f]{32}$")
+_MAX_STORE_ID_BYTES = 64
 
 
 class StoreIdFile:
@@ -156,10 +158,11 @@ class StoreIdFile:
 
     def read(self) -> str | None:
         try:
-            text = self.path.read_text(encoding="ascii").strip()
+            raw = read_regular(self.path, _MAX_STORE_ID_BYTES, follow_symlinks=False)
+            text = raw.decode("ascii").strip()
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, NotRegularFile, FileTooLarge) as exc:
             self._set_aside(f"unreadable: {exc}")
             return None
         if not _STORE_ID.match(text):
@@ -169,9 +172,7 @@ class StoreIdFile:
 
     def write(self, store_id: str) -> None:
         """Atomically: a crash leaves the old id or the new one."""
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(store_id + "\n", encoding="ascii")
-        os.replace(temporary, self.path)
+        replace_atomically(self.path, (store_id + "\n").encode("ascii"))
 
     def _set_aside(self, why: str) -> None:
         aside = self.path.with_name(self.path.name + ".corrupt")
