@@ -243,9 +243,12 @@ def measure_once(pair: VethPair, ports: list[int], minors: list[int]) -> Measure
 def measure(
     pair: VethPair, ports: list[int], minors: list[int], ok: Callable[[Measured], bool]
 ) -> Measured:
-    """Measure, and once more if the first run misses (a noisy neighbour on the host)."""
+    """Measure, and up to twice more while a run misses (a noisy neighbour on the host:
+    on 2 shared cores a starved sender falls short of the ceiling)."""
     result = measure_once(pair, ports, minors)
-    if not ok(result):
+    for _ in range(2):
+        if ok(result):
+            break
         result = measure_once(pair, ports, minors)
     return result
 
