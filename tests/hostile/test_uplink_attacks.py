@@ -17,7 +17,7 @@ import pytest
 from agent.common.errors import FabricError
 from agent.common.policy.documents import encode_document
 from agent.node.api.telemetry import SnapshotHub
-from agent.node.qos.api_objects import RefusedError
+from agent.node.qos.api_objects import Precondition, RefusedError
 from agent.node.qos.reconciler import Reconciler
 from agent.node.uplink import stream
 from agent.node.uplink.stream import (
@@ -275,3 +275,38 @@ def test_a_planted_store_id_file_is_set_aside_without_blocking_or_following_it(
     remembered.write("fedcba9876543210fedcba9876543210")
     assert remembered.read() == "fedcba9876543210fedcba9876543210"
     assert victim.read_text() == "0123456789abcdef0123456789abcdef\n"
+
+
+class OneInterface(FakePolicies):
+    """One interface: a fleet policy is refused while another holds it, as the agent's
+    reconciler refuses it (OWNERSHIP)."""
+
+    def apply_fleet(self, obj: qos_service_pb2.PolicyObject) -> None:
+        name = obj.policy.metadata.name
+        holders = self.held - {name}
+        if holders:
+            reason = f"interface fab0 is held by fleet policy {min(holders)!r}"
+            raise RefusedError([Precondition("OWNERSHIP", "spec.interface", reason)])
+        super().apply_fleet(obj)
+
+
+def test_a_fleet_policy_refused_for_a_held_interface_is_applied_once_the_holder_is_removed(
+    start: Callable[..., Running],
+) -> None:
+    policies = OneInterface()
+    aggregator = start(policies).aggregator
+    aggregator.next("register")
+    # The operator applies the replacement first, then deletes the old policy.
+    for message in (registered(1), assigned("old-net", 1), assigned("new-net", 1)):
+        aggregator.outgoing.put(message)
+    reports = [aggregator.next("policy_report").policy_report for _ in range(2)]
+    aggregator.outgoing.put(pb.AggregatorMessage(removal=pb.PolicyRemoval(name="old-net")))
+    reports += [aggregator.next("policy_report").policy_report for _ in range(2)]
+
+    assert [(r.name, r.outcome) for r in reports] == [
+        ("old-net", pb.POLICY_OUTCOME_APPLIED),
+        ("new-net", pb.POLICY_OUTCOME_FAILED),
+        ("old-net", pb.POLICY_OUTCOME_REMOVED),
+        ("new-net", pb.POLICY_OUTCOME_APPLIED),
+    ]
+    assert policies.held == {"new-net"}

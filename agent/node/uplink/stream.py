@@ -294,6 +294,9 @@ class Uplink:
         self.registrations = 0
         self.connected = threading.Event()
         self._work: queue.Queue[Callable[[], None] | None] = queue.Queue(MAX_PENDING_FLEET_WORK)
+        # Fleet policies this node refused, tried again when a removal frees what one
+        # may have wanted (an interface another fleet policy held). The worker's alone.
+        self._refused: dict[str, pb.PolicyAssignment] = {}
         self._call: grpc.Future[object] | None = None
         self._outbox: _Outbox | None = None
         path = settings.store_id_path
@@ -457,7 +460,12 @@ class Uplink:
             report.outcome = pb.POLICY_OUTCOME_FAILED
             report.message = str(exc)
             log.warning("fleet policy %s refused: %s", assignment.name, exc)
+            self._refused.pop(assignment.name, None)
+            if len(self._refused) >= MAX_FLEET_POLICIES:
+                self._refused.pop(next(iter(self._refused)))  # the oldest
+            self._refused[assignment.name] = assignment
         else:
+            self._refused.pop(assignment.name, None)
             report.outcome = pb.POLICY_OUTCOME_APPLIED
             log.info("fleet policy %s revision %d applied", assignment.name, assignment.revision)
         outbox.put(pb.AgentMessage(policy_report=report))
@@ -473,7 +481,13 @@ class Uplink:
         else:
             if held:
                 log.info("fleet policy %s removed", name)
+        self._refused.pop(name, None)
         outbox.put(pb.AgentMessage(policy_report=report))
+        if held:
+            # What it held is free: a policy refused for wanting it may now be applied
+            # (a fleet policy replaced by one of another name on the same interface).
+            for waiting in list(self._refused.values()):
+                self._apply(outbox, waiting)
 
     def _resync(
         self, assigned: set[str], *, outbox: _Outbox, store_id: str = "", released: bool = False
