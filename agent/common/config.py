@@ -31,8 +31,8 @@ from pydantic import (
 from agent.common.addresses import HostPort, parse_listen_address
 from agent.common.errors import ConfigError
 from agent.common.files import FileTooLarge, NotRegularFile, read_regular
+from agent.common.policy.bounded import YamlLimitError, load_yaml_documents
 from agent.common.policy.limits import MAX_DOCUMENT_BYTES, format_bytes
-from agent.common.policy.model import YamlLimitError, load_yaml_documents
 from agent.common.security import TlsError, read_certificates, read_key_for
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")

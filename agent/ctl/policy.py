@@ -21,9 +21,9 @@ from google.protobuf import duration_pb2
 
 from agent.common.config import parse_duration
 from agent.common.exits import ExitCode
+from agent.common.policy.bounded import load_yaml_documents
 from agent.common.policy.documents import name_of, object_from_document
 from agent.common.policy.limits import MAX_DOCUMENT_BYTES, format_bytes
-from agent.common.policy.model import load_yaml_documents
 from agent.ctl.client import (
     Target,
     UsageError,
