@@ -343,6 +343,8 @@ def _source(info: qos_service_pb2.PolicyInfo) -> str:
         return "api"
     if info.source == qos_service_pb2.POLICY_SOURCE_FLEET:
         return "fleet"
+    if info.source == qos_service_pb2.POLICY_SOURCE_SLURM:
+        return "slurm"
     return "-"
 
 

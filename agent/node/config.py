@@ -93,6 +93,9 @@ class AgentConfig(DaemonConfig):
     policy_dir: Path = Path("/etc/fabric-agent/policies")
     # How often the kernel is compared with the policies; drift is corrected within it.
     reconcile_interval: Annotated[Duration, AfterValidator(duration_within("100ms", "5m"))] = 5.0
+    # Job files written by the scheduler's hooks (the Slurm prolog): each job's user,
+    # GPUs, lease and QoS class; watched, and read at start (agent.node.jobs).
+    job_dir: Path = Path("/run/fabric-agent/jobs")
     # On exit keep enforcing (a restart or upgrade never interrupts shaping) or remove
     # every qdisc, filter and table the agent owns.
     on_exit: Literal["keep", "remove"] = "keep"

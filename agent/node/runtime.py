@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -26,11 +27,13 @@ from agent.node.collectors.base import (
 from agent.node.collectors.qos import RECONCILER_KEY
 from agent.node.config import AgentConfig
 from agent.node.exporter import ExpositionCache, MetricsServer
+from agent.node.jobs import JOB_FILE_PATTERN
 from agent.node.qos.pipeline import QosSettings
 from agent.node.qos.reconciler import Reconciler
 from agent.node.sampler import Sampler
 from agent.node.snapshot import Snapshot
 from agent.node.uplink.stream import ReconcilerPolicies, Uplink, UplinkSettings, UplinkTls
+from agent.node.watch import Directories, LinuxInotify, PathWatcher
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,7 @@ class Agent:
             daemon=True,
         )
         reconciling.start()
+        self._start_watcher()
         self._last_tick_s = time.monotonic()
         if self.uplink is not None:
             threading.Thread(
@@ -188,6 +192,35 @@ class Agent:
             self.notifier.stopping()
             self.reconciler.wake.set()
             reconciling.join(timeout=30)
+
+    def _start_watcher(self) -> None:
+        """Wake a reconcile pass when a job file changes or a cgroup a pending
+        assignment waits for appears (agent.node.watch); without inotify the passes
+        find them every reconcile interval."""
+        try:
+            inotify = LinuxInotify()
+        except OSError as exc:
+            log.warning("inotify unavailable (%s): jobs and cgroups are found by polling", exc)
+            return
+        reconciler = self.reconciler
+        watcher = PathWatcher(inotify, reconciler.wake.set)
+        reconciler.after_pass.append(inotify.poke)
+        jobs: Directories = ()
+        if reconciler.jobs is not None:
+            jobs = ((reconciler.jobs.directory, lambda name: bool(JOB_FILE_PATTERN.match(name))),)
+
+        def wanted() -> tuple[frozenset[Path], Directories]:
+            return reconciler.waiting_cgroups, jobs
+
+        def run() -> None:
+            try:
+                watcher.run(self.stop_event, wanted)
+            except Exception:
+                log.exception("the job and cgroup watcher failed: found by polling from now")
+            finally:
+                inotify.close()
+
+        threading.Thread(target=run, name="path-watch", daemon=True).start()
 
     # --- systemd notifications (no-ops unless started with Type=notify) ---
 

@@ -73,6 +73,7 @@ _SOURCES = {
     "file": qos_service_pb2.POLICY_SOURCE_FILE,
     "api": qos_service_pb2.POLICY_SOURCE_API,
     "fleet": qos_service_pb2.POLICY_SOURCE_FLEET,
+    "slurm": qos_service_pb2.POLICY_SOURCE_SLURM,
 }
 
 

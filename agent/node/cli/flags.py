@@ -33,6 +33,8 @@ _CONFIG_FLAGS: dict[str, str] = {
     "requires one (mTLS)",
     "--grpc-allowed-identities": "comma-separated client certificate identities (subject CN, "
     "DNS or URI SAN) that may change QoS over TCP; needs --grpc-client-ca (default: none)",
+    "--job-dir": "directory of the job files the Slurm hooks write "
+    "(default /run/fabric-agent/jobs)",
     "--policy-dir": "directory of QoS policy files (default /etc/fabric-agent/policies)",
     "--reconcile-interval": "how often QoS is compared with the kernel (default 5s)",
     "--on-exit": "keep (default) or remove the agent's qdiscs and tables on exit",

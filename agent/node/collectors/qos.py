@@ -278,7 +278,8 @@ class QosCollector:
         )
         policies = GaugeFamily(
             "fabric_qos_policies",
-            "Policies and assignments by source (file, api) and state (enforced, pending, failed).",
+            "Policies and assignments by source (file, api, slurm) and state"
+            " (enforced, pending, failed).",
             ["source", "state"],
         )
         quarantined = CounterFamily(
@@ -305,7 +306,7 @@ class QosCollector:
             for device, count in sorted(reconcile.drift_corrections.items()):
                 drift.add_metric([device], count)
             expirations.add_metric([], reconcile.lease_expirations)
-            for source in ("file", "api"):
+            for source in ("file", "api", "slurm"):
                 for state in ("enforced", "pending", "failed"):
                     policies.add_metric([source, state], reconcile.policies.get((source, state), 0))
             for file in (STATE_FILE, API_FILE):

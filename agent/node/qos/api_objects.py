@@ -66,6 +66,9 @@ ENFORCED, PENDING, FAILED = "enforced", "pending", "failed"
 # only its own objects, so an orchestrator on the node cannot undo a fleet assignment
 # and the aggregator's resync never removes a job's assignment.
 ORIGIN_API, ORIGIN_FLEET = "api", "fleet"
+# An assignment a job file of the scheduler's hooks gives (agent.node.jobs); it is the
+# job's until the epilog removes the file.
+ORIGIN_SLURM = "slurm"
 
 
 class NotFoundError(FabricError):
@@ -185,6 +188,9 @@ def check_origin(entry: ApiEntry | None, origin: str) -> None:
     """RefusedError (OWNERSHIP) when `entry` exists and belongs to the other origin."""
     if entry is None or entry.origin == origin:
         return
+    if entry.origin == ORIGIN_SLURM:
+        reason = "the Slurm job's assignment (its job file): the job's epilog removes it"
+        raise RefusedError([Precondition("OWNERSHIP", entry.name, reason)])
     owner = "the fleet aggregator" if entry.origin == ORIGIN_FLEET else "the node's API"
     reason = f"applied by {owner}: change or delete it there"
     raise RefusedError([Precondition("OWNERSHIP", entry.name, reason)])
@@ -296,6 +302,7 @@ def merge_assignments(
     policies: Sequence[LoadedPolicy],
     assignments: Sequence[QosAssignment],
     cgroup_exists: Callable[[str], bool],
+    waiting: Callable[[list[str]], str] | None = None,
 ) -> MergeResult:
     """Append each assignment's match entries to its class, in assignment-name order.
 
@@ -318,8 +325,9 @@ def merge_assignments(
             continue
         active = [m for m in spec.match if m.cgroup is None or cgroup_exists(m.cgroup)]
         if not active:
-            missing = ", ".join(str(m.cgroup) for m in spec.match)
-            states[name] = (PENDING, f"waiting for cgroup {missing}")
+            missing = [str(m.cgroup) for m in spec.match]
+            text = waiting(missing) if waiting else f"waiting for cgroup {', '.join(missing)}"
+            states[name] = (PENDING, text)
             continue
         over = _over_limits(target.policy, extra.get(spec.policy, {}), spec.class_name, active)
         if over is not None:
@@ -401,6 +409,7 @@ def admit(
     interface_exists: Callable[[str], bool],
     cgroup_root: Path | None,
     cgroups_required: bool = True,
+    waiting: Callable[[list[str]], str] | None = None,
 ) -> Admission:
     """The files win names and interfaces, then API policies in name order; then every
     assignment joins its class where its policy and cgroups are there.
@@ -442,7 +451,7 @@ def admit(
     def exists(path: str) -> bool:
         return cgroup_root is not None and cgroup_exists(cgroup_root, path)
 
-    merge = merge_assignments([*files, *admitted], assignments, exists)
+    merge = merge_assignments([*files, *admitted], assignments, exists, waiting)
     bases: dict[str, Mapping[str, Any]] = {
         p.policy.metadata.name: p.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
         for p in [*files, *admitted]
@@ -509,7 +518,7 @@ class PolicyView:
     """One policy or assignment as the API lists it."""
 
     name: str
-    source: str  # file | api | fleet
+    source: str  # file | api | fleet | slurm
     file: str
     kind: str
     # The object as its source gave it (YAML names).
@@ -535,12 +544,12 @@ States = Mapping[str, tuple[str, str]]
 Devices = Mapping[str, str]
 
 
-def entry_view(entry: ApiEntry, states: States, devices: Devices) -> PolicyView:
+def entry_view(entry: ApiEntry, states: States, devices: Devices, file: str = "") -> PolicyView:
     state, message = states.get(entry.name, (PENDING, "not reconciled yet"))
     return PolicyView(
         name=entry.name,
         source=entry.origin,
-        file="",
+        file=file,
         kind=entry.kind,
         document=entry.document,
         state=state,

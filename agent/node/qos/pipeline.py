@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.common.policy.model import LoadedPolicy, detect_cgroup2_root
+from agent.node.cgroups import UNIFIED, cgroup_layout, waiting_reason
 from agent.node.config import AgentConfig
 from agent.node.qos.api_objects import Admission, ApiEntry, admit
 from agent.node.qos.desired import DesiredState, KernelOptions, desired_state
@@ -43,6 +44,11 @@ class QosSettings:
     # A policy file is taken once its size and modification time have not changed for
     # this long: a file caught mid-write is not enforced as written.
     file_settle_s: float = 1.0
+    # unified | hybrid | legacy | none: what an assignment waiting for a Slurm job's
+    # cgroup says when the host cannot give jobs cgroups of their own.
+    cgroup_layout: str = UNIFIED
+    # The job files of the scheduler's hooks (agent.node.jobs); None: no jobs.
+    job_dir: Path | None = None
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> QosSettings:
@@ -52,7 +58,14 @@ class QosSettings:
             state_dir=config.state_dir,
             take_over=config.take_over,
             cgroup_root=config.cgroup_root or detect_cgroup2_root(),
+            cgroup_layout=cgroup_layout(),
+            job_dir=config.job_dir,
         )
+
+    def waiting_reason(self, cgroups: list[str]) -> str:
+        """What an assignment waiting for `cgroups` says (a Slurm scope that cannot
+        appear on this host says why)."""
+        return waiting_reason(self.cgroup_root, cgroups, self.cgroup_layout)
 
     def kernel_options(self, kernel: QosKernel) -> KernelOptions:
         """How policies become kernel objects here, with `kernel`'s leaf qdisc."""
@@ -88,6 +101,7 @@ def plan_pass(
         interface_exists=kernel.interface_exists,
         cgroup_root=settings.cgroup_root,
         cgroups_required=False,
+        waiting=settings.waiting_reason,
     )
     options = settings.kernel_options(kernel)
     desired = desired_state(

@@ -37,12 +37,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.common.errors import FabricError
-from agent.common.policy.model import LoadedPolicy, ParseCache, PolicyObject, PolicyViolation
+from agent.common.policy.model import (
+    LoadedPolicy,
+    ParseCache,
+    PolicyObject,
+    PolicyViolation,
+    QosAssignment,
+    cgroup_exists,
+)
+from agent.node.cgroups import slurm_scope_problem
+from agent.node.jobs import Job, JobDirectory
 from agent.node.qos.api_objects import (
     ENFORCED,
     FAILED,
     ORIGIN_API,
     ORIGIN_FLEET,
+    ORIGIN_SLURM,
     PENDING,
     ApiEntry,
     ApiOutcome,
@@ -119,8 +129,10 @@ class Reconciler:
         kernel: QosKernel | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        jobs: JobDirectory | None = None,
     ) -> None:
-        """`clock`: the wall clock policy files settle by (tests set it)."""
+        """`clock`: the wall clock policy files settle by (tests set it); `jobs`: the
+        job directory (by default settings.job_dir's)."""
         self.settings = settings
         self.kernel = kernel if kernel is not None else NetlinkKernel(settings.netns)
         # Reentrant: an API call holds it across its admission checks and its pass.
@@ -133,6 +145,14 @@ class Reconciler:
             self.quarantine.set_aside(settings.state_dir / STATE_FILE, str(exc))
             self._state = QosState()
         self.api = ApiPolicyStore(settings.state_dir, self.quarantine)
+        if jobs is None and settings.job_dir is not None:
+            jobs = JobDirectory(settings.job_dir)
+        self.jobs = jobs
+        # The cgroups (absolute paths) pending assignments and policies wait for, as of
+        # the last pass; the watcher wakes a pass when one appears.
+        self.waiting_cgroups: frozenset[Path] = frozenset()
+        # Called after every pass (the watcher re-reads `waiting_cgroups`).
+        self.after_pass: list[Callable[[], None]] = []
         # Failed saves by file name, and the error of each file not saved since.
         self.save_failures: Counter[str] = Counter()
         self._unsaved: dict[str, str] = {}
@@ -187,8 +207,11 @@ class Reconciler:
                 self.results["error"] += 1
             wait_s = interval_s - (time.monotonic() - started)
             with self._lock:
-                expiry = self.api.next_expiry()
+                expiries = [self.api.next_expiry()]
+                if self.jobs is not None:
+                    expiries.append(self.jobs.next_expiry())
                 settling = self._settling
+            expiry = min((t for t in expiries if t is not None), default=None)
             if expiry is not None:
                 wait_s = min(wait_s, expiry - time.time())
             if settling:
@@ -213,7 +236,7 @@ class Reconciler:
         check_lease_ttl(ttl_s)
         name = obj.metadata.name
         with self._lock:
-            check_origin(self.api.get(name), origin)
+            check_origin(self._entries().get(name), origin)
             entry = new_entry(obj, time.time(), ttl_s, origin)
             candidate = {**self._entries(), name: entry}
             # The policy files are read once: admission and the pass share the read.
@@ -258,10 +281,19 @@ class Reconciler:
         """Remove an API policy or assignment and what it put in the kernel."""
         with self._lock:
             entry = self._api_entry(name)
-            check_origin(entry, origin)
+            job = self._job(entry)
+            # The node's API may end a job's assignment (an operator's call); the fleet not.
+            check_origin(entry, ORIGIN_API if job is not None and origin == ORIGIN_API else origin)
             candidate = {n: e for n, e in self._entries().items() if n != name}
             if validate_only:
                 return ApiOutcome(None, self._dry_run(entry, candidate, self._read(), refuse=False))
+            if job is not None and self.jobs is not None:
+                self.jobs.remove(job)
+                outcome = self._pass()
+                log.info(
+                    "Slurm job assignment %s deleted (its job file %s removed)", name, job.path
+                )
+                return ApiOutcome(None, outcome.changes)
             self.api.remove(name)
             try:
                 self.api.save()
@@ -277,6 +309,12 @@ class Reconciler:
         check_lease_ttl(ttl_s)
         with self._lock:
             entry = self._api_entry(name)
+            job = self._job(entry)
+            if job is not None and self.jobs is not None:
+                job_ttl = ttl_s if ttl_s is not None else max(job.expires_at - job.written_at, 1.0)
+                job = self.jobs.renew(job, time.time() + job_ttl)
+                self.wake.set()
+                return self._job_view(job)
             check_origin(entry, ORIGIN_API)
             ttl = ttl_s if ttl_s is not None else entry.lease_ttl_s
             if ttl is None:
@@ -314,6 +352,7 @@ class Reconciler:
             views.extend(
                 entry_view(entry, self._states, self._devices()) for entry in self.api.entries()
             )
+            views.extend(self._job_view(job) for job in self._jobs_with_qos())
             return views
 
     def remove_all(self) -> None:
@@ -336,6 +375,8 @@ class Reconciler:
     def _pass(self, read: FileRead | None = None) -> PassResult:
         """`read`: the policy files as `_read` just returned them, to save reading twice."""
         self._expire_leases(time.time())
+        if self.jobs is not None:
+            self.jobs.refresh()
         read = read if read is not None else self._read()
         files = self._files = file_set(read, self._state)
         self._settling = bool(read.unsettled)
@@ -351,6 +392,9 @@ class Reconciler:
         states: dict[str, tuple[str, str]] = dict(planned.admission.assignments)
         for name, problem in planned.admission.refused.items():
             states[name] = (FAILED, problem.description)
+        for job in self._jobs_with_qos():
+            if self.api.get(job.name) is not None:
+                states[job.name] = (FAILED, f"the name {job.name} is held by an API object")
         for loaded in planned.admission.policies:
             name = loaded.policy.metadata.name
             error = done.errors.get(name)
@@ -367,14 +411,20 @@ class Reconciler:
         # Read by the qos collector every tick, without waiting for the lock.
         self.policy_counts = Counter(
             [("file", view.state) for view in views]
-            + [("api", states.get(name, (PENDING, ""))[0]) for name in entries]
+            + [
+                (_count_source(entry), states.get(name, (PENDING, ""))[0])
+                for name, entry in entries.items()
+            ]
         )
         result = "invalid" if read.violations else "error" if done.errors else "success"
         self.results[result] += 1
         for device, count in done.drift.items():
             self.drift[device] += count
         self._last_failed = dict(done.errors)
-        self._report(read, files, done.errors)
+        self._report(read, files, done.errors, self._slurm_problems(entries, states))
+        self.waiting_cgroups = self._waiting_cgroups(planned.admission.policies, entries)
+        for callback in self.after_pass:
+            callback()
         return PassResult(
             result,
             done.changes,
@@ -418,7 +468,74 @@ class Reconciler:
         return {name: policy.device for name, policy in self._enforced.items()}
 
     def _entries(self) -> dict[str, ApiEntry]:
-        return {e.name: e for e in self.api.entries()}
+        """The API objects, and the assignments of the jobs (an API object's name wins)."""
+        entries = {e.name: e for e in self._job_entries()}
+        entries.update((e.name, e) for e in self.api.entries())
+        return entries
+
+    def _jobs_with_qos(self) -> list[Job]:
+        return [] if self.jobs is None else [j for j in self.jobs.jobs() if j.qos is not None]
+
+    def _job_entries(self) -> list[ApiEntry]:
+        return [
+            ApiEntry(
+                name=job.name,
+                kind="QosAssignment",
+                document=job.assignment(),
+                applied_at=job.written_at,
+                lease_ttl_s=max(job.expires_at - job.written_at, 0.0),
+                expires_at=job.expires_at,
+                origin=ORIGIN_SLURM,
+            )
+            for job in self._jobs_with_qos()
+        ]
+
+    def _job(self, entry: ApiEntry) -> Job | None:
+        if entry.origin != ORIGIN_SLURM or self.jobs is None:
+            return None
+        return self.jobs.find(entry.name)
+
+    def _job_view(self, job: Job) -> PolicyView:
+        entry = next(e for e in self._job_entries() if e.name == job.name)
+        return entry_view(entry, self._states, self._devices(), file=str(job.path))
+
+    def _slurm_problems(
+        self, entries: Mapping[str, ApiEntry], states: Mapping[str, tuple[str, str]]
+    ) -> dict[str, tuple[str, str]]:
+        """Why jobs' cgroups cannot appear on this host (logged once, not per job)."""
+        problems: dict[str, tuple[str, str]] = {}
+        for name, entry in entries.items():
+            if entry.origin != ORIGIN_SLURM or states.get(name, ("", ""))[0] != PENDING:
+                continue
+            for match in entry.document["spec"]["match"]:
+                problem = slurm_scope_problem(
+                    self.settings.cgroup_root, match["cgroup"], self.settings.cgroup_layout
+                )
+                if problem is not None:
+                    problems[f"slurm {problem}"] = ("Slurm jobs cannot be classified", problem)
+        return problems
+
+    def _waiting_cgroups(
+        self, policies: list[LoadedPolicy], entries: Mapping[str, ApiEntry]
+    ) -> frozenset[Path]:
+        """The cgroups named by the enforced policies and the assignments that are not
+        there (absolute paths)."""
+        root = self.settings.cgroup_root
+        if root is None:
+            return frozenset()
+        names = {
+            entry.cgroup
+            for loaded in policies
+            for cls in loaded.policy.spec.classes
+            for entry in cls.match
+            if entry.cgroup is not None
+        }
+        for entry in entries.values():
+            if entry.kind == "QosAssignment":
+                model = entry.model()
+                assert isinstance(model, QosAssignment)
+                names.update(m.cgroup for m in model.spec.match if m.cgroup is not None)
+        return frozenset(root / name for name in names if not cgroup_exists(root, name))
 
     def _check(
         self, name: str, entry: ApiEntry, candidate: Mapping[str, ApiEntry], read: FileRead
@@ -540,7 +657,7 @@ class Reconciler:
             log.exception("API %s: undoing a refused change failed", name)
 
     def _api_entry(self, name: str) -> ApiEntry:
-        entry = self.api.get(name)
+        entry = self._entries().get(name)
         if entry is not None:
             return entry
         files = {p.policy.metadata.name: p.file for p in self._effective_files(self._read())}
@@ -549,9 +666,15 @@ class Reconciler:
             raise RefusedError([Precondition("SOURCE", name, reason)])
         raise NotFoundError(f"no API policy named {name!r}")
 
-    def _report(self, read: FileRead, files: FileSet, errors: Mapping[str, str]) -> None:
+    def _report(
+        self,
+        read: FileRead,
+        files: FileSet,
+        errors: Mapping[str, str],
+        others: Mapping[str, tuple[str, str]],
+    ) -> None:
         """Log each problem as it appears or changes, and once when it is gone."""
-        current: dict[str, tuple[str, str]] = {}
+        current: dict[str, tuple[str, str]] = dict(others)
         if read.left_out is not None:
             current["directory"] = ("QoS policy directory", str(read.left_out))
         for file, reason in read.broken.items():
@@ -568,6 +691,11 @@ class Reconciler:
         for key in sorted(self._reported.keys() - current.keys()):
             log.info("%s: the problem is gone", self._reported[key][0])
         self._reported = current
+
+
+def _count_source(entry: ApiEntry) -> str:
+    """The source label of an API object in the policy counts."""
+    return "slurm" if entry.origin == ORIGIN_SLURM else "api"
 
 
 def _kept_note(key: str, files: FileSet) -> str:

@@ -43,6 +43,11 @@ class _PolicySourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PolicySo
     """Assigned by the fleet aggregator (fabric.aggregator.v1): changed through it; this
     API may not replace or delete it.
     """
+    POLICY_SOURCE_SLURM: _PolicySource.ValueType  # 4
+    """A Slurm job's assignment, from the job file its prolog wrote (file names it):
+    removed by the job's epilog or when its lease runs out; DeletePolicy removes the
+    file, RenewLease rewrites its expiry.
+    """
 
 class PolicySource(_PolicySource, metaclass=_PolicySourceEnumTypeWrapper): ...
 
@@ -54,6 +59,11 @@ POLICY_SOURCE_API: PolicySource.ValueType  # 2
 POLICY_SOURCE_FLEET: PolicySource.ValueType  # 3
 """Assigned by the fleet aggregator (fabric.aggregator.v1): changed through it; this
 API may not replace or delete it.
+"""
+POLICY_SOURCE_SLURM: PolicySource.ValueType  # 4
+"""A Slurm job's assignment, from the job file its prolog wrote (file names it):
+removed by the job's epilog or when its lease runs out; DeletePolicy removes the
+file, RenewLease rewrites its expiry.
 """
 Global___PolicySource: _TypeAlias = PolicySource  # noqa: Y015
 
