@@ -283,7 +283,8 @@ class Reconciler:
             entry = self._api_entry(name)
             job = self._job(entry)
             # The node's API may end a job's assignment (an operator's call); the fleet not.
-            check_origin(entry, ORIGIN_API if job is not None and origin == ORIGIN_API else origin)
+            if job is None or origin != ORIGIN_API:
+                check_origin(entry, origin)
             candidate = {n: e for n, e in self._entries().items() if n != name}
             if validate_only:
                 return ApiOutcome(None, self._dry_run(entry, candidate, self._read(), refuse=False))
@@ -392,9 +393,6 @@ class Reconciler:
         states: dict[str, tuple[str, str]] = dict(planned.admission.assignments)
         for name, problem in planned.admission.refused.items():
             states[name] = (FAILED, problem.description)
-        for job in self._jobs_with_qos():
-            if self.api.get(job.name) is not None:
-                states[job.name] = (FAILED, f"the name {job.name} is held by an API object")
         for loaded in planned.admission.policies:
             name = loaded.policy.metadata.name
             error = done.errors.get(name)
@@ -497,7 +495,10 @@ class Reconciler:
 
     def _job_view(self, job: Job) -> PolicyView:
         entry = next(e for e in self._job_entries() if e.name == job.name)
-        return entry_view(entry, self._states, self._devices(), file=str(job.path))
+        states = self._states
+        if self.api.get(job.name) is not None:
+            states = {job.name: (FAILED, f"the name {job.name} is held by an API object")}
+        return entry_view(entry, states, self._devices(), file=str(job.path))
 
     def _slurm_problems(
         self, entries: Mapping[str, ApiEntry], states: Mapping[str, tuple[str, str]]
