@@ -65,6 +65,37 @@ def uplink_settings(config: AgentConfig, collectors: Sequence[Collector]) -> Upl
     )
 
 
+def start_watcher(reconciler: Reconciler, stop: threading.Event) -> bool:
+    """Wake `reconciler`'s passes when a job file changes or a cgroup a pending
+    assignment waits for appears (agent.node.watch), until `stop`; False when inotify is
+    unavailable: the passes then find them every reconcile interval."""
+    try:
+        inotify = LinuxInotify()
+    except OSError as exc:
+        log.warning("inotify unavailable (%s): jobs and cgroups are found by polling", exc)
+        return False
+    watcher = PathWatcher(inotify, reconciler.wake.set)
+    reconciler.after_pass.append(inotify.poke)
+    jobs: Directories = ()
+    if reconciler.jobs is not None:
+        jobs = ((reconciler.jobs.directory, lambda name: bool(JOB_FILE_PATTERN.match(name))),)
+
+    def wanted() -> tuple[frozenset[Path], Directories]:
+        return reconciler.waiting_cgroups, jobs
+
+    def run() -> None:
+        try:
+            watcher.run(stop, wanted)
+        except Exception:
+            log.exception("the job and cgroup watcher failed: found by polling from now")
+        finally:
+            reconciler.after_pass.remove(inotify.poke)
+            inotify.close()
+
+    threading.Thread(target=run, name="path-watch", daemon=True).start()
+    return True
+
+
 def build_collectors(config: AgentConfig, shared: SharedResources) -> list[Collector]:
     """Instantiate the configured collectors (all default-enabled ones when none named),
     each with its options taken from `config`."""
@@ -173,7 +204,7 @@ class Agent:
             daemon=True,
         )
         reconciling.start()
-        self._start_watcher()
+        start_watcher(self.reconciler, self.stop_event)
         self._last_tick_s = time.monotonic()
         if self.uplink is not None:
             threading.Thread(
@@ -192,35 +223,6 @@ class Agent:
             self.notifier.stopping()
             self.reconciler.wake.set()
             reconciling.join(timeout=30)
-
-    def _start_watcher(self) -> None:
-        """Wake a reconcile pass when a job file changes or a cgroup a pending
-        assignment waits for appears (agent.node.watch); without inotify the passes
-        find them every reconcile interval."""
-        try:
-            inotify = LinuxInotify()
-        except OSError as exc:
-            log.warning("inotify unavailable (%s): jobs and cgroups are found by polling", exc)
-            return
-        reconciler = self.reconciler
-        watcher = PathWatcher(inotify, reconciler.wake.set)
-        reconciler.after_pass.append(inotify.poke)
-        jobs: Directories = ()
-        if reconciler.jobs is not None:
-            jobs = ((reconciler.jobs.directory, lambda name: bool(JOB_FILE_PATTERN.match(name))),)
-
-        def wanted() -> tuple[frozenset[Path], Directories]:
-            return reconciler.waiting_cgroups, jobs
-
-        def run() -> None:
-            try:
-                watcher.run(self.stop_event, wanted)
-            except Exception:
-                log.exception("the job and cgroup watcher failed: found by polling from now")
-            finally:
-                inotify.close()
-
-        threading.Thread(target=run, name="path-watch", daemon=True).start()
 
     # --- systemd notifications (no-ops unless started with Type=notify) ---
 

@@ -95,8 +95,8 @@ class LinuxInotify:
         self._libc.inotify_rm_watch(self._fd, wd)
 
     def poke(self) -> None:
-        # BlockingIOError: a wake-up is pending already.
-        with contextlib.suppress(BlockingIOError):
+        # BlockingIOError: a wake-up is pending already; OSError: closed, nobody waits.
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
     def read(self, timeout_s: float) -> list[Event]:
