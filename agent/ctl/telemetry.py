@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, json_format
@@ -253,6 +253,8 @@ def _rdma_ports(snapshot: Snapshot, previous: Snapshot | None, seconds: float | 
     for port in snapshot.rdma_ports:
         then = before.get((port.device, port.port))
         cnp = f"{port.cnp_sent}/{port.cnp_handled}" if port.HasField("cnp_sent") else "-"
+        rx, rx_rate = _data_columns(port, then, "receive_bytes", seconds)
+        tx, tx_rate = _data_columns(port, then, "transmit_bytes", seconds)
         rows.append(
             (
                 f"{port.device}/{port.port}",
@@ -260,17 +262,34 @@ def _rdma_ports(snapshot: Snapshot, previous: Snapshot | None, seconds: float | 
                 or_dash(port.link_layer),
                 or_dash(port.netdev),
                 human_bps(port.rate_bps) if port.HasField("rate_bps") else "-",
-                human_bytes(port.receive_bytes),
-                human_bytes(port.transmit_bytes),
-                _rate_bps(port.receive_bytes, then.receive_bytes if then else None, seconds),
-                _rate_bps(port.transmit_bytes, then.transmit_bytes if then else None, seconds),
-                str(port.receive_errors + port.symbol_errors),
+                rx,
+                tx,
+                rx_rate,
+                tx_rate,
+                # Unset where the HCA has no such counter (an i40iw without a PMA).
+                str(port.receive_errors + port.symbol_errors)
+                if port.HasField("receive_errors") or port.HasField("symbol_errors")
+                else "-",
                 cnp,
             )
         )
     header = ("PORT", "STATE", "LINK", "NETDEV", "RATE", "RX", "TX", "RX-RATE", "TX-RATE",
               "ERRORS", "CNP-SENT/HANDLED")  # fmt: skip
     return table(header, rows)
+
+
+def _data_columns(
+    port: telemetry_pb2.RdmaPortSample,
+    then: telemetry_pb2.RdmaPortSample | None,
+    field: Literal["receive_bytes", "transmit_bytes"],
+    seconds: float | None,
+) -> tuple[str, str]:
+    """Total and rate of a data counter; "-" where the port has no such counter."""
+    if not port.HasField(field):
+        return "-", "-"
+    now: int = getattr(port, field)
+    before: int | None = getattr(then, field) if then and then.HasField(field) else None
+    return human_bytes(now), _rate_bps(now, before, seconds)
 
 
 def _qos_classes(snapshot: Snapshot) -> str:

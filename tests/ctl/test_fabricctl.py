@@ -97,6 +97,25 @@ def test_table_and_durations() -> None:
 # --- telemetry ---
 
 
+def test_telemetry_rdma_port_without_data_counters_shows_dashes_not_zeros(
+    fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answer = snapshot()
+    # An i40iw without a PMA: port state and rate, no data or error counters.
+    answer.rdma_ports.add(
+        device="i40iw0", port=1, state="ACTIVE", link_layer="Ethernet", rate_bps=10**10
+    )
+    fake_agent.telemetry.answers["GetSnapshot"] = telemetry_service_pb2.GetSnapshotResponse(
+        snapshot=answer
+    )
+
+    code, out, _ = ctl(fake_agent, capsys, "telemetry", "--section", "rdma")
+
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("i40iw0/1 ")]
+    assert code == 0
+    assert row[5:] == ["-", "-", "-", "-", "-", "-"]
+
+
 def test_telemetry_table(fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
     fake_agent.telemetry.answers["GetSnapshot"] = telemetry_service_pb2.GetSnapshotResponse(
         snapshot=snapshot()

@@ -1,5 +1,6 @@
 """Golden exposition: every series the agent exports for the simulated 8-GPU node and the
-RDMA fixture tree, values dropped, diffed against tests/golden/metrics.txt.
+RDMA fixture tree, with its value where the value is deterministic, diffed against
+tests/golden/metrics.txt.
 
 A change to a metric name, label or help text shows up here as a reviewable diff. After
 an intended change: `make pytest PYTEST_ARGS="tests/node/test_golden.py --update-golden"`.
@@ -23,6 +24,17 @@ DOCS = ROOT / "docs" / "metrics.md"
 
 # Series whose label sets depend on the machine running the test, not on the agent.
 _MACHINE_DEPENDENT = re.compile(r"^fabric_host_cpu_seconds_total\{")
+# Series whose values depend on the clock or the machine (host statistics, loopback
+# traffic, timings): kept without their value. Every other series keeps its value, so a
+# unit or conversion change shows in the diff.
+_VALUE_DEPENDENT = re.compile(
+    r"^(fabric_host_\w+"
+    r"|fabric_nic_(receive|transmit)_\w+_total"
+    r"|fabric_collector_duration_seconds"
+    r"|fabric_snapshot_timestamp_seconds"
+    r"|fabric_exposition_render_seconds"
+    r")[{ ]"
+)
 
 
 def series_lines(exposition: bytes) -> list[str]:
@@ -30,8 +42,12 @@ def series_lines(exposition: bytes) -> list[str]:
     for line in exposition.decode().splitlines():
         if line.startswith("#"):
             lines.append(line)
-        elif not _MACHINE_DEPENDENT.match(line):
+        elif _MACHINE_DEPENDENT.match(line):
+            continue
+        elif _VALUE_DEPENDENT.match(line):
             lines.append(line.rsplit(" ", 1)[0])
+        else:
+            lines.append(line)
     return lines
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 from google.protobuf.message import Message
 
 from agent.node.api import convert
+from agent.node.collectors.base import sample_message
 from agent.node.collectors.gpu import GpuSample
 from agent.node.collectors.host import HostSample
 from agent.node.collectors.nic import NicSample
@@ -194,3 +196,24 @@ def test_pages() -> None:
 def test_bad_page_token(token: str) -> None:
     with pytest.raises(convert.PageTokenError, match="page_token"):
         convert.page(convert.devices(snapshot()), 2, token)
+
+
+def test_rdma_port_without_counters_leaves_them_unset_and_carries_its_hw_counters() -> None:
+    # An i40iw without a PMA: no IB counters, only its hw_counters.
+    port = RdmaPortSample(
+        device="i40iw0",
+        port=1,
+        state="ACTIVE",
+        link_layer="Ethernet",
+        netdev="eno1",
+        rate_bps=0,
+        phys_state="LinkUp",
+        hw_counters=MappingProxyType({"tcpRetransSegs": 41, "ip4InOctets": 2**40}),
+    )
+
+    message = sample_message(telemetry_pb2.RdmaPortSample, port)
+
+    assert message.rate_bps == 0 and message.HasField("rate_bps")
+    assert not message.HasField("receive_bytes") and not message.HasField("symbol_errors")
+    assert message.phys_state == "LinkUp"
+    assert dict(message.hw_counters) == {"tcpRetransSegs": 41, "ip4InOctets": 2**40}

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
 from agent.node.collectors.base import SharedResources, Tick, registrations
-from agent.node.collectors.rdma import RdmaCollector, RdmaPortSample
+from agent.node.collectors.rdma import (
+    MAX_HW_COUNTERS,
+    RDMA,
+    RDMA_DEVICES,
+    RdmaCollector,
+    RdmaDeviceSample,
+    RdmaPortSample,
+)
 from agent.node.config import AgentConfig
-from agent.node.errors import CollectorError
 from tests import FIXTURES
 from tests.exposition import exposed, series
 
@@ -31,11 +40,32 @@ def sysfs_copy(tmp_path: Path) -> Path:
     return root
 
 
+def ports(collector: RdmaCollector) -> tuple[RdmaPortSample, ...]:
+    return RDMA.select(collector.collect(tick()))
+
+
+def read_errors(collector: RdmaCollector) -> dict[str, int]:
+    """One tick's devices and their read error counts so far."""
+    return {d.device: d.read_errors for d in RDMA_DEVICES.select(collector.collect(tick()))}
+
+
 def test_roce_and_infiniband_ports_from_the_fixture_tree() -> None:
     collector = RdmaCollector(FIXTURE_SYSFS)
 
     samples = collector.collect(tick())
 
+    hw_counters = {
+        "local_ack_timeout_err": 2,
+        "np_cnp_sent": 2814573,
+        "np_ecn_marked_roce_packets": 2815002,
+        "out_of_buffer": 0,
+        "out_of_sequence": 412,
+        "packet_seq_err": 0,
+        "rp_cnp_handled": 3190288,
+        "rp_cnp_ignored": 0,
+        "rx_read_requests": 3182,
+        "rx_write_requests": 91372810554,
+    }
     assert samples == (
         RdmaPortSample(
             device="mlx5_0",
@@ -44,18 +74,24 @@ def test_roce_and_infiniband_ports_from_the_fixture_tree() -> None:
             link_layer="Ethernet",
             netdev="eth2",
             rate_bps=400_000_000_000,
+            phys_state="LinkUp",
             receive_bytes=186726372958391 * 4,
             transmit_bytes=190583920467712 * 4,
             receive_packets=182214339821,
             transmit_packets=185978164320,
             transmit_discards=17,
+            transmit_wait=0,
             receive_errors=0,
             symbol_errors=0,
             link_downed=1,
+            link_error_recovery=0,
+            local_link_integrity_errors=0,
+            excessive_buffer_overrun_errors=0,
             cnp_sent=2814573,
             cnp_handled=3190288,
             ecn_marked_packets=2815002,
             out_of_buffer=0,
+            hw_counters=MappingProxyType(hw_counters),
         ),
         RdmaPortSample(
             device="mlx5_1",
@@ -64,18 +100,41 @@ def test_roce_and_infiniband_ports_from_the_fixture_tree() -> None:
             link_layer="InfiniBand",
             netdev=None,
             rate_bps=200_000_000_000,
+            phys_state="LinkUp",
             receive_bytes=54120384712007 * 4,
             transmit_bytes=53987265109884 * 4,
             receive_packets=52854672180,
             transmit_packets=52723897764,
+            unicast_receive_packets=52854670101,
+            unicast_transmit_packets=52723895512,
+            multicast_receive_packets=2079,
+            multicast_transmit_packets=2252,
             transmit_discards=0,
+            transmit_wait=1873512,
             receive_errors=0,
             symbol_errors=3,
             link_downed=0,
-            cnp_sent=None,
-            cnp_handled=None,
-            ecn_marked_packets=None,
-            out_of_buffer=None,
+            link_error_recovery=1,
+            local_link_integrity_errors=0,
+            excessive_buffer_overrun_errors=0,
+            receive_constraint_errors=0,
+            transmit_constraint_errors=0,
+        ),
+        RdmaDeviceSample(
+            device="mlx5_0",
+            board_id="MT_0000000838",
+            fw_version="28.39.1002",
+            hca_type="MT4129",
+            node_guid="a088:c203:00c8:1e2a",
+            read_errors=0,
+        ),
+        RdmaDeviceSample(
+            device="mlx5_1",
+            board_id="MT_0000000838",
+            fw_version="28.39.1002",
+            hca_type="MT4129",
+            node_guid="a088:c203:00c8:1e2b",
+            read_errors=0,
         ),
     )
 
@@ -86,29 +145,171 @@ def test_no_infiniband_class_is_no_ports_not_an_error(tmp_path: Path) -> None:
     assert collector.collect(tick()) == ()
 
 
-def test_missing_counter_file_raises_naming_it(sysfs_copy: Path) -> None:
+def test_missing_counter_file_omits_that_value_only(sysfs_copy: Path) -> None:
     counter = sysfs_copy / "class/infiniband/mlx5_1/ports/1/counters/port_rcv_data"
     counter.unlink()
+    collector = RdmaCollector(sysfs_copy)
 
-    with pytest.raises(CollectorError, match=r"mlx5_1/ports/1/counters/port_rcv_data"):
-        RdmaCollector(sysfs_copy).collect(tick())
+    sample = ports(collector)[1]
+
+    assert (sample.receive_bytes, sample.transmit_bytes) == (None, 53987265109884 * 4)
+    assert read_errors(collector) == {"mlx5_0": 0, "mlx5_1": 0}
 
 
-def test_unreadable_hw_counter_raises_instead_of_reading_as_absent(sysfs_copy: Path) -> None:
+def test_unreadable_hw_counter_is_omitted_and_counted(sysfs_copy: Path) -> None:
     counter = sysfs_copy / "class/infiniband/mlx5_0/ports/1/hw_counters/np_cnp_sent"
     counter.unlink()
-    counter.mkdir()  # reading it fails with EISDIR, as an I/O error would
+    counter.mkdir()  # reading it fails, as an I/O error would, even as root
+    collector = RdmaCollector(sysfs_copy)
 
-    with pytest.raises(CollectorError, match=r"hw_counters/np_cnp_sent: cannot read"):
-        RdmaCollector(sysfs_copy).collect(tick())
+    samples = collector.collect(tick())
+
+    port = RDMA.select(samples)[0]
+    assert (port.cnp_sent, port.cnp_handled) == (None, 3190288)
+    assert "np_cnp_sent" not in port.hw_counters and port.hw_counters["out_of_sequence"] == 412
+    assert [(d.device, d.read_errors) for d in RDMA_DEVICES.select(samples)] == [
+        ("mlx5_0", 1),
+        ("mlx5_1", 0),
+    ]
 
 
-def test_counter_that_is_not_a_number_raises_naming_it(sysfs_copy: Path) -> None:
-    counter = sysfs_copy / "class/infiniband/mlx5_0/ports/1/counters/symbol_error"
-    counter.write_text("N/A\n")
+def test_read_errors_accumulate_over_ticks_and_stop_when_the_file_reads(
+    sysfs_copy: Path,
+) -> None:
+    counter = sysfs_copy / "class/infiniband/mlx5_1/ports/1/counters/symbol_error"
+    counter.unlink()
+    counter.mkdir()
+    collector = RdmaCollector(sysfs_copy)
+    collector.collect(tick())
+    collector.collect(tick())
+    counter.rmdir()
+    counter.write_text("4\n")
 
-    with pytest.raises(CollectorError, match=r"counters/symbol_error: .*'N/A'"):
-        RdmaCollector(sysfs_copy).collect(tick())
+    samples = collector.collect(tick())
+
+    assert RDMA.select(samples)[1].symbol_errors == 4
+    assert RDMA_DEVICES.select(samples)[1].read_errors == 2
+
+
+@pytest.mark.parametrize("text", ["N/A\n", "N/A (no PMA)\n"])
+def test_counter_reading_not_available_is_omitted_not_counted(sysfs_copy: Path, text: str) -> None:
+    (sysfs_copy / "class/infiniband/mlx5_0/ports/1/counters/symbol_error").write_text(text)
+    collector = RdmaCollector(sysfs_copy)
+
+    sample = ports(collector)[0]
+
+    assert (sample.symbol_errors, sample.link_downed) == (None, 1)
+    assert read_errors(collector)["mlx5_0"] == 0
+
+
+@pytest.mark.parametrize("text", ["garbage\n", "-1\n", "18446744073709551616\n", "0x10\n"])
+def test_counter_that_is_not_a_counter_is_omitted_and_counted(sysfs_copy: Path, text: str) -> None:
+    (sysfs_copy / "class/infiniband/mlx5_0/ports/1/counters/symbol_error").write_text(text)
+    collector = RdmaCollector(sysfs_copy)
+
+    samples = collector.collect(tick())
+
+    assert RDMA.select(samples)[0].symbol_errors is None
+    assert RDMA.select(samples)[0].receive_packets == 182214339821
+    assert RDMA_DEVICES.select(samples)[0].read_errors == 1
+
+
+def test_largest_counter_is_kept_exactly(sysfs_copy: Path) -> None:
+    (sysfs_copy / "class/infiniband/mlx5_0/ports/1/counters/port_xmit_packets").write_text(
+        "18446744073709551615\n"
+    )
+
+    assert ports(RdmaCollector(sysfs_copy))[0].transmit_packets == 2**64 - 1
+
+
+def test_port_whose_state_cannot_be_read_omits_only_that_port(sysfs_copy: Path) -> None:
+    port = sysfs_copy / "class/infiniband/mlx5_0/ports/1"
+    shutil.copytree(port, port.parent / "2")
+    (port / "state").unlink()
+    (port / "state").mkdir()
+    collector = RdmaCollector(sysfs_copy)
+
+    samples = collector.collect(tick())
+
+    assert [(p.device, p.port) for p in RDMA.select(samples)] == [("mlx5_0", 2), ("mlx5_1", 1)]
+    assert [d.read_errors for d in RDMA_DEVICES.select(samples)] == [1, 0]
+
+
+def test_device_whose_ports_cannot_be_listed_omits_only_that_device(sysfs_copy: Path) -> None:
+    ports_dir = sysfs_copy / "class/infiniband/mlx5_0/ports"
+    shutil.rmtree(ports_dir)
+    ports_dir.write_text("")  # listing it fails with ENOTDIR, also as root
+    collector = RdmaCollector(sysfs_copy)
+
+    samples = collector.collect(tick())
+
+    assert [(p.device, p.port) for p in RDMA.select(samples)] == [("mlx5_1", 1)]
+    assert [(d.device, d.fw_version, d.read_errors) for d in RDMA_DEVICES.select(samples)] == [
+        ("mlx5_0", "28.39.1002", 1),
+        ("mlx5_1", "28.39.1002", 0),
+    ]
+
+
+def test_port_directory_that_is_not_a_number_is_counted_and_skipped(sysfs_copy: Path) -> None:
+    (sysfs_copy / "class/infiniband/mlx5_1/ports/lost+found").mkdir()
+    collector = RdmaCollector(sysfs_copy)
+
+    samples = collector.collect(tick())
+
+    assert [(p.device, p.port) for p in RDMA.select(samples)] == [("mlx5_0", 1), ("mlx5_1", 1)]
+    assert RDMA_DEVICES.select(samples)[1].read_errors == 1
+
+
+def test_fifo_or_oversized_file_in_place_of_a_counter_is_counted_without_blocking(
+    sysfs_copy: Path,
+) -> None:
+    counters = sysfs_copy / "class/infiniband/mlx5_1/ports/1/counters"
+    (counters / "port_xmit_wait").unlink()
+    os.mkfifo(counters / "port_xmit_wait")
+    (counters / "symbol_error").write_text("1" * 5000)
+    collector = RdmaCollector(sysfs_copy)
+    result: list[tuple[RdmaPortSample | RdmaDeviceSample, ...]] = []
+
+    # A read that blocked on the FIFO would hang the collector: run it where a hang fails.
+    worker = threading.Thread(target=lambda: result.append(collector.collect(tick())))
+    worker.start()
+    worker.join(timeout=30)
+    if worker.is_alive():
+        # Unblock the reader so the test process can end, then fail.
+        fd = os.open(counters / "port_xmit_wait", os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        pytest.fail("reading a FIFO counter blocked the collector")
+
+    (samples,) = result
+    port = RDMA.select(samples)[1]
+    assert (port.transmit_wait, port.symbol_errors, port.link_downed) == (None, None, 0)
+    assert RDMA_DEVICES.select(samples)[1].read_errors == 2
+
+
+def test_hw_counters_are_bounded_per_port_and_lifespan_is_no_counter(sysfs_copy: Path) -> None:
+    hw = sysfs_copy / "class/infiniband/mlx5_0/ports/1/hw_counters"
+    (hw / "lifespan").write_text("10\n")
+    for i in range(300):
+        (hw / f"zz_extra_{i:03}").write_text(f"{i}\n")
+    collector = RdmaCollector(sysfs_copy)
+
+    samples = collector.collect(tick())
+
+    counters = RDMA.select(samples)[0].hw_counters
+    assert len(counters) == MAX_HW_COUNTERS and "lifespan" not in counters
+    # The first by name are read: the driver's own counters sort before the extras.
+    assert counters["np_cnp_sent"] == 2814573 and counters["zz_extra_245"] == 245
+    assert "zz_extra_246" not in counters
+    assert RDMA_DEVICES.select(samples)[0].read_errors == 1
+
+
+def test_hw_counter_that_is_not_an_integer_is_omitted_alone(sysfs_copy: Path) -> None:
+    hw = sysfs_copy / "class/infiniband/mlx5_0/ports/1/hw_counters"
+    (hw / "out_of_sequence").write_text("12.5\n")
+
+    counters = ports(RdmaCollector(sysfs_copy))[0].hw_counters
+
+    assert "out_of_sequence" not in counters and counters["packet_seq_err"] == 0
 
 
 @pytest.mark.parametrize(
@@ -117,14 +318,23 @@ def test_counter_that_is_not_a_number_raises_naming_it(sysfs_copy: Path) -> None
         ("2.5 Gb/sec (1X SDR)\n", 2_500_000_000),
         ("56 Gb/sec (4X FDR)\n", 56_000_000_000),
         ("800 Gb/sec (4X XDR)\n", 800_000_000_000),
+        ("0 GB/sec\n", 0),
     ],
 )
 def test_rate_in_gigabits_becomes_bits_per_second(sysfs_copy: Path, rate: str, bps: int) -> None:
     (sysfs_copy / "class/infiniband/mlx5_1/ports/1/rate").write_text(rate)
 
-    samples = RdmaCollector(sysfs_copy).collect(tick())
+    assert ports(RdmaCollector(sysfs_copy))[1].rate_bps == bps
 
-    assert samples[1].rate_bps == bps
+
+def test_rate_that_cannot_be_parsed_is_omitted_and_counted(sysfs_copy: Path) -> None:
+    (sysfs_copy / "class/infiniband/mlx5_1/ports/1/rate").write_text("fast\n")
+    collector = RdmaCollector(sysfs_copy)
+
+    samples = collector.collect(tick())
+
+    assert RDMA.select(samples)[1].rate_bps is None
+    assert RDMA_DEVICES.select(samples)[1].read_errors == 1
 
 
 def test_down_port_without_netdev_entry_or_rate(sysfs_copy: Path) -> None:
@@ -167,7 +377,7 @@ def test_real_sysfs_layout_with_symlinked_devices(tmp_path: Path) -> None:
         "../../devices/pci0000:00/0000:00:01.0/0000:3b:00.0/infiniband/mlx5_0"
     )
 
-    (sample,) = RdmaCollector(tmp_path).collect(tick())
+    (sample,) = ports(RdmaCollector(tmp_path))
 
     assert (sample.device, sample.netdev, sample.cnp_sent) == ("mlx5_0", "eth2", 2814573)
 
@@ -194,15 +404,43 @@ def test_metrics_use_the_contract_names_and_omit_absent_hw_counters() -> None:
         series("fabric_rdma_out_of_buffer_total", **roce): 0,
         series("fabric_rdma_port_up", **ib): 1,
         series(
-            "fabric_rdma_port_info", **roce, state="ACTIVE", link_layer="Ethernet", netdev="eth2"
+            "fabric_rdma_port_info",
+            **roce,
+            state="ACTIVE",
+            phys_state="LinkUp",
+            link_layer="Ethernet",
+            netdev="eth2",
         ): 1,
         series(
-            "fabric_rdma_port_info", **ib, state="ACTIVE", link_layer="InfiniBand", netdev=""
+            "fabric_rdma_port_info",
+            **ib,
+            state="ACTIVE",
+            phys_state="LinkUp",
+            link_layer="InfiniBand",
+            netdev="",
         ): 1,
+        series("fabric_rdma_port_transmit_wait_total", **ib): 1873512,
+        series("fabric_rdma_port_link_error_recovery_total", **ib): 1,
+        series("fabric_rdma_port_unicast_receive_packets_total", **ib): 52854670101,
+        series("fabric_rdma_port_multicast_transmit_packets_total", **ib): 2252,
+        series("fabric_rdma_port_receive_constraint_errors_total", **ib): 0,
+        series("fabric_rdma_hw_stat_total", **roce, counter="out_of_sequence"): 412,
+        series("fabric_rdma_hw_stat_total", **roce, counter="rx_write_requests"): 91372810554,
+        series(
+            "fabric_rdma_device_info",
+            device="mlx5_1",
+            board_id="MT_0000000838",
+            fw_version="28.39.1002",
+            hca_type="MT4129",
+            node_guid="a088:c203:00c8:1e2b",
+        ): 1,
+        series("fabric_rdma_read_errors_total", device="mlx5_0"): 0,
         series("fabric_rdma_port_rate_bytes_per_second", **roce): 50e9,
     }
     assert {key: scraped.get(key) for key in expected} == expected
     assert not [key for key in scraped if key.startswith("fabric_rdma_cnp") and "mlx5_1" in key]
+    # Counters the IB port's PMA has no file for are left out, not reported as 0.
+    assert series("fabric_rdma_port_unicast_receive_packets_total", **roce) not in scraped
 
 
 def test_registered_factory_reads_the_configured_sysfs_root() -> None:
@@ -211,4 +449,41 @@ def test_registered_factory_reads_the_configured_sysfs_root() -> None:
     )
 
     assert collector.name == "rdma"
-    assert len(collector.collect(tick())) == 2
+    assert [p.device for p in RDMA.select(collector.collect(tick()))] == ["mlx5_0", "mlx5_1"]
+
+
+def test_hw_counters_directory_larger_than_any_sysfs_one_is_skipped_and_counted(
+    sysfs_copy: Path,
+) -> None:
+    hw = sysfs_copy / "class/infiniband/mlx5_0/ports/1/hw_counters"
+    for i in range(4097):
+        (hw / f"extra_{i}").write_text("1\n")
+    collector = RdmaCollector(sysfs_copy)
+
+    samples = collector.collect(tick())
+
+    port = RDMA.select(samples)[0]
+    assert (dict(port.hw_counters), port.cnp_sent, port.link_downed) == ({}, None, 1)
+    assert RDMA_DEVICES.select(samples)[0].read_errors == 1
+
+
+def test_failing_reads_are_logged_when_they_start_and_when_they_stop(
+    sysfs_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    counter = sysfs_copy / "class/infiniband/mlx5_1/ports/1/counters/symbol_error"
+    counter.unlink()
+    counter.mkdir()
+    collector = RdmaCollector(sysfs_copy)
+
+    with caplog.at_level("INFO", logger="agent.node.collectors.rdma"):
+        collector.collect(tick())
+        collector.collect(tick())
+        counter.rmdir()
+        counter.write_text("3\n")
+        collector.collect(tick())
+        collector.collect(tick())
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert "mlx5_1" in messages[0] and "counters/symbol_error: cannot read" in messages[0]
+    assert messages[1] == "RDMA device mlx5_1: every read succeeds again"

@@ -459,6 +459,26 @@ Global___NicSample: _TypeAlias = NicSample  # noqa: Y015
 class RdmaPortSample(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class HwCountersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DEVICE_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -477,13 +497,30 @@ class RdmaPortSample(_message.Message):
     CNP_HANDLED_FIELD_NUMBER: _builtins.int
     ECN_MARKED_PACKETS_FIELD_NUMBER: _builtins.int
     OUT_OF_BUFFER_FIELD_NUMBER: _builtins.int
+    PHYS_STATE_FIELD_NUMBER: _builtins.int
+    UNICAST_RECEIVE_PACKETS_FIELD_NUMBER: _builtins.int
+    UNICAST_TRANSMIT_PACKETS_FIELD_NUMBER: _builtins.int
+    MULTICAST_RECEIVE_PACKETS_FIELD_NUMBER: _builtins.int
+    MULTICAST_TRANSMIT_PACKETS_FIELD_NUMBER: _builtins.int
+    RECEIVE_DISCARDS_FIELD_NUMBER: _builtins.int
+    TRANSMIT_WAIT_FIELD_NUMBER: _builtins.int
+    LINK_ERROR_RECOVERY_FIELD_NUMBER: _builtins.int
+    LOCAL_LINK_INTEGRITY_ERRORS_FIELD_NUMBER: _builtins.int
+    EXCESSIVE_BUFFER_OVERRUN_ERRORS_FIELD_NUMBER: _builtins.int
+    RECEIVE_CONSTRAINT_ERRORS_FIELD_NUMBER: _builtins.int
+    TRANSMIT_CONSTRAINT_ERRORS_FIELD_NUMBER: _builtins.int
+    HW_COUNTERS_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     port: _builtins.int
     state: _builtins.str
     link_layer: _builtins.str
     netdev: _builtins.str
     rate_bps: _builtins.int
+    """0 for a port without a link; unset when unknown."""
     receive_bytes: _builtins.int
+    """Counters are unset where the port does not have them (the file is absent or reads
+    "N/A") or where they could not be read.
+    """
     transmit_bytes: _builtins.int
     receive_packets: _builtins.int
     transmit_packets: _builtins.int
@@ -495,6 +532,24 @@ class RdmaPortSample(_message.Message):
     cnp_handled: _builtins.int
     ecn_marked_packets: _builtins.int
     out_of_buffer: _builtins.int
+    phys_state: _builtins.str
+    """Physical port state without its number: LinkUp, Polling, Disabled, ..."""
+    unicast_receive_packets: _builtins.int
+    unicast_transmit_packets: _builtins.int
+    multicast_receive_packets: _builtins.int
+    multicast_transmit_packets: _builtins.int
+    receive_discards: _builtins.int
+    transmit_wait: _builtins.int
+    """port_xmit_wait: ticks with data to send and no flow-control credit."""
+    link_error_recovery: _builtins.int
+    local_link_integrity_errors: _builtins.int
+    excessive_buffer_overrun_errors: _builtins.int
+    receive_constraint_errors: _builtins.int
+    transmit_constraint_errors: _builtins.int
+    @_builtins.property
+    def hw_counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Every integer file of the port's hw_counters/, by file name."""
+
     def __init__(
         self,
         *,
@@ -504,22 +559,35 @@ class RdmaPortSample(_message.Message):
         link_layer: _builtins.str = ...,
         netdev: _builtins.str = ...,
         rate_bps: _builtins.int | None = ...,
-        receive_bytes: _builtins.int = ...,
-        transmit_bytes: _builtins.int = ...,
-        receive_packets: _builtins.int = ...,
-        transmit_packets: _builtins.int = ...,
-        transmit_discards: _builtins.int = ...,
-        receive_errors: _builtins.int = ...,
-        symbol_errors: _builtins.int = ...,
-        link_downed: _builtins.int = ...,
+        receive_bytes: _builtins.int | None = ...,
+        transmit_bytes: _builtins.int | None = ...,
+        receive_packets: _builtins.int | None = ...,
+        transmit_packets: _builtins.int | None = ...,
+        transmit_discards: _builtins.int | None = ...,
+        receive_errors: _builtins.int | None = ...,
+        symbol_errors: _builtins.int | None = ...,
+        link_downed: _builtins.int | None = ...,
         cnp_sent: _builtins.int | None = ...,
         cnp_handled: _builtins.int | None = ...,
         ecn_marked_packets: _builtins.int | None = ...,
         out_of_buffer: _builtins.int | None = ...,
+        phys_state: _builtins.str = ...,
+        unicast_receive_packets: _builtins.int | None = ...,
+        unicast_transmit_packets: _builtins.int | None = ...,
+        multicast_receive_packets: _builtins.int | None = ...,
+        multicast_transmit_packets: _builtins.int | None = ...,
+        receive_discards: _builtins.int | None = ...,
+        transmit_wait: _builtins.int | None = ...,
+        link_error_recovery: _builtins.int | None = ...,
+        local_link_integrity_errors: _builtins.int | None = ...,
+        excessive_buffer_overrun_errors: _builtins.int | None = ...,
+        receive_constraint_errors: _builtins.int | None = ...,
+        transmit_constraint_errors: _builtins.int | None = ...,
+        hw_counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cnp_handled", b"_cnp_handled", "_cnp_sent", b"_cnp_sent", "_ecn_marked_packets", b"_ecn_marked_packets", "_out_of_buffer", b"_out_of_buffer", "_rate_bps", b"_rate_bps", "cnp_handled", b"cnp_handled", "cnp_sent", b"cnp_sent", "ecn_marked_packets", b"ecn_marked_packets", "out_of_buffer", b"out_of_buffer", "rate_bps", b"rate_bps"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cnp_handled", b"_cnp_handled", "_cnp_sent", b"_cnp_sent", "_ecn_marked_packets", b"_ecn_marked_packets", "_excessive_buffer_overrun_errors", b"_excessive_buffer_overrun_errors", "_link_downed", b"_link_downed", "_link_error_recovery", b"_link_error_recovery", "_local_link_integrity_errors", b"_local_link_integrity_errors", "_multicast_receive_packets", b"_multicast_receive_packets", "_multicast_transmit_packets", b"_multicast_transmit_packets", "_out_of_buffer", b"_out_of_buffer", "_rate_bps", b"_rate_bps", "_receive_bytes", b"_receive_bytes", "_receive_constraint_errors", b"_receive_constraint_errors", "_receive_discards", b"_receive_discards", "_receive_errors", b"_receive_errors", "_receive_packets", b"_receive_packets", "_symbol_errors", b"_symbol_errors", "_transmit_bytes", b"_transmit_bytes", "_transmit_constraint_errors", b"_transmit_constraint_errors", "_transmit_discards", b"_transmit_discards", "_transmit_packets", b"_transmit_packets", "_transmit_wait", b"_transmit_wait", "_unicast_receive_packets", b"_unicast_receive_packets", "_unicast_transmit_packets", b"_unicast_transmit_packets", "cnp_handled", b"cnp_handled", "cnp_sent", b"cnp_sent", "ecn_marked_packets", b"ecn_marked_packets", "excessive_buffer_overrun_errors", b"excessive_buffer_overrun_errors", "link_downed", b"link_downed", "link_error_recovery", b"link_error_recovery", "local_link_integrity_errors", b"local_link_integrity_errors", "multicast_receive_packets", b"multicast_receive_packets", "multicast_transmit_packets", b"multicast_transmit_packets", "out_of_buffer", b"out_of_buffer", "rate_bps", b"rate_bps", "receive_bytes", b"receive_bytes", "receive_constraint_errors", b"receive_constraint_errors", "receive_discards", b"receive_discards", "receive_errors", b"receive_errors", "receive_packets", b"receive_packets", "symbol_errors", b"symbol_errors", "transmit_bytes", b"transmit_bytes", "transmit_constraint_errors", b"transmit_constraint_errors", "transmit_discards", b"transmit_discards", "transmit_packets", b"transmit_packets", "transmit_wait", b"transmit_wait", "unicast_receive_packets", b"unicast_receive_packets", "unicast_transmit_packets", b"unicast_transmit_packets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cnp_handled", b"_cnp_handled", "_cnp_sent", b"_cnp_sent", "_ecn_marked_packets", b"_ecn_marked_packets", "_out_of_buffer", b"_out_of_buffer", "_rate_bps", b"_rate_bps", "cnp_handled", b"cnp_handled", "cnp_sent", b"cnp_sent", "device", b"device", "ecn_marked_packets", b"ecn_marked_packets", "link_downed", b"link_downed", "link_layer", b"link_layer", "netdev", b"netdev", "out_of_buffer", b"out_of_buffer", "port", b"port", "rate_bps", b"rate_bps", "receive_bytes", b"receive_bytes", "receive_errors", b"receive_errors", "receive_packets", b"receive_packets", "state", b"state", "symbol_errors", b"symbol_errors", "transmit_bytes", b"transmit_bytes", "transmit_discards", b"transmit_discards", "transmit_packets", b"transmit_packets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cnp_handled", b"_cnp_handled", "_cnp_sent", b"_cnp_sent", "_ecn_marked_packets", b"_ecn_marked_packets", "_excessive_buffer_overrun_errors", b"_excessive_buffer_overrun_errors", "_link_downed", b"_link_downed", "_link_error_recovery", b"_link_error_recovery", "_local_link_integrity_errors", b"_local_link_integrity_errors", "_multicast_receive_packets", b"_multicast_receive_packets", "_multicast_transmit_packets", b"_multicast_transmit_packets", "_out_of_buffer", b"_out_of_buffer", "_rate_bps", b"_rate_bps", "_receive_bytes", b"_receive_bytes", "_receive_constraint_errors", b"_receive_constraint_errors", "_receive_discards", b"_receive_discards", "_receive_errors", b"_receive_errors", "_receive_packets", b"_receive_packets", "_symbol_errors", b"_symbol_errors", "_transmit_bytes", b"_transmit_bytes", "_transmit_constraint_errors", b"_transmit_constraint_errors", "_transmit_discards", b"_transmit_discards", "_transmit_packets", b"_transmit_packets", "_transmit_wait", b"_transmit_wait", "_unicast_receive_packets", b"_unicast_receive_packets", "_unicast_transmit_packets", b"_unicast_transmit_packets", "cnp_handled", b"cnp_handled", "cnp_sent", b"cnp_sent", "device", b"device", "ecn_marked_packets", b"ecn_marked_packets", "excessive_buffer_overrun_errors", b"excessive_buffer_overrun_errors", "hw_counters", b"hw_counters", "link_downed", b"link_downed", "link_error_recovery", b"link_error_recovery", "link_layer", b"link_layer", "local_link_integrity_errors", b"local_link_integrity_errors", "multicast_receive_packets", b"multicast_receive_packets", "multicast_transmit_packets", b"multicast_transmit_packets", "netdev", b"netdev", "out_of_buffer", b"out_of_buffer", "phys_state", b"phys_state", "port", b"port", "rate_bps", b"rate_bps", "receive_bytes", b"receive_bytes", "receive_constraint_errors", b"receive_constraint_errors", "receive_discards", b"receive_discards", "receive_errors", b"receive_errors", "receive_packets", b"receive_packets", "state", b"state", "symbol_errors", b"symbol_errors", "transmit_bytes", b"transmit_bytes", "transmit_constraint_errors", b"transmit_constraint_errors", "transmit_discards", b"transmit_discards", "transmit_packets", b"transmit_packets", "transmit_wait", b"transmit_wait", "unicast_receive_packets", b"unicast_receive_packets", "unicast_transmit_packets", b"unicast_transmit_packets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cnp_handled: _TypeAlias = _typing.Literal["cnp_handled"]  # noqa: Y015
     _WhichOneofArgType__cnp_handled: _TypeAlias = _typing.Literal["_cnp_handled", b"_cnp_handled"]  # noqa: Y015
@@ -527,10 +595,48 @@ class RdmaPortSample(_message.Message):
     _WhichOneofArgType__cnp_sent: _TypeAlias = _typing.Literal["_cnp_sent", b"_cnp_sent"]  # noqa: Y015
     _WhichOneofReturnType__ecn_marked_packets: _TypeAlias = _typing.Literal["ecn_marked_packets"]  # noqa: Y015
     _WhichOneofArgType__ecn_marked_packets: _TypeAlias = _typing.Literal["_ecn_marked_packets", b"_ecn_marked_packets"]  # noqa: Y015
+    _WhichOneofReturnType__excessive_buffer_overrun_errors: _TypeAlias = _typing.Literal["excessive_buffer_overrun_errors"]  # noqa: Y015
+    _WhichOneofArgType__excessive_buffer_overrun_errors: _TypeAlias = _typing.Literal["_excessive_buffer_overrun_errors", b"_excessive_buffer_overrun_errors"]  # noqa: Y015
+    _WhichOneofReturnType__link_downed: _TypeAlias = _typing.Literal["link_downed"]  # noqa: Y015
+    _WhichOneofArgType__link_downed: _TypeAlias = _typing.Literal["_link_downed", b"_link_downed"]  # noqa: Y015
+    _WhichOneofReturnType__link_error_recovery: _TypeAlias = _typing.Literal["link_error_recovery"]  # noqa: Y015
+    _WhichOneofArgType__link_error_recovery: _TypeAlias = _typing.Literal["_link_error_recovery", b"_link_error_recovery"]  # noqa: Y015
+    _WhichOneofReturnType__local_link_integrity_errors: _TypeAlias = _typing.Literal["local_link_integrity_errors"]  # noqa: Y015
+    _WhichOneofArgType__local_link_integrity_errors: _TypeAlias = _typing.Literal["_local_link_integrity_errors", b"_local_link_integrity_errors"]  # noqa: Y015
+    _WhichOneofReturnType__multicast_receive_packets: _TypeAlias = _typing.Literal["multicast_receive_packets"]  # noqa: Y015
+    _WhichOneofArgType__multicast_receive_packets: _TypeAlias = _typing.Literal["_multicast_receive_packets", b"_multicast_receive_packets"]  # noqa: Y015
+    _WhichOneofReturnType__multicast_transmit_packets: _TypeAlias = _typing.Literal["multicast_transmit_packets"]  # noqa: Y015
+    _WhichOneofArgType__multicast_transmit_packets: _TypeAlias = _typing.Literal["_multicast_transmit_packets", b"_multicast_transmit_packets"]  # noqa: Y015
     _WhichOneofReturnType__out_of_buffer: _TypeAlias = _typing.Literal["out_of_buffer"]  # noqa: Y015
     _WhichOneofArgType__out_of_buffer: _TypeAlias = _typing.Literal["_out_of_buffer", b"_out_of_buffer"]  # noqa: Y015
     _WhichOneofReturnType__rate_bps: _TypeAlias = _typing.Literal["rate_bps"]  # noqa: Y015
     _WhichOneofArgType__rate_bps: _TypeAlias = _typing.Literal["_rate_bps", b"_rate_bps"]  # noqa: Y015
+    _WhichOneofReturnType__receive_bytes: _TypeAlias = _typing.Literal["receive_bytes"]  # noqa: Y015
+    _WhichOneofArgType__receive_bytes: _TypeAlias = _typing.Literal["_receive_bytes", b"_receive_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__receive_constraint_errors: _TypeAlias = _typing.Literal["receive_constraint_errors"]  # noqa: Y015
+    _WhichOneofArgType__receive_constraint_errors: _TypeAlias = _typing.Literal["_receive_constraint_errors", b"_receive_constraint_errors"]  # noqa: Y015
+    _WhichOneofReturnType__receive_discards: _TypeAlias = _typing.Literal["receive_discards"]  # noqa: Y015
+    _WhichOneofArgType__receive_discards: _TypeAlias = _typing.Literal["_receive_discards", b"_receive_discards"]  # noqa: Y015
+    _WhichOneofReturnType__receive_errors: _TypeAlias = _typing.Literal["receive_errors"]  # noqa: Y015
+    _WhichOneofArgType__receive_errors: _TypeAlias = _typing.Literal["_receive_errors", b"_receive_errors"]  # noqa: Y015
+    _WhichOneofReturnType__receive_packets: _TypeAlias = _typing.Literal["receive_packets"]  # noqa: Y015
+    _WhichOneofArgType__receive_packets: _TypeAlias = _typing.Literal["_receive_packets", b"_receive_packets"]  # noqa: Y015
+    _WhichOneofReturnType__symbol_errors: _TypeAlias = _typing.Literal["symbol_errors"]  # noqa: Y015
+    _WhichOneofArgType__symbol_errors: _TypeAlias = _typing.Literal["_symbol_errors", b"_symbol_errors"]  # noqa: Y015
+    _WhichOneofReturnType__transmit_bytes: _TypeAlias = _typing.Literal["transmit_bytes"]  # noqa: Y015
+    _WhichOneofArgType__transmit_bytes: _TypeAlias = _typing.Literal["_transmit_bytes", b"_transmit_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__transmit_constraint_errors: _TypeAlias = _typing.Literal["transmit_constraint_errors"]  # noqa: Y015
+    _WhichOneofArgType__transmit_constraint_errors: _TypeAlias = _typing.Literal["_transmit_constraint_errors", b"_transmit_constraint_errors"]  # noqa: Y015
+    _WhichOneofReturnType__transmit_discards: _TypeAlias = _typing.Literal["transmit_discards"]  # noqa: Y015
+    _WhichOneofArgType__transmit_discards: _TypeAlias = _typing.Literal["_transmit_discards", b"_transmit_discards"]  # noqa: Y015
+    _WhichOneofReturnType__transmit_packets: _TypeAlias = _typing.Literal["transmit_packets"]  # noqa: Y015
+    _WhichOneofArgType__transmit_packets: _TypeAlias = _typing.Literal["_transmit_packets", b"_transmit_packets"]  # noqa: Y015
+    _WhichOneofReturnType__transmit_wait: _TypeAlias = _typing.Literal["transmit_wait"]  # noqa: Y015
+    _WhichOneofArgType__transmit_wait: _TypeAlias = _typing.Literal["_transmit_wait", b"_transmit_wait"]  # noqa: Y015
+    _WhichOneofReturnType__unicast_receive_packets: _TypeAlias = _typing.Literal["unicast_receive_packets"]  # noqa: Y015
+    _WhichOneofArgType__unicast_receive_packets: _TypeAlias = _typing.Literal["_unicast_receive_packets", b"_unicast_receive_packets"]  # noqa: Y015
+    _WhichOneofReturnType__unicast_transmit_packets: _TypeAlias = _typing.Literal["unicast_transmit_packets"]  # noqa: Y015
+    _WhichOneofArgType__unicast_transmit_packets: _TypeAlias = _typing.Literal["_unicast_transmit_packets", b"_unicast_transmit_packets"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cnp_handled) -> _WhichOneofReturnType__cnp_handled | None: ...
     @_typing.overload
@@ -538,9 +644,47 @@ class RdmaPortSample(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ecn_marked_packets) -> _WhichOneofReturnType__ecn_marked_packets | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__excessive_buffer_overrun_errors) -> _WhichOneofReturnType__excessive_buffer_overrun_errors | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__link_downed) -> _WhichOneofReturnType__link_downed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__link_error_recovery) -> _WhichOneofReturnType__link_error_recovery | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__local_link_integrity_errors) -> _WhichOneofReturnType__local_link_integrity_errors | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__multicast_receive_packets) -> _WhichOneofReturnType__multicast_receive_packets | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__multicast_transmit_packets) -> _WhichOneofReturnType__multicast_transmit_packets | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__out_of_buffer) -> _WhichOneofReturnType__out_of_buffer | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rate_bps) -> _WhichOneofReturnType__rate_bps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__receive_bytes) -> _WhichOneofReturnType__receive_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__receive_constraint_errors) -> _WhichOneofReturnType__receive_constraint_errors | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__receive_discards) -> _WhichOneofReturnType__receive_discards | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__receive_errors) -> _WhichOneofReturnType__receive_errors | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__receive_packets) -> _WhichOneofReturnType__receive_packets | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__symbol_errors) -> _WhichOneofReturnType__symbol_errors | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__transmit_bytes) -> _WhichOneofReturnType__transmit_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__transmit_constraint_errors) -> _WhichOneofReturnType__transmit_constraint_errors | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__transmit_discards) -> _WhichOneofReturnType__transmit_discards | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__transmit_packets) -> _WhichOneofReturnType__transmit_packets | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__transmit_wait) -> _WhichOneofReturnType__transmit_wait | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__unicast_receive_packets) -> _WhichOneofReturnType__unicast_receive_packets | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__unicast_transmit_packets) -> _WhichOneofReturnType__unicast_transmit_packets | None: ...
 
 Global___RdmaPortSample: _TypeAlias = RdmaPortSample  # noqa: Y015
 
