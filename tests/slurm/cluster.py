@@ -99,6 +99,7 @@ class SlurmCluster:
     ctld_port: int = 0
     slurmd_port: int = 0
     start_s: float = 0.0
+    slurmd_debug: str = "debug2"
     _processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _made_system_slice: bool = False
 
@@ -144,13 +145,16 @@ class SlurmCluster:
     # --- lifecycle ---
 
     @classmethod
-    def start(cls, root: Path | None = None) -> SlurmCluster:
+    def start(cls, root: Path | None = None, slurmd_debug: str = "debug2") -> SlurmCluster:
+        """A running cluster, its node idle. `slurmd_debug`: SlurmdDebug; at debug2 and above
+        slurmd logs what each Prolog and Epilog printed."""
         mount = cgroup2_mount()
         if mount is None:
             raise SlurmError("no cgroup2 mount in /proc/self/mountinfo")
         cluster = cls(
             root=root or Path(tempfile.mkdtemp(prefix="fabric-slurm-")),
             cgroup_mount=mount,
+            slurmd_debug=slurmd_debug,
         )
         if cluster.scope.exists():
             raise SlurmError(
@@ -211,8 +215,7 @@ SlurmdPidFile={self.root}/slurmd.pid
 SlurmctldLogFile={self.slurmctld_log}
 SlurmdLogFile={self.slurmd_log}
 SlurmctldDebug=info
-# debug2: slurmd logs each Prolog/Epilog's output (stdout and stderr) with its exit code.
-SlurmdDebug=debug2
+SlurmdDebug={self.slurmd_debug}
 ProctrackType=proctrack/cgroup
 TaskPlugin=task/cgroup
 PrologFlags=Alloc,Contain
@@ -227,6 +230,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 ReturnToService=2
 SchedulerType=sched/builtin
+# Measured here: a batch job starts about 1 s after sbatch with it, 3 s without.
+SchedulerParameters=sched_interval=1
 MessageTimeout=10
 SlurmdTimeout=30
 SlurmctldTimeout=30
