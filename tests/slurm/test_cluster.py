@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.cluster import NODE_NAME, PARTITION, SlurmCluster, is_hybrid
+from tests.slurm.cluster import NODE_NAME, PARTITION, SlurmCluster, cgroup2_mount, is_hybrid
 
 
 def hook(path: Path, body: str) -> Path:
@@ -36,6 +36,22 @@ def wait_for_file(path: Path, timeout_s: float = 30.0) -> None:
 def unified_line(text: str) -> str:
     """The cgroup2 path in a /proc/<pid>/cgroup text."""
     return next(line[3:] for line in text.splitlines() if line.startswith("0::"))
+
+
+def test_the_cgroup2_mount_and_a_hybrid_host_are_recognised(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "30 24 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - tmpfs tmpfs ro,mode=755\n"
+        "31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw\n"
+        "32 30 0:28 / /sys/fs/cgroup/memory rw shared:6 - cgroup cgroup rw,memory\n"
+    )
+    hybrid, unified = tmp_path / "hybrid", tmp_path / "unified"
+    hybrid.write_text("4:memory:/x\n0::/\n")
+    unified.write_text("0::/user.slice\n")
+
+    assert cgroup2_mount(mountinfo) == Path("/sys/fs/cgroup/unified")
+    assert is_hybrid(hybrid)
+    assert not is_hybrid(unified)
 
 
 def test_a_batch_job_runs_in_its_job_cgroup(slurm: SlurmCluster, tmp_path: Path) -> None:
@@ -112,7 +128,8 @@ def test_the_prolog_gets_the_job_but_no_path_and_no_time_limit(
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert env["SLURM_CONF"] == str(slurm.conf)
     # 22.05 hands the prolog neither the time limit nor an end time: the hook asks Slurm.
-    assert not [key for key in env if "TIME" in key or "LIMIT" in key or "END" in key]
+    assert "SLURM_JOB_END_TIME" not in env
+    assert not [key for key in env if "TIME" in key or "LIMIT" in key]
 
 
 def test_the_prolog_can_ask_slurm_for_the_time_limit(slurm: SlurmCluster, tmp_path: Path) -> None:
