@@ -44,7 +44,7 @@ STOP_GRACE_S = 10.0
 # Generous: slurmctld and slurmd reach an idle node in about a second here.
 START_TIMEOUT_S = 60.0
 SHIM_SOURCE = Path(__file__).resolve().parent / "cgroup_v2_only.c"
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel")
 
 
 class SlurmError(RuntimeError):
@@ -55,7 +55,7 @@ def missing_requirements() -> str | None:
     """Why the cluster cannot run here, or None."""
     if os.geteuid() != 0:
         return "the Slurm test cluster runs slurmd and munged as root"
-    missing = [name for name in (*DAEMONS, "gcc") if shutil.which(name) is None]
+    missing = [name for name in (*PROGRAMS, "gcc") if shutil.which(name) is None]
     if missing:
         return f"not installed: {', '.join(missing)} (make test installs them)"
     if cgroup2_mount() is None:

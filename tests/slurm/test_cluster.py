@@ -119,6 +119,7 @@ def test_the_prolog_gets_the_job_but_no_path_and_no_time_limit(
 
     env = read_env(env_file)
     assert "PATH" not in env
+    assert "LD_PRELOAD" not in env
     assert env["SLURM_JOB_ID"] == job_id
     assert env["SLURM_SCRIPT_CONTEXT"] == "prolog_slurmd"
     assert env["SLURMD_NODENAME"] == NODE_NAME
