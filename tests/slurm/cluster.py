@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -151,16 +152,17 @@ class SlurmCluster:
         mount = cgroup2_mount()
         if mount is None:
             raise SlurmError("no cgroup2 mount in /proc/self/mountinfo")
+        scope = mount / "system.slice" / f"{NODE_NAME}_slurmstepd.scope"
+        if scope.exists():
+            raise SlurmError(
+                f"{scope} exists: another test cluster with node {NODE_NAME} runs, "
+                "or a killed one left it (rmdir it, bottom-up, once no process is in it)"
+            )
         cluster = cls(
             root=root or Path(tempfile.mkdtemp(prefix="fabric-slurm-")),
             cgroup_mount=mount,
             slurmd_debug=slurmd_debug,
         )
-        if cluster.scope.exists():
-            raise SlurmError(
-                f"{cluster.scope} exists: another test cluster with node {NODE_NAME} runs, "
-                "or a killed one left it (rmdir it, bottom-up, once no process is in it)"
-            )
         began = time.monotonic()
         try:
             cluster._write_files()
@@ -176,13 +178,15 @@ class SlurmCluster:
         self.root.chmod(0o755)
         for sub in ("munge", "state", "spool", "log", "dev", "hooks"):
             (self.root / sub).mkdir(mode=0o755)
-        key = self.root / "munge" / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        key.chmod(0o400)
+        key = os.open(
+            self.root / "munge" / "munge.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400
+        )
+        with os.fdopen(key, "wb") as stream:
+            stream.write(os.urandom(1024))
         # Character devices like /dev/null (1:3): gres/gpu needs device files; Slurm does
         # not look behind them.
         for index in range(FAKE_GPUS):
-            os.mknod(self.root / "dev" / f"fakegpu{index}", 0o600 | 0o020000, os.makedev(1, 3))
+            os.mknod(self.root / "dev" / f"fakegpu{index}", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
         for hook in ("prolog", "epilog"):
             wrapper = self.root / "hooks" / hook
             target = self.root / "hooks" / f"{hook}.target"
