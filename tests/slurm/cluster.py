@@ -303,13 +303,15 @@ ConstrainRAMSpace=no
     def stop(self) -> None:
         """Everything down and removed, whatever state the cluster is in."""
         if "slurmctld" in self._processes and self._processes["slurmctld"].poll() is None:
-            with contextlib.suppress(subprocess.SubprocessError, OSError):
+            with contextlib.suppress(SlurmError, subprocess.SubprocessError, OSError):
                 self.cancel_all()
                 self.wait_no_jobs(timeout_s=20.0)
         for name in ("slurmd", "slurmctld", "munged"):
             process = self._processes.pop(name, None)
             if process is not None:
+                helpers = _children(process.pid)  # slurmctld's slurmscriptd
                 _end(process)
+                _kill(helpers)
         self._end_job_processes()
         self._remove_cgroups()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -317,17 +319,15 @@ ConstrainRAMSpace=no
     def _end_job_processes(self) -> None:
         """Processes still in the cluster's scope (a slurmstepd whose slurmd went first),
         ended by PID."""
-        if not self.scope.exists():
-            return
-        for procs in self.scope.rglob("cgroup.procs"):
-            for pid in _read_pids(procs):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and any(
-            _read_pids(p) for p in self.scope.rglob("cgroup.procs")
-        ):
-            time.sleep(0.1)
+        if self.scope.exists():
+            _kill(
+                [
+                    process
+                    for procs in self.scope.rglob("cgroup.procs")
+                    for process in map(_identify, _read_pids(procs))
+                    if process is not None
+                ]
+            )
 
     def _remove_cgroups(self) -> None:
         if self.scope.exists():
@@ -505,6 +505,40 @@ def _read_pids(procs: Path) -> list[int]:
         return [int(pid) for pid in procs.read_text().split()]
     except OSError:
         return []
+
+
+def _identify(pid: int) -> tuple[int, str] | None:
+    """A process as (PID, start time), so that a reused PID is never mistaken for it."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat_line.rpartition(")")[2].split()
+    return None if fields[0] == "Z" else (pid, fields[19])
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    children: list[tuple[int, str]] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                identity = _identify(int(child))
+                if identity is not None:
+                    children.append(identity)
+    return children
+
+
+def _kill(processes: Sequence[tuple[int, str]]) -> None:
+    """SIGKILL to each process still alive, then waits until they are gone."""
+    for pid, started in processes:
+        if _identify(pid) == (pid, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while any(_identify(pid) == (pid, started) for pid, started in processes):
+        if time.monotonic() > deadline:
+            raise SlurmError(f"processes survive SIGKILL: {processes}")
+        time.sleep(0.05)
 
 
 def _end(process: subprocess.Popen[bytes]) -> None:
