@@ -103,6 +103,7 @@ class SlurmCluster:
     slurmd_debug: str = "debug2"
     _processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _made_system_slice: bool = False
+    _helpers: list[tuple[int, str]] = field(default_factory=list)
 
     # --- paths ---
 
@@ -168,6 +169,8 @@ class SlurmCluster:
             cluster._write_files()
             cluster._start_daemons()
             cluster.wait_node_idle(timeout_s=START_TIMEOUT_S)
+            # slurmctld's slurmscriptd, to end even when slurmctld went first.
+            cluster._helpers = _children(cluster._processes["slurmctld"].pid)
         except BaseException:
             cluster.stop()
             raise
@@ -309,9 +312,8 @@ ConstrainRAMSpace=no
         for name in ("slurmd", "slurmctld", "munged"):
             process = self._processes.pop(name, None)
             if process is not None:
-                helpers = _children(process.pid)  # slurmctld's slurmscriptd
                 _end(process)
-                _kill(helpers)
+        _kill(self._helpers)
         self._end_job_processes()
         self._remove_cgroups()
         shutil.rmtree(self.root, ignore_errors=True)
