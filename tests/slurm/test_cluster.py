@@ -215,3 +215,23 @@ def test_the_epilog_runs_after_the_job(slurm: SlurmCluster, tmp_path: Path) -> N
     assert env["SLURM_JOB_ID"] == job_id
     assert env["SLURM_SCRIPT_CONTEXT"] == "epilog_slurmd"
     assert env["SLURM_JOB_GPUS"] == "0"
+
+
+def test_reset_returns_a_drained_busy_node_to_idle(slurm: SlurmCluster, tmp_path: Path) -> None:
+    failing = hook(tmp_path / "prolog", "exit 1\n")
+    slurm.set_hooks(prolog=failing)
+    held = slurm.submit("exit 0\n")
+    slurm.wait_job(held, lambda job: "held" in job.fields.get("Reason", ""), "held")
+    slurm.set_hooks()
+    slurm.run("scontrol", "update", f"nodename={NODE_NAME}", "state=resume")
+    slurm.wait_node_idle()
+    running = slurm.submit("exec /bin/sleep 300\n")
+    slurm.wait_job_state(running, "RUNNING")
+    slurm.set_hooks(prolog=failing)
+    slurm.run("scontrol", "update", f"nodename={NODE_NAME}", "state=drain", "reason=test")
+
+    slurm.reset()
+
+    assert slurm.node_state() == "IDLE"
+    assert slurm.job_ids() == []
+    assert not (slurm.root / "hooks" / "prolog.target").exists()
