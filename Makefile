@@ -16,9 +16,10 @@ FAKENVML := tests/fakenvml/libnvidia-ml.so.1
 # and exposition tests, iperf3 for real traffic, iproute2 for namespaces and tc,
 # nftables (libnftables for the agent, nft for inspecting it in tests), a C compiler
 # for the simulated NVML driver), etcd-server for the aggregator's etcd store contract tests,
+# Slurm and munge for the one-node test cluster (tests/slurm/; its cgroup shim needs gcc),
 # and what `make bench` adds (the node exporter anchor).
 TEST_DEBS  := prometheus iperf3 iproute2 nftables libnftables1 gcc make libc6-dev shellcheck \
-              etcd-server
+              etcd-server slurmd slurmctld slurm-client munge
 BENCH_DEBS := prometheus-node-exporter
 
 .PHONY: install run run-sim test lint pytest bench fakenvml proto clean debs debs-test debs-bench
@@ -80,6 +81,7 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/api_hostile.py
 	$(PY) bench/aggregator_load.py
 	$(PY) bench/aggregator_hostile.py
+	$(PY) bench/slurm_prolog.py
 
 debs-test:
 	@$(MAKE) --no-print-directory debs DEBS="$(TEST_DEBS)"
