@@ -79,6 +79,7 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/api_hostile.py
 	$(PY) bench/aggregator_load.py
 	$(PY) bench/aggregator_hostile.py
+	$(PY) bench/slurm_hooks.py
 
 debs-test:
 	@$(MAKE) --no-print-directory debs DEBS="$(TEST_DEBS)"
