@@ -933,3 +933,59 @@ def test_every_setting_is_documented() -> None:
     for name in sorted(settings | {"FABRIC_POLICY", "FABRIC_CLASS"}):
         assert f"| `{name}` |" in slurm, name
         assert f"#{name}=" in example, name
+
+
+def _cgroup2_mount() -> Path | None:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[fields.index("-") + 1] == "cgroup2":
+            return Path(fields[4])
+    return None
+
+
+@pytest.fixture
+def real_scope(hooks: Hooks) -> Iterator[tuple[Path, str]]:
+    """A scope named like slurmd's for a node of its own, in this host's cgroup2 tree;
+    the hooks read this host's /proc."""
+    mount = _cgroup2_mount()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a cgroup")
+    if mount is None or not (mount / "system.slice").is_dir():
+        pytest.skip("no cgroup2 mount with a system.slice")
+    node = f"hooks{os.getpid()}"
+    scope = mount / "system.slice" / f"{node}_slurmstepd.scope"
+    scope.mkdir()
+    env = {**hooks.env, "SLURMD_NODENAME": node}
+    del env["FABRIC_CGROUP_ROOT"], env["FABRIC_PROC_ROOT"]
+    hooks.env = env
+    try:
+        yield scope, node
+    finally:
+        scope.rmdir()
+
+
+def test_prolog_finds_the_scope_on_this_host(hooks: Hooks, real_scope: tuple[Path, str]) -> None:
+    _, node = real_scope
+
+    result = hooks.run(PROLOG)
+
+    assert result.returncode == 0, result.stderr
+    qos = hooks.document()["qos"]
+    assert isinstance(qos, dict)
+    assert qos["cgroup"] == f"system.slice/{node}_slurmstepd.scope/job_{JOB}"
+
+
+def test_prolog_without_a_scope_on_this_host(hooks: Hooks, real_scope: tuple[Path, str]) -> None:
+    scope, _ = real_scope
+    if (scope.parent / "slurmstepd.scope").exists():
+        pytest.skip("this host runs a Slurm with system.slice/slurmstepd.scope")
+    v1 = any(
+        not line.startswith("0::") for line in Path("/proc/self/cgroup").read_text().splitlines()
+    )
+
+    result = hooks.run(PROLOG, SLURMD_NODENAME="hooks-none")
+
+    assert result.returncode == 0
+    assert "qos" not in hooks.document()
+    assert "not classified by cgroup" in result.stderr
+    assert ("hybrid or cgroup v1" in result.stderr) == v1
