@@ -468,12 +468,16 @@ if ! duration_seconds "$FABRIC_LEASE_TTL"; then
     seconds=86400
 fi
 ttl_s=$seconds
+# timeout 0 would mean no deadline at all.
 case $FABRIC_SQUEUE_TIMEOUT in
-    '' | *[!0-9.]* | *.*.* | .*)
-        problem "FABRIC_SQUEUE_TIMEOUT '$FABRIC_SQUEUE_TIMEOUT' is not a number of seconds; using 2"
-        FABRIC_SQUEUE_TIMEOUT=2
-        ;;
+    *[!0-9.]* | *.*.* | .* | *.) squeue_timeout_ok=0 ;;
+    *[1-9]*) squeue_timeout_ok=1 ;;
+    *) squeue_timeout_ok=0 ;;
 esac
+if [ "$squeue_timeout_ok" = 0 ]; then
+    problem "FABRIC_SQUEUE_TIMEOUT '$FABRIC_SQUEUE_TIMEOUT' is not a number of seconds above 0; using 2"
+    FABRIC_SQUEUE_TIMEOUT=2
+fi
 
 # The QoS part: a class for the job's partition, and the cgroup to put in it.
 qos_json=

@@ -4,6 +4,7 @@ job file each prolog writes is checked against the job file contract."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -441,6 +442,8 @@ def test_prolog_lease_from_the_job_end_time(hooks: Hooks) -> None:
         ("FABRIC_LEASE_TTL", "1 week"),
         ("FABRIC_LEASE_MARGIN_S", "-5"),
         ("FABRIC_SQUEUE_TIMEOUT", "2; rm"),
+        ("FABRIC_SQUEUE_TIMEOUT", "0"),
+        ("FABRIC_SQUEUE_TIMEOUT", "0.00"),
     ],
 )
 @pytest.mark.parametrize("strict", ["0", "1"])
@@ -950,8 +953,12 @@ def real_scope(hooks: Hooks) -> Iterator[tuple[Path, str]]:
     mount = _cgroup2_mount()
     if os.geteuid() != 0:
         pytest.skip("needs root to create a cgroup")
-    if mount is None or not (mount / "system.slice").is_dir():
-        pytest.skip("no cgroup2 mount with a system.slice")
+    if mount is None:
+        pytest.skip("no cgroup2 mount")
+    # systemd makes system.slice; on a host without it, as slurmd would need it made.
+    made_slice = not (mount / "system.slice").exists()
+    if made_slice:
+        (mount / "system.slice").mkdir()
     node = f"hooks{os.getpid()}"
     scope = mount / "system.slice" / f"{node}_slurmstepd.scope"
     scope.mkdir()
@@ -962,6 +969,10 @@ def real_scope(hooks: Hooks) -> Iterator[tuple[Path, str]]:
         yield scope, node
     finally:
         scope.rmdir()
+        if made_slice:
+            # Unless something else has started using it meanwhile.
+            with contextlib.suppress(OSError):
+                (mount / "system.slice").rmdir()
 
 
 def test_prolog_finds_the_scope_on_this_host(hooks: Hooks, real_scope: tuple[Path, str]) -> None:
@@ -975,17 +986,22 @@ def test_prolog_finds_the_scope_on_this_host(hooks: Hooks, real_scope: tuple[Pat
     assert qos["cgroup"] == f"system.slice/{node}_slurmstepd.scope/job_{JOB}"
 
 
-def test_prolog_without_a_scope_on_this_host(hooks: Hooks, real_scope: tuple[Path, str]) -> None:
-    scope, _ = real_scope
-    if (scope.parent / "slurmstepd.scope").exists():
+def test_prolog_without_a_scope_on_this_host(hooks: Hooks) -> None:
+    # This host's mountinfo and /proc/self/cgroup, nothing created.
+    mount = _cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount")
+    if (mount / "system.slice" / "slurmstepd.scope").exists():
         pytest.skip("this host runs a Slurm with system.slice/slurmstepd.scope")
-    v1 = any(
-        not line.startswith("0::") for line in Path("/proc/self/cgroup").read_text().splitlines()
-    )
+    proc_cgroup = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = any(not line.startswith("0::") for line in proc_cgroup)
+    env = {**hooks.env}
+    del env["FABRIC_CGROUP_ROOT"], env["FABRIC_PROC_ROOT"]
+    hooks.env = env
 
     result = hooks.run(PROLOG, SLURMD_NODENAME="hooks-none")
 
     assert result.returncode == 0
     assert "qos" not in hooks.document()
-    assert "not classified by cgroup" in result.stderr
+    assert f"scope {mount}/system.slice/hooks-none_slurmstepd.scope and " in result.stderr
     assert ("hybrid or cgroup v1" in result.stderr) == v1
