@@ -138,12 +138,15 @@ limit_seconds() {
 
 json_string() {
     # json_string TEXT: sets json to TEXT as a JSON string. Fails for text a job file
-    # must not carry: control characters, or bytes that are not UTF-8.
+    # must not carry: anything but printable characters in UTF-8.
     case $1 in
         *[[:cntrl:]]*) return 1 ;;
         *[![:print:]]*)
-            # Non-ASCII: must be valid UTF-8, or the agent refuses the whole file.
-            printf '%s' "$1" | iconv -f UTF-8 -t UTF-8 >/dev/null 2>&1 || return 1
+            # Non-ASCII: letters, marks, numbers, punctuation and symbols in valid UTF-8
+            # (what Python calls printable), or the agent refuses the whole file. No
+            # separators but space, no format or private-use characters.
+            printf '%s' "$1" | LC_ALL=C.UTF-8 grep -qxP '[\p{L}\p{M}\p{N}\p{P}\p{S} ]*' ||
+                return 1
             ;;
     esac
     rest=$1
@@ -490,15 +493,15 @@ elif [ -z "${FABRIC_POLICY:-}" ]; then
     problem "FABRIC_CLASS is set but FABRIC_POLICY is not (in $FABRIC_SLURM_CONF); the job file has no qos"
 elif job_cgroup; then
     if ! json_string "$FABRIC_POLICY"; then
-        problem "FABRIC_POLICY holds control characters or bytes that are not UTF-8; the job file has no qos"
+        problem "FABRIC_POLICY holds characters that are not printable or bytes that are not UTF-8; the job file has no qos"
     else
         policy_json=$json
         if ! json_string "$class"; then
-            problem "the class for partition ${SLURM_JOB_PARTITION:-(none)} holds control characters or bytes that are not UTF-8; the job file has no qos"
+            problem "the class for partition ${SLURM_JOB_PARTITION:-(none)} holds characters that are not printable or bytes that are not UTF-8; the job file has no qos"
         else
             class_json=$json
             if ! json_string "$cgroup"; then
-                problem "the job's cgroup holds control characters or bytes that are not UTF-8; the job file has no qos"
+                problem "the job's cgroup holds characters that are not printable or bytes that are not UTF-8; the job file has no qos"
             else
                 qos_json="{\"policy\": $policy_json, \"className\": $class_json, \"cgroup\": $json}"
                 qos_text="qos $FABRIC_POLICY/$class for $cgroup"
