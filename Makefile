@@ -82,6 +82,7 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/aggregator_load.py
 	$(PY) bench/aggregator_hostile.py
 	$(PY) bench/slurm_prolog.py
+	$(PY) bench/slurm_hooks.py
 
 debs-test:
 	@$(MAKE) --no-print-directory debs DEBS="$(TEST_DEBS)"

@@ -1,63 +1,93 @@
 #!/bin/sh
-# Slurm Epilog: remove the job's QoS assignment (slurm-job-<id>) from this node.
+# Slurm Epilog: remove the job's file (slurm-job-<id>.json) from fabric-agent's job
+# directory; the agent then drops the job and its QoS class.
 #
-# One already gone (its lease expired, or the prolog assigned nothing) is fine. The
-# epilog always exits 0: a failing Epilog drains the node, and an assignment left
-# behind is removed by its lease anyway. Failures are logged (logger -t
-# fabric-agent-slurm). Settings: slurm.conf.example.
+# A file already gone (the prolog wrote none, or its lease ran out) is fine. The epilog
+# always exits 0: a failing Epilog drains the node, and a file left behind is removed by
+# the agent when its lease runs out. Settings: slurm.conf.example.
 set -u
 
 # --- settings: see slurm.conf.example (same in both hooks) ---
+# Slurm runs its hooks with no PATH, and shells fill in their own default (bash's may
+# end in "."): the hooks set one. Tools other than coreutils have settings below.
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+umask 022
 FABRIC_SLURM_CONF=${FABRIC_SLURM_CONF:-/etc/fabric-agent/slurm.conf}
+fabric_conf_error=
 if [ -r "$FABRIC_SLURM_CONF" ]; then
+    # A syntax error in a sourced file would end this shell (exit 2: the node drains),
+    # so the file is tried in a subshell first and ignored, with an error, if it fails.
     # shellcheck source=/dev/null
-    . "$FABRIC_SLURM_CONF"
+    if fabric_conf_error=$( (. "$FABRIC_SLURM_CONF" >/dev/null; exit 0) 2>&1 >/dev/null); then
+        # shellcheck source=/dev/null
+        . "$FABRIC_SLURM_CONF" >/dev/null
+        fabric_conf_error=
+    else
+        fabric_conf_error=${fabric_conf_error:-cannot be read as shell}
+    fi
 fi
 
-FABRIC_AGENT=${FABRIC_AGENT:-unix:///run/fabric-agent/agent.sock}
-FABRIC_SLURM_CGROUP_TEMPLATE=${FABRIC_SLURM_CGROUP_TEMPLATE:-system.slice/slurmstepd.scope/job_%j}
+# Every default, in one place.
+FABRIC_JOB_DIR=${FABRIC_JOB_DIR:-/run/fabric-agent/jobs}
+FABRIC_SLURM_CGROUP_TEMPLATE=${FABRIC_SLURM_CGROUP_TEMPLATE:-}
+FABRIC_CGROUP_ROOT=${FABRIC_CGROUP_ROOT:-}
+FABRIC_PROC_ROOT=${FABRIC_PROC_ROOT:-/proc}
+FABRIC_SQUEUE=${FABRIC_SQUEUE:-/usr/bin/squeue}
+FABRIC_SQUEUE_TIMEOUT=${FABRIC_SQUEUE_TIMEOUT:-2}
+FABRIC_LOGGER=${FABRIC_LOGGER:-/usr/bin/logger}
+FABRIC_SYSLOG_SOCKET=${FABRIC_SYSLOG_SOCKET:-/dev/log}
 FABRIC_LEASE_TTL=${FABRIC_LEASE_TTL:-24h}
 FABRIC_LEASE_MARGIN_S=${FABRIC_LEASE_MARGIN_S:-3600}
-FABRIC_TIMEOUT=${FABRIC_TIMEOUT:-10s}
 FABRIC_STRICT=${FABRIC_STRICT:-0}
-FABRICCTL=${FABRICCTL:-fabricctl}
 # Set by slurmd for Prolog and Epilog.
 SLURM_JOB_ID=${SLURM_JOB_ID:-}
 
 fabric_log() {
-    # fabric_log PRIORITY MESSAGE: syslog (journal) through logger, stderr without it.
-    if command -v logger >/dev/null 2>&1; then
-        logger -t fabric-agent-slurm -p "daemon.$1" -- "$2"
-    else
-        printf 'fabric-agent-slurm: %s\n' "$2" >&2
+    # fabric_log PRIORITY MESSAGE (PRIORITY: err, warning or info). To syslog through
+    # logger when the syslog socket exists (logger drops messages silently without it);
+    # otherwise to stderr. Errors and warnings go to stderr as well: slurmd logs a
+    # failing hook's output with its exit code.
+    if [ -S "$FABRIC_SYSLOG_SOCKET" ] && [ -x "$FABRIC_LOGGER" ] &&
+        timeout -k 1 2 "$FABRIC_LOGGER" -u "$FABRIC_SYSLOG_SOCKET" -t fabric-agent-slurm \
+            -p "daemon.$1" -- "$2" 2>/dev/null; then
+        [ "$1" = info ] && return 0
     fi
-}
-
-fabric_job_name() {
-    printf 'slurm-job-%s' "$SLURM_JOB_ID"
+    printf 'fabric-agent-slurm: %s: %s\n' "$1" "$2" >&2
 }
 
 fabric_check_job_id() {
-    case ${SLURM_JOB_ID} in
+    # Slurm job ids are 32-bit numbers.
+    case $SLURM_JOB_ID in
         '' | *[!0-9]*) return 1 ;;
     esac
-    return 0
-}
-
-fabric_ctl() {
-    # fabric_ctl ARGS...: fabricctl against the configured agent.
-    "$FABRICCTL" --agent "$FABRIC_AGENT" --timeout "$FABRIC_TIMEOUT" "$@"
+    [ ${#SLURM_JOB_ID} -le 10 ]
 }
 # --- end of settings ---
 
+if [ -n "$fabric_conf_error" ]; then
+    fabric_log err "$FABRIC_SLURM_CONF ignored: $fabric_conf_error"
+fi
 if ! fabric_check_job_id; then
-    fabric_log err "SLURM_JOB_ID '${SLURM_JOB_ID}' is not a job id"
+    fabric_log err "SLURM_JOB_ID '$SLURM_JOB_ID' is not a job id"
     exit 0
 fi
-name=$(fabric_job_name)
-if output=$(fabric_ctl policy delete "$name" --ignore-not-found 2>&1); then
-    fabric_log info "job $SLURM_JOB_ID: $(printf '%s' "$output" | head -n 1)"
+if [ -L "$FABRIC_JOB_DIR" ]; then
+    fabric_log err "job $SLURM_JOB_ID: FABRIC_JOB_DIR $FABRIC_JOB_DIR is a symbolic link; left alone"
+    exit 0
+fi
+file=$FABRIC_JOB_DIR/slurm-job-$SLURM_JOB_ID.json
+if [ -e "$file" ] || [ -L "$file" ]; then
+    found=1
 else
-    fabric_log err "job $SLURM_JOB_ID: cannot delete $name (its lease will): $(printf '%s' "$output" | tr '\n' ' ')"
+    found=0
+fi
+# Also a temporary file of a prolog that was killed while writing.
+if ! error=$(rm -f -- "$file" "$FABRIC_JOB_DIR/.slurm-job-$SLURM_JOB_ID.json."*.tmp 2>&1); then
+    fabric_log err "job $SLURM_JOB_ID: cannot remove $file (the agent drops it when its lease runs out): $error"
+elif [ "$found" = 1 ]; then
+    fabric_log info "job $SLURM_JOB_ID: removed $file"
+else
+    fabric_log info "job $SLURM_JOB_ID: no job file $file"
 fi
 exit 0
