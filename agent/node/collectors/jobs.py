@@ -76,12 +76,26 @@ class JobSummarizer:
         summary.jobs_left_out = max(len(samples) - SUMMARY_MAX_JOBS, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class JobCountSample:
+    """The jobs of one scheduler and their GPU entries naming no GPU of this node, every
+    tick: a node without jobs reports 0, not nothing."""
+
+    scheduler: str
+    jobs: int
+    # Unmatched entries naming a MIG instance, and any other.
+    unmatched_mig: int
+    unmatched_unknown: int
+
+
 JOBS = Section(
     "jobs",
     JobSample,
     snapshot_field=SnapshotField("jobs", telemetry_pb2.JobSample),
     summarizer=JobSummarizer,
 )
+# Counts only: the API and the summary have the jobs themselves.
+JOB_COUNTS = Section("job_counts", JobCountSample, exported=False)
 
 
 def attribute(gpus: Sequence[str], inventory: Sequence[GpuInfo]) -> tuple[list[GpuInfo], list[str]]:
@@ -117,7 +131,7 @@ Inventory = Callable[[], Sequence[GpuInfo] | None]
 
 class JobsCollector:
     name = "jobs"
-    sections = (JOBS,)
+    sections = (JOBS, JOB_COUNTS)
 
     def __init__(self, directory: JobDirectory, inventory: Inventory) -> None:
         self._directory = directory
@@ -125,7 +139,7 @@ class JobsCollector:
         # Job name -> the entries last logged as naming no GPU of this node.
         self._reported: dict[str, tuple[str, ...]] = {}
 
-    def collect(self, tick: Tick) -> tuple[JobSample, ...]:
+    def collect(self, tick: Tick) -> tuple[JobSample | JobCountSample, ...]:
         # The reconciler refreshes the same directory every pass; a refresh re-reads only
         # files whose inode, size or mtime changed, and `fabric-agent sample` has no
         # reconciler.
@@ -135,7 +149,7 @@ class JobsCollector:
         inventory = self._inventory()
         samples = tuple(self._sample(job, inventory) for job in jobs)
         self._log_unmatched(samples)
-        return samples
+        return (*samples, *counts(samples))
 
     def _sample(self, job: Job, inventory: Sequence[GpuInfo] | None) -> JobSample:
         sample = JobSample(job.scheduler, job.job_id, job.user, job.gpus, job.expires_at)
@@ -171,14 +185,25 @@ class JobsCollector:
                 )
         self._reported = reported
 
-    def metrics(self, samples: Sequence[JobSample]) -> Iterable[Family]:
-        return render(samples)
+    def metrics(self, samples: Sequence[JobSample | JobCountSample]) -> Iterable[Family]:
+        return render(JOBS.select(samples), JOB_COUNTS.select(samples))
 
     def close(self) -> None:
         """The job directory is shared; nothing to release."""
 
 
-def render(samples: Sequence[JobSample]) -> list[Family]:
+def counts(samples: Sequence[JobSample]) -> tuple[JobCountSample, ...]:
+    """Each scheduler's jobs and unmatched GPU entries."""
+    result = []
+    for scheduler in SCHEDULERS:
+        mine = [s for s in samples if s.scheduler == scheduler]
+        unmatched = [entry for s in mine for entry in s.unmatched_gpus]
+        mig = sum(1 for entry in unmatched if entry.startswith("MIG-"))
+        result.append(JobCountSample(scheduler, len(mine), mig, len(unmatched) - mig))
+    return tuple(result)
+
+
+def render(samples: Sequence[JobSample], job_counts: Sequence[JobCountSample] = ()) -> list[Family]:
     jobs = GaugeFamily(
         "fabric_jobs", "Jobs on the node, as the job directory has them.", labels=["scheduler"]
     )
@@ -191,21 +216,15 @@ def render(samples: Sequence[JobSample]) -> list[Family]:
         "fabric_job_gpus_unmatched",
         "Job GPU entries naming no GPU of this node, left out of fabric_gpu_job_info "
         "(mig: MIG instances are not enumerated).",
-        labels=["reason"],
+        labels=["scheduler", "reason"],
     )
-    for scheduler in SCHEDULERS:
-        jobs.add_metric([scheduler], sum(1 for s in samples if s.scheduler == scheduler))
-    mig = unknown = 0
     for s in samples:
         for index, uuid in zip(s.gpu_indices, s.gpu_uuids, strict=True):
             info.add_metric([str(index), uuid, s.scheduler, s.job_id, s.user], 1)
-        for entry in s.unmatched_gpus:
-            if entry.startswith("MIG-"):
-                mig += 1
-            else:
-                unknown += 1
-    unmatched.add_metric(["mig"], mig)
-    unmatched.add_metric(["unknown"], unknown)
+    for count in job_counts:
+        jobs.add_metric([count.scheduler], count.jobs)
+        unmatched.add_metric([count.scheduler, "mig"], count.unmatched_mig)
+        unmatched.add_metric([count.scheduler, "unknown"], count.unmatched_unknown)
     return [jobs, info, unmatched]
 
 
