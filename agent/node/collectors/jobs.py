@@ -14,7 +14,7 @@ and logged once per job.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,13 +98,20 @@ JOBS = Section(
 JOB_COUNTS = Section("job_counts", JobCountSample, exported=False)
 
 
-def attribute(gpus: Sequence[str], inventory: Sequence[GpuInfo]) -> tuple[list[GpuInfo], list[str]]:
-    """The node's GPUs the entries name (each once, by index or UUID), and the entries
-    that name none."""
+def gpu_names(inventory: Sequence[GpuInfo]) -> dict[str, GpuInfo]:
+    """The node's GPUs by the names a job file may use: index and (lower-case) UUID."""
     by_name: dict[str, GpuInfo] = {}
     for gpu in inventory:
         by_name[str(gpu.index)] = gpu
         by_name[gpu.uuid.lower()] = gpu
+    return by_name
+
+
+def attribute(
+    gpus: Sequence[str], by_name: Mapping[str, GpuInfo]
+) -> tuple[list[GpuInfo], list[str]]:
+    """The node's GPUs (`gpu_names`) the entries name, each once, and the entries that
+    name none."""
     matched: dict[int, GpuInfo] = {}
     unmatched: list[str] = []
     for entry in gpus:
@@ -147,15 +154,16 @@ class JobsCollector:
         if self._directory.problem is not None:
             raise CollectorError(self._directory.problem)
         inventory = self._inventory()
-        samples = tuple(self._sample(job, inventory) for job in jobs)
+        by_name = None if inventory is None else gpu_names(inventory)
+        samples = tuple(self._sample(job, by_name) for job in jobs)
         self._log_unmatched(samples)
         return (*samples, *counts(samples))
 
-    def _sample(self, job: Job, inventory: Sequence[GpuInfo] | None) -> JobSample:
+    def _sample(self, job: Job, by_name: Mapping[str, GpuInfo] | None) -> JobSample:
         sample = JobSample(job.scheduler, job.job_id, job.user, job.gpus, job.expires_at)
-        if inventory is None or not job.gpus:
+        if by_name is None or not job.gpus:
             return sample
-        matched, unmatched = attribute(job.gpus, inventory)
+        matched, unmatched = attribute(job.gpus, by_name)
         return JobSample(
             sample.scheduler,
             sample.job_id,

@@ -21,6 +21,7 @@ from agent.node.collectors.jobs import (
     JobsCollector,
     JobSummarizer,
     attribute,
+    gpu_names,
 )
 from agent.node.config import AgentConfig
 from agent.node.exporter import ExpositionCache
@@ -186,7 +187,7 @@ def test_an_untrusted_job_directory_fails_the_collector_saying_why(job_dir: Path
 def test_attribute_matches_each_gpu_once() -> None:
     gpus = [GpuInfo(i, "H200", f"GPU-{i:08x}", "", "", 18, True) for i in range(2)]
 
-    matched, unmatched = attribute(["1", "GPU-00000001", "0", "5"], gpus)
+    matched, unmatched = attribute(["1", "GPU-00000001", "0", "5"], gpu_names(gpus))
 
     assert [gpu.index for gpu in matched] == [1, 0]
     assert unmatched == ["5"]
