@@ -73,6 +73,7 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/agent_overhead.py $(BENCH_ARGS)
 	$(PY) bench/tick_cost.py
 	$(PY) bench/nic_dump.py
+	$(PY) bench/job_refresh.py
 	$(PY) bench/qos_apply.py
 	$(PY) bench/qos_accuracy.py
 	$(PY) bench/job_classify.py

@@ -290,13 +290,15 @@ SYSFS_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "sysfs"
 
 @contextmanager
 def simulated_sampler(
-    fakenvml: fakenvml_driver.FakeNvml, state_dir: Path, node: str
+    fakenvml: fakenvml_driver.FakeNvml, state_dir: Path, node: str, job_dir: Path | None = None
 ) -> Iterator[Sampler]:
     """A sampler over every default collector on the simulated node: the fake driver's
-    GPUs and the fixture sysfs's loopback; closed, with its NVML session, on exit."""
+    GPUs, the fixture sysfs's loopback and the jobs in `job_dir` (none: an empty one under
+    `state_dir`, never the host's); closed, with its NVML session, on exit."""
     config = AgentConfig(
         node_name=node,
         state_dir=state_dir,
+        job_dir=job_dir if job_dir is not None else state_dir / "jobs",
         nvml_library=fakenvml.library,
         sysfs_root=SYSFS_FIXTURE,
         interfaces=("lo",),

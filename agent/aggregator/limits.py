@@ -42,6 +42,10 @@ MAX_QOS_CLASSES = 4096
 MAX_LINKS_PER_GPU = 64
 MAX_XIDS_PER_GPU = 64
 MAX_RECONCILE_RESULTS = 16
+# Jobs per node summary (the agent sends the lowest job ids and counts the rest), and GPUs
+# per job: a job holds at most the node's GPUs.
+MAX_JOBS = 64
+MAX_GPUS_PER_JOB = MAX_GPUS
 # Any string of a summary (a GPU's UUID, a NIC's device, a class's policy and name).
 MAX_SUMMARY_STRING_BYTES = 256
 # Values: a GPU draws a few kW at most; 10^13 bytes/s is 80 Tbit/s, beyond any link.
@@ -169,6 +173,15 @@ def check_summary(summary: pb.NodeSummary) -> None:
         for name in ("policy", "class_name", "device"):
             _text(f"{where}.{name}", getattr(cls, name), MAX_SUMMARY_STRING_BYTES)
         _value(f"{where}.sent_bits_per_second", cls.sent_bits_per_second, MAX_BITS_PER_SECOND)
+    _count("summary.jobs", summary.jobs, MAX_JOBS)
+    for i, job in enumerate(summary.jobs):
+        where = f"summary.jobs[{i}]"
+        for name in ("scheduler", "job_id", "user"):
+            _text(f"{where}.{name}", getattr(job, name), MAX_SUMMARY_STRING_BYTES)
+        _count(f"{where}.gpu_indices", job.gpu_indices, MAX_GPUS_PER_JOB)
+        _count(f"{where}.gpu_uuids", job.gpu_uuids, MAX_GPUS_PER_JOB)
+        for uuid in job.gpu_uuids:
+            _text(f"{where}.gpu_uuids", uuid, MAX_SUMMARY_STRING_BYTES)
 
 
 def check_report(report: pb.PolicyReport) -> None:

@@ -31,6 +31,7 @@ from agent.ctl.client import (
 from agent.ctl.client import describe_failure as describe_peer_failure
 from agent.ctl.output import (
     ago,
+    expiry,
     human_bps,
     or_dash,
     percent,
@@ -186,12 +187,13 @@ def list_nodes(
             _status(node.status),
             _last_seen(node),
             _gpus(node),
+            _jobs(node),
             or_dash(node.agent_version),
             _labels(node.labels),
         )
         for node in nodes
     ]
-    print(table(("NAME", "STATUS", "LAST-SEEN", "GPUS", "VERSION", "LABELS"), rows))
+    print(table(("NAME", "STATUS", "LAST-SEEN", "GPUS", "JOBS", "VERSION", "LABELS"), rows))
     return ExitCode.OK
 
 
@@ -274,7 +276,8 @@ def render_node(node: pb.Node) -> str:
             f"drift corrections {summary.reconcile.drift_corrections}"
         )
     for title, rendered in (
-        ("GPU", _gpu_table(summary.gpus)),
+        ("GPU", _gpu_table(summary.gpus, summary.jobs)),
+        ("JOBS", _job_table(summary)),
         ("NIC", _nic_table(summary.nics)),
         ("QOS", _qos_table(summary.qos_classes)),
     ):
@@ -282,9 +285,13 @@ def render_node(node: pb.Node) -> str:
     return "\n".join(lines)
 
 
-def _gpu_table(gpus: Sequence[pb.GpuSummary]) -> str:
+def _gpu_table(gpus: Sequence[pb.GpuSummary], jobs: Sequence[pb.JobSummary] = ()) -> str:
     if not gpus:
         return "(none)"
+    holders: dict[int, list[str]] = {}
+    for job in jobs:
+        for index in job.gpu_indices:
+            holders.setdefault(index, []).append(job.job_id)
     rows = [
         (
             str(gpu.index),
@@ -296,13 +303,34 @@ def _gpu_table(gpus: Sequence[pb.GpuSummary]) -> str:
             ",".join(str(link) for link in gpu.nvlink_links_down) or "-",
             str(gpu.nvlink_errors),
             ",".join(f"{x.xid}x{x.count}" for x in gpu.new_xids) or "-",
+            ",".join(holders.get(gpu.index, [])) or "-",
             "LOST" if gpu.lost else "ok",
         )
         for gpu in gpus
     ]
     header = ("GPU", "UTIL", "POWER", "NVLINK-TX", "NVLINK-RX", "LINKS", "LINKS-DOWN",
-              "ERRORS", "XIDS", "STATE")  # fmt: skip
+              "ERRORS", "XIDS", "JOBS", "STATE")  # fmt: skip
     return table(header, rows)
+
+
+def _job_table(summary: pb.NodeSummary) -> str:
+    """The node's jobs, their users, the GPUs they hold and their lease expiry; a line
+    counts those the summary had no room for."""
+    if not summary.jobs:
+        return "(none)"
+    rows = [
+        (
+            job.job_id,
+            or_dash(job.user),
+            ",".join(str(index) for index in job.gpu_indices) or "-",
+            expiry(job.expires_at.ToNanoseconds() / 1e9) if job.HasField("expires_at") else "-",
+        )
+        for job in summary.jobs
+    ]
+    rendered = table(("JOB", "USER", "GPUS", "EXPIRES"), rows)
+    if summary.jobs_left_out:
+        rendered += f"\n({summary.jobs_left_out} more jobs, not in the summary)"
+    return rendered
 
 
 def _nic_table(nics: Sequence[pb.NicSummary]) -> str:
@@ -339,6 +367,12 @@ def _status(status: pb.NodeStatus.ValueType) -> str:
 
 def _last_seen(node: pb.Node) -> str:
     return ago(node.last_seen.ToNanoseconds() / 1e9) if node.HasField("last_seen") else "-"
+
+
+def _jobs(node: pb.Node) -> str:
+    if not node.HasField("summary"):
+        return "-"
+    return str(len(node.summary.jobs) + node.summary.jobs_left_out)
 
 
 def _gpus(node: pb.Node) -> str:

@@ -21,6 +21,7 @@ from agent.common import rates
 from agent.common.sections import enum_names, enum_value
 from agent.ctl.client import EXIT_OK, UsageError
 from agent.ctl.output import (
+    expiry,
     human_bps,
     human_bytes,
     human_count,
@@ -128,6 +129,7 @@ def render_snapshot(
         "rdma": lambda: _rdma_ports(snapshot, previous, seconds),
         "qos": lambda: _qos_classes(snapshot),
         "host": lambda: _host(snapshot),
+        "jobs": lambda: _jobs(snapshot),
     }
     for name in _section_order(snapshot, sections):
         lines.append("")
@@ -167,6 +169,7 @@ def _by_key(items: Iterable[_T], key: Callable[[_T], object]) -> dict[object, _T
 def _gpus(snapshot: Snapshot) -> str:
     if not snapshot.gpus:
         return "(none)"
+    holders = _job_holders(snapshot)
     rows = []
     for gpu in snapshot.gpus:
         memory = "-"
@@ -180,8 +183,44 @@ def _gpus(snapshot: Snapshot) -> str:
         if gpu.HasField("temperature_gpu_celsius"):
             temp = f"{gpu.temperature_gpu_celsius}C"
         state = "LOST" if gpu.lost else ("error: " + gpu.error if gpu.error else "ok")
-        rows.append((str(gpu.index), or_dash(gpu.name), util, memory, power, temp, state))
-    return table(("GPU", "NAME", "UTIL", "MEMORY", "POWER", "TEMP", "STATE"), rows)
+        row = [str(gpu.index), or_dash(gpu.name), util, memory, power, temp, state]
+        if holders is not None:
+            row.insert(-1, ",".join(holders.get(gpu.index, [])) or "-")
+        rows.append(row)
+    header = ["GPU", "NAME", "UTIL", "MEMORY", "POWER", "TEMP", "STATE"]
+    if holders is not None:
+        header.insert(-1, "JOBS")
+    return table(header, rows)
+
+
+def _job_holders(snapshot: Snapshot) -> dict[int, list[str]] | None:
+    """The ids of the jobs holding each GPU, by index; None when the snapshot does not
+    carry the jobs (not asked for, or an agent without them)."""
+    if "jobs" not in snapshot.section_names:
+        return None
+    holders: dict[int, list[str]] = {}
+    for job in snapshot.jobs:
+        for index in job.gpu_indices:
+            holders.setdefault(index, []).append(job.job_id)
+    return holders
+
+
+def _jobs(snapshot: Snapshot) -> str:
+    """One row per job: its user, the node's GPUs it holds, the entries of its job file
+    that name no GPU here, and when its lease runs out."""
+    if not snapshot.jobs:
+        return "(none)"
+    rows = [
+        (
+            job.job_id,
+            or_dash(job.user),
+            ",".join(str(index) for index in job.gpu_indices) or "-",
+            ",".join(job.unmatched_gpus) or "-",
+            expiry(job.expires_unix_seconds),
+        )
+        for job in snapshot.jobs
+    ]
+    return table(("JOB", "USER", "GPUS", "NOT-ON-NODE", "EXPIRES"), rows)
 
 
 def _nvlinks(snapshot: Snapshot, previous: Snapshot | None, seconds: float | None) -> str:

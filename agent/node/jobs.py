@@ -29,11 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.common.errors import FabricError
 from agent.common.files import FileTooLarge, NotRegularFile, read_regular, replace_atomically
 from agent.common.policy.model import PolicyError, QosAssignment, parse_document
+
+if TYPE_CHECKING:
+    from agent.node.collectors.base import SharedResources
 
 log = logging.getLogger(__name__)
 
@@ -402,3 +405,13 @@ class JobDirectory:
 
 def _utc(when: float) -> str:
     return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Where the process's job directory lives in the shared resources.
+JOB_DIRECTORY_KEY = "jobs.directory"
+
+
+def shared_job_directory(shared: SharedResources, directory: Path) -> JobDirectory:
+    """The process's one job directory, created by whichever needs it first: the
+    reconciler and the jobs collector read the same files once and agree on the jobs."""
+    return shared.get(JOB_DIRECTORY_KEY, lambda: JobDirectory(directory), lambda _: None)

@@ -815,6 +815,10 @@ def _quietly(call: Callable[..., Any], *args: Any) -> None:
         log.debug("NVML teardown: %s", exc)
 
 
+# Where the process's NVML session lives in the shared resources.
+NVML_KEY = "nvml"
+
+
 @dataclass(frozen=True, slots=True)
 class NvmlOptions:
     """What the GPU and NVLink collectors take from the configuration."""
@@ -826,5 +830,5 @@ class NvmlOptions:
 def shared_session(context: CollectorContext[NvmlOptions]) -> NvmlSession:
     """The process's NVML session, created by the first collector that needs it."""
     return context.shared.get(
-        "nvml", lambda: NvmlSession(context.options.nvml_library), NvmlSession.close
+        NVML_KEY, lambda: NvmlSession(context.options.nvml_library), NvmlSession.close
     )

@@ -27,7 +27,7 @@ from agent.node.collectors.base import (
 from agent.node.collectors.qos import RECONCILER_KEY
 from agent.node.config import AgentConfig
 from agent.node.exporter import ExpositionCache, MetricsServer
-from agent.node.jobs import JOB_FILE_PATTERN
+from agent.node.jobs import JOB_FILE_PATTERN, shared_job_directory
 from agent.node.qos.pipeline import QosSettings
 from agent.node.qos.reconciler import Reconciler
 from agent.node.sampler import Sampler
@@ -123,9 +123,14 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self._shared = SharedResources()
+        # One job directory for the reconciler and the jobs collector: a job file is read
+        # once, and a job's class and its GPUs come from the same reading.
+        jobs = shared_job_directory(self._shared, config.job_dir)
         # Before the collectors: the qos collector reports on the reconciler's policies.
         self.reconciler = self._shared.get(
-            QOS_RECONCILER, lambda: Reconciler(QosSettings.from_config(config)), Reconciler.close
+            QOS_RECONCILER,
+            lambda: Reconciler(QosSettings.from_config(config), jobs=jobs),
+            Reconciler.close,
         )
         # What traffic control can do, probed before the API and the loops start: the
         # first pass needs it, and a start-up that fails does so before serving anything.

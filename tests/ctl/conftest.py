@@ -283,7 +283,9 @@ def _short_socket_dir() -> str:
 @pytest.fixture
 def sim_agent(fakenvml_library: Path, tmp_path: Path) -> Iterator[RealAgent]:
     """The agent on the simulated 8-GPU node, API on a unix socket and plaintext TCP,
-    sampling every 200 ms; yielded once it has a snapshot."""
+    sampling every 200 ms, its job directory `tmp_path/jobs` (empty); yielded once it has
+    a snapshot."""
+    (tmp_path / "jobs").mkdir(mode=0o755)
     directory = _short_socket_dir()
     sock = f"{directory}/agent.sock"
     port = free_port()
@@ -295,7 +297,7 @@ def sim_agent(fakenvml_library: Path, tmp_path: Path) -> Iterator[RealAgent]:
              "--grpc-socket", sock, "--grpc-listen", f"127.0.0.1:{port}", "--interval", "200ms",
              "--nvml-library", str(fakenvml_library), "--sysfs-root", str(SYSFS),
              "--interfaces", "lo", "--state-dir", str(tmp_path / "state"),
-             "--policy-dir", str(tmp_path / "policies")],
+             "--policy-dir", str(tmp_path / "policies"), "--job-dir", str(tmp_path / "jobs")],
             cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
         )  # fmt: skip
     agent = RealAgent(f"unix:{sock}", process, log, tcp_target=f"127.0.0.1:{port}")

@@ -8,6 +8,8 @@ import json
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -35,6 +37,45 @@ def test_telemetry_table_over_plaintext_tcp(sim_agent: RealAgent) -> None:
     rows = [line for line in result.stdout.splitlines() if "NVIDIA H200" in line]
     assert len(rows) == 8
     assert "NVLINK" not in result.stdout
+
+
+def test_telemetry_shows_a_jobs_gpus_until_its_file_is_removed(
+    sim_agent: RealAgent, tmp_path: Path
+) -> None:
+    job = tmp_path / "jobs" / "slurm-job-42.json"
+    document = {"version": 1, "scheduler": "slurm", "job_id": "42", "user": "alice",
+                "gpus": ["0", "GPU-6e789e6a-a1b9-65f4-2e78-2ee99573588c"],
+                "expires_at": 4102444800}  # fmt: skip
+    job.write_text(json.dumps(document))
+
+    def telemetry() -> list[str]:
+        args = ("--agent", sim_agent.target, "telemetry", "--section", "gpu,jobs")
+        result = run_fabricctl(*args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    # The collector reads the directory every tick (200 ms).
+    lines = _until(telemetry, lambda lines: any(line.startswith("42 ") for line in lines))
+    job.unlink()
+    after = _until(telemetry, lambda lines: not any(line.startswith("42 ") for line in lines))
+
+    gpus = [line.split() for line in lines if "NVIDIA H200" in line]
+    assert [row[0] for row in gpus if "42" in row] == ["0", "1"]
+    assert lines[lines.index("JOBS") + 1].split() == [
+        "JOB", "USER", "GPUS", "NOT-ON-NODE", "EXPIRES"
+    ]  # fmt: skip
+    assert lines[lines.index("JOBS") + 2].split()[:4] == ["42", "alice", "0,1", "-"]
+    assert after[after.index("JOBS") + 1] == "(none)"
+    assert not any(row[-2] == "42" for row in (line.split() for line in after if "H200" in line))
+
+
+def _until(read: Callable[[], list[str]], done: Callable[[list[str]], bool]) -> list[str]:
+    deadline = time.monotonic() + 10
+    while True:
+        lines = read()
+        if done(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.2)
 
 
 def test_watch_receives_two_snapshots(sim_agent: RealAgent) -> None:

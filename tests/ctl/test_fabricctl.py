@@ -175,6 +175,41 @@ def test_telemetry_unknown_section_is_bad_input(
     assert list(request.section_names) == ["gpu", "disk"]
 
 
+def test_telemetry_shows_the_jobs_holding_each_gpu_and_a_jobs_table(
+    fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snap = snapshot()
+    snap.section_names.extend(["gpu", "jobs"])
+    snap.jobs.add(scheduler="slurm", job_id="42", user="alice", gpus=["0", "1"],
+                  gpu_indices=[0, 1], gpu_uuids=["GPU-0", "GPU-1"],
+                  expires_unix_seconds=4102444800.0)  # fmt: skip
+    snap.jobs.add(scheduler="slurm", job_id="43", gpus=["GPU-1", "MIG-1"], gpu_indices=[1],
+                  gpu_uuids=["GPU-1"], unmatched_gpus=["MIG-1"],
+                  expires_unix_seconds=4102444800.0)  # fmt: skip
+    fake_agent.telemetry.answers["GetSnapshot"] = telemetry_service_pb2.GetSnapshotResponse(
+        snapshot=snap
+    )
+
+    code, out, _ = ctl(fake_agent, capsys, "telemetry", "--section", "gpu,jobs")
+
+    assert code == 0
+    lines = out.splitlines()
+    gpus = lines.index("GPU")
+    assert lines[gpus + 1].split() == ["GPU", "NAME", "UTIL", "MEMORY", "POWER", "TEMP", "JOBS",
+                                       "STATE"]  # fmt: skip
+    assert [line.split()[-2:] for line in lines[gpus + 2 : gpus + 4]] == [
+        ["42", "ok"],
+        ["42,43", "ok"],
+    ]
+    jobs = lines.index("JOBS")
+    assert [line.split()[:4] for line in lines[jobs + 1 :]] == [
+        ["JOB", "USER", "GPUS", "NOT-ON-NODE"],
+        ["42", "alice", "0,1", "-"],
+        ["43", "-", "1", "MIG-1"],
+    ]
+    assert "2100-01-01T00:00:00Z (in " in lines[jobs + 2]
+
+
 def test_telemetry_json(fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
     snap = snapshot()
     fake_agent.telemetry.answers["GetSnapshot"] = telemetry_service_pb2.GetSnapshotResponse(

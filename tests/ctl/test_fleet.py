@@ -112,7 +112,8 @@ def seconds_ago(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 def gpu_node(name: str, **labels: str) -> pb.Node:
-    """A connected node seen 2 s ago with two GPUs (one lost, one down link) and a NIC."""
+    """A connected node seen 2 s ago with two GPUs (one lost, one down link), a NIC, and
+    three jobs, one in the summary (on GPU 0)."""
     summary = pb.NodeSummary(seq=42, sampled_at=seconds_ago(2))
     summary.interval.FromSeconds(1)
     summary.gpus.add(
@@ -128,6 +129,11 @@ def gpu_node(name: str, **labels: str) -> pb.Node:
     )  # fmt: skip
     summary.reconcile.passes["success"] = 3
     summary.reconcile.drift_corrections = 1
+    job = summary.jobs.add(
+        scheduler="slurm", job_id="42", user="alice", gpu_indices=[0], gpu_uuids=["GPU-0"]
+    )
+    job.expires_at.FromSeconds(4102444800)
+    summary.jobs_left_out = 2
     return pb.Node(
         name=name, labels=labels, status=pb.NODE_STATUS_CONNECTED, last_seen=seconds_ago(2),
         agent_version="0.1.0", capabilities=["gpu", "nvlink", "qos-enforce"], summary=summary,
@@ -185,11 +191,11 @@ def test_nodes_follows_every_page(
 
     assert code == 0
     header, first, second = out.splitlines()
-    assert header.split() == ["NAME", "STATUS", "LAST-SEEN", "GPUS", "VERSION", "LABELS"]
+    assert header.split() == ["NAME", "STATUS", "LAST-SEEN", "GPUS", "JOBS", "VERSION", "LABELS"]
     assert first.split()[:2] == ["gpu-node-1", "connected"]
-    assert first.split()[3:] == ["ago", "2", "(1", "lost)", "0.1.0", "pool=training,rack=a1"]
+    assert first.split()[3:] == ["ago", "2", "(1", "lost)", "3", "0.1.0", "pool=training,rack=a1"]
     assert second.split()[:4] == ["gpu-node-2", "stale", "1m30s", "ago"]
-    assert second.split()[4:] == ["-", "-", "-"]
+    assert second.split()[4:] == ["-", "-", "-", "-"]
     first_request, second_request = aggregator.requests["ListNodes"]
     assert (first_request.page_token, second_request.page_token) == ("", "p2")
     assert first_request.page_size == second_request.page_size == 500
@@ -297,13 +303,17 @@ def test_node_table(aggregator: FakeAggregator, capsys: pytest.CaptureFixture[st
     gpu_header = lines.index("GPU") + 1
     assert lines[gpu_header].split() == [
         "GPU", "UTIL", "POWER", "NVLINK-TX", "NVLINK-RX", "LINKS", "LINKS-DOWN", "ERRORS", "XIDS",
-        "STATE",
+        "JOBS", "STATE",
     ]  # fmt: skip
     assert lines[gpu_header + 1].split() == [
-        "0", "75%", "612W", "200.0Gbit/s", "100.0Gbit/s", "18", "3,7", "5", "79x2", "ok"
+        "0", "75%", "612W", "200.0Gbit/s", "100.0Gbit/s", "18", "3,7", "5", "79x2", "42", "ok"
     ]  # fmt: skip
     assert lines[gpu_header + 2].split() == ["1", "-", "-", "0bit/s", "0bit/s", "18", "-", "0",
-                                             "-", "LOST"]  # fmt: skip
+                                             "-", "-", "LOST"]  # fmt: skip
+    jobs = lines.index("JOBS")
+    assert lines[jobs + 1].split() == ["JOB", "USER", "GPUS", "EXPIRES"]
+    assert lines[jobs + 2].split()[:4] == ["42", "alice", "0", "2100-01-01T00:00:00Z"]
+    assert lines[jobs + 3] == "(2 more jobs, not in the summary)"
     nic = lines[lines.index("NIC") + 2].split()
     assert nic == ["eth0", "up", "10.0Gbit/s", "20.0Gbit/s", "1", "4"]
     (request,) = aggregator.requests["GetNode"]

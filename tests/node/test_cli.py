@@ -58,6 +58,30 @@ def test_sample_once_text_and_prometheus() -> None:
     assert 'fabric_collector_success{collector="host"} 1.0' in prom.stdout
 
 
+def test_sample_once_attributes_gpus_to_jobs_without_a_reconciler(
+    tmp_path: Path, fakenvml_library: Path
+) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir(mode=0o755)
+    (jobs / "slurm-job-42.json").write_text(
+        json.dumps({"version": 1, "scheduler": "slurm", "job_id": "42", "user": "alice",
+                    "gpus": ["1"], "expires_at": 4102444800})
+    )  # fmt: skip
+
+    result = agent(
+        "sample", "--once", "--format", "prometheus", "--collectors", "gpu,jobs",
+        "--nvml-library", str(fakenvml_library), "--job-dir", str(jobs),
+        env={"FAKE_NVML_SCENARIO": str(ROOT / "tests/fakenvml/scenarios/hgx-h200-8gpu.json")},
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    info = [line for line in result.stdout.splitlines() if line.startswith("fabric_gpu_job_info")]
+    assert info == [
+        'fabric_gpu_job_info{gpu="1",job_id="42",scheduler="slurm",user="alice",'
+        'uuid="GPU-6e789e6a-a1b9-65f4-2e78-2ee99573588c"} 1'
+    ]
+
+
 def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path) -> None:
     config = tmp_path / "agent.yaml"
     config.write_text("interval: 1s\nmetrics_listn: 127.0.0.1:1\n")

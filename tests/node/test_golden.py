@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ from tests.fakenvml import FakeNvml
 
 GOLDEN = ROOT / "tests" / "golden" / "metrics.txt"
 DOCS = ROOT / "docs" / "metrics.md"
+# Two jobs on the node, their leases running to 2100: one naming its GPUs by index, one
+# by UUID.
+JOBS = ROOT / "tests" / "fixtures" / "jobs"
 
 # Series whose label sets depend on the machine running the test, not on the agent.
 _MACHINE_DEPENDENT = re.compile(r"^fabric_host_cpu_seconds_total\{")
@@ -54,7 +58,10 @@ def series_lines(exposition: bytes) -> list[str]:
 def test_exposition_matches_golden(
     fakenvml: FakeNvml, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    with simulated_sampler(fakenvml, tmp_path, "golden") as sampler:
+    # A copy: the agent removes job files whose lease ran out and sets aside bad ones.
+    job_dir = shutil.copytree(JOBS, tmp_path / "jobs")
+    job_dir.chmod(0o755)
+    with simulated_sampler(fakenvml, tmp_path, "golden", job_dir) as sampler:
         cache = ExpositionCache(sampler.collectors)
         sampler.sample(fakenvml.tick())
         # A second tick, 1 s later: GPM rates need two samples.

@@ -210,7 +210,7 @@ def test_an_unknown_section_is_refused_listing_the_agents(
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == (
         "section_names[1]: unknown section 'disk'; this agent has gpu, nvlink, nic, rdma, "
-        "qos, host, toy"
+        "qos, host, jobs, toy"
     )
 
 
@@ -246,7 +246,7 @@ def test_fabricctl_names_the_agents_sections_for_an_unknown_one(
         .err.strip()
         .endswith(
             "section_names[0]: unknown section 'disk'; this agent has gpu, nvlink, nic, rdma, "
-            "qos, host, toy"
+            "qos, host, jobs, toy"
         )
     )
 

@@ -7,6 +7,7 @@ from types import MappingProxyType
 
 from agent.node.collectors.gpu import GpuSample
 from agent.node.collectors.host import HostSample
+from agent.node.collectors.jobs import JobSample
 from agent.node.collectors.nic import NicSample
 from agent.node.collectors.nvlink import NvLinkSample
 from agent.node.collectors.qos import QosClassSample, QosReconcileSample
@@ -111,12 +112,24 @@ QOS_CLASS = QosClassSample(
 
 QOS_RECONCILE = QosReconcileSample(results={"ok": 3}, drift_corrections={})
 
-COLLECTORS = ("gpu", "nvlink", "nic", "rdma", "host", "qos")
+# Job 42 holds GPU 0 (named by index) and names a MIG instance the agent does not know.
+JOB = JobSample(
+    scheduler="slurm",
+    job_id="42",
+    user="alice",
+    gpus=("0", "MIG-00000000-0000-0000-0000-000000000001"),
+    expires_unix_seconds=1_764_143_600.0,
+    gpu_indices=(0,),
+    gpu_uuids=("GPU-00000000",),
+    unmatched_gpus=("MIG-00000000-0000-0000-0000-000000000001",),
+)
+
+COLLECTORS = ("gpu", "nvlink", "nic", "rdma", "host", "qos", "jobs")
 
 
 def snapshot(seq: int = 1, *, nics: int = 1) -> Snapshot:
     """Two GPUs (the second lost) with two NVLinks on the first, then `nics` NICs (all
-    but the first named eth<i>), an RDMA port, the host, and a QoS class."""
+    but the first named eth<i>), an RDMA port, the host, a QoS class and a job on GPU 0."""
     extra_nics = tuple(
         dataclasses.replace(NIC, device=f"eth{i}", ifindex=2 + i) for i in range(1, nics)
     )
@@ -135,6 +148,7 @@ def snapshot(seq: int = 1, *, nics: int = 1) -> Snapshot:
             "host": (HOST,),
             "qos": (QOS_CLASS,),
             "qos_reconcile": (QOS_RECONCILE,),
+            "jobs": (JOB,),
         },
         collectors=(
             *(CollectorStatus(name, True, 0.01, samples=1) for name in COLLECTORS),

@@ -13,6 +13,7 @@ from agent.node.api import convert
 from agent.node.collectors.base import sample_message
 from agent.node.collectors.gpu import GpuSample
 from agent.node.collectors.host import HostSample
+from agent.node.collectors.jobs import JobSample
 from agent.node.collectors.nic import NicSample
 from agent.node.collectors.nvlink import NvLinkSample
 from agent.node.collectors.qos import QosClassSample
@@ -35,6 +36,7 @@ NOT_EXPORTED: dict[type[Any], set[str]] = {GpuSample: {"critical_events"}}
         (RdmaPortSample, telemetry_pb2.RdmaPortSample),
         (HostSample, telemetry_pb2.HostSample),
         (QosClassSample, telemetry_pb2.QosClassSample),
+        (JobSample, telemetry_pb2.JobSample),
     ],
 )
 def test_every_sample_field_is_on_the_wire(
@@ -59,6 +61,7 @@ def test_all_sections_when_none_requested() -> None:
     assert [r.device for r in message.rdma_ports] == ["mlx5_0"]
     assert len(message.host) == 1
     assert [q.class_name for q in message.qos_classes] == ["bulk"]
+    assert [(j.job_id, list(j.gpu_indices)) for j in message.jobs] == [("42", [0])]
     assert [c.name for c in message.collectors] == [
         "gpu",
         "nvlink",
@@ -66,6 +69,7 @@ def test_all_sections_when_none_requested() -> None:
         "rdma",
         "host",
         "qos",
+        "jobs",
         "other",
     ]
     assert message.collectors[-1].error == "boom"
@@ -127,7 +131,7 @@ def test_sections_by_name_and_by_enum_add_up() -> None:
 def test_the_api_serves_the_registered_sections_in_the_enums_order() -> None:
     message = convert.snapshot_to_proto(snapshot())
 
-    assert list(message.section_names) == ["gpu", "nvlink", "nic", "rdma", "qos", "host"]
+    assert list(message.section_names) == ["gpu", "nvlink", "nic", "rdma", "qos", "host", "jobs"]
     # The reconciler's counters are not exported: QosService reports on the reconciler.
     assert not message.sections
 
@@ -139,7 +143,7 @@ def test_an_unknown_name_is_refused_listing_the_agents_sections() -> None:
     assert raised.value.field == "section_names[1]"
     assert str(raised.value) == (
         "section_names[1]: unknown section 'qos_reconcile'; this agent has gpu, nvlink, nic, "
-        "rdma, qos, host"
+        "rdma, qos, host, jobs"
     )
 
 

@@ -166,7 +166,7 @@ def test_unknown_section_name_is_invalid_naming_the_agents(
     (violation,) = detail.field_violations
     assert violation.field == "section_names[0]"
     assert violation.description == (
-        "unknown section 'disk'; this agent has gpu, nvlink, nic, rdma, qos, host"
+        "unknown section 'disk'; this agent has gpu, nvlink, nic, rdma, qos, host, jobs"
     )
 
 

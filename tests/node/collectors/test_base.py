@@ -110,7 +110,7 @@ def test_typed_access_and_a_collectors_samples() -> None:
     assert snapshot.collectors[0].samples == 2
 
 
-def test_registered_sections_are_the_six_typed_ones_and_the_reconcilers() -> None:
+def test_registered_sections_are_the_seven_typed_ones_and_the_reconcilers() -> None:
     typed = {
         name: section.snapshot_field.name
         for name, section in sections().items()
@@ -124,6 +124,7 @@ def test_registered_sections_are_the_six_typed_ones_and_the_reconcilers() -> Non
         "rdma": "rdma_ports",
         "host": "host",
         "qos": "qos_classes",
+        "jobs": "jobs",
     }
     assert not sections()["qos_reconcile"].exported
 
@@ -144,6 +145,7 @@ def test_every_registration_builds_its_options_from_the_configuration(tmp_path: 
         "NicOptions",
         "RdmaOptions",
         "QosOptions",
+        "JobOptions",
         "NoOptions",
     }
 

@@ -744,6 +744,69 @@ class HostSample(_message.Message):
 Global___HostSample: _TypeAlias = HostSample  # noqa: Y015
 
 @_typing.final
+class JobSample(_message.Message):
+    """One job on the node, as the scheduler's hooks announced it in the agent's job
+    directory (the agent's jobs collector).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULER_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_SECONDS_FIELD_NUMBER: _builtins.int
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
+    GPU_UUIDS_FIELD_NUMBER: _builtins.int
+    UNMATCHED_GPUS_FIELD_NUMBER: _builtins.int
+    scheduler: _builtins.str
+    """"slurm"."""
+    job_id: _builtins.str
+    user: _builtins.str
+    """Empty when the job file names none."""
+    expires_unix_seconds: _builtins.float
+    """When the agent drops the job unless the epilog removed it before."""
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The job's GPUs as the job file names them: indices ("0") or UUIDs ("GPU-...",
+        "MIG-...").
+        """
+
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The node's GPUs those entries name, matched by index or UUID: index and UUID of
+        each, in the same order.
+        """
+
+    @_builtins.property
+    def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def unmatched_gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Entries naming no GPU the agent knows on this node (a MIG instance, an index or
+        UUID that is not here); empty while the node's GPUs are unknown.
+        """
+
+    def __init__(
+        self,
+        *,
+        scheduler: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        user: _builtins.str = ...,
+        gpus: _abc.Iterable[_builtins.str] | None = ...,
+        expires_unix_seconds: _builtins.float = ...,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
+        gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
+        unmatched_gpus: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix_seconds", b"expires_unix_seconds", "gpu_indices", b"gpu_indices", "gpu_uuids", b"gpu_uuids", "gpus", b"gpus", "job_id", b"job_id", "scheduler", b"scheduler", "unmatched_gpus", b"unmatched_gpus", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobSample: _TypeAlias = JobSample  # noqa: Y015
+
+@_typing.final
 class QosClassSample(_message.Message):
     """One traffic class of a QoS policy on its device (the agent's qos collector)."""
 
@@ -814,6 +877,7 @@ class Snapshot(_message.Message):
     QOS_CLASSES_FIELD_NUMBER: _builtins.int
     SECTIONS_FIELD_NUMBER: _builtins.int
     SECTION_NAMES_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     agent_version: _builtins.str
     seq: _builtins.int
@@ -846,6 +910,10 @@ class Snapshot(_message.Message):
         empty.
         """
 
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobSample]:
+        """The jobs on the node (the `jobs` section), by job id."""
+
     def __init__(
         self,
         *,
@@ -864,10 +932,11 @@ class Snapshot(_message.Message):
         qos_classes: _abc.Iterable[Global___QosClassSample] | None = ...,
         sections: _abc.Iterable[Global___SnapshotSection] | None = ...,
         section_names: _abc.Iterable[_builtins.str] | None = ...,
+        jobs: _abc.Iterable[Global___JobSample] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "collectors", b"collectors", "completed_unix_seconds", b"completed_unix_seconds", "gpus", b"gpus", "host", b"host", "interval_seconds", b"interval_seconds", "nics", b"nics", "node_name", b"node_name", "nvlinks", b"nvlinks", "qos_classes", b"qos_classes", "rdma_ports", b"rdma_ports", "section_names", b"section_names", "sections", b"sections", "seq", b"seq", "started_unix_seconds", b"started_unix_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "collectors", b"collectors", "completed_unix_seconds", b"completed_unix_seconds", "gpus", b"gpus", "host", b"host", "interval_seconds", b"interval_seconds", "jobs", b"jobs", "nics", b"nics", "node_name", b"node_name", "nvlinks", b"nvlinks", "qos_classes", b"qos_classes", "rdma_ports", b"rdma_ports", "section_names", b"section_names", "sections", b"sections", "seq", b"seq", "started_unix_seconds", b"started_unix_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -337,7 +337,10 @@ class NodeSummary(_message.Message):
     NICS_FIELD_NUMBER: _builtins.int
     QOS_CLASSES_FIELD_NUMBER: _builtins.int
     RECONCILE_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    JOBS_LEFT_OUT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    jobs_left_out: _builtins.int
     @_builtins.property
     def sampled_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -350,6 +353,12 @@ class NodeSummary(_message.Message):
     def qos_classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___QosClassSummary]: ...
     @_builtins.property
     def reconcile(self) -> Global___ReconcileSummary: ...
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobSummary]:
+        """The jobs on the node and the GPUs they hold, the lowest job ids first; at most 64
+        (agent/aggregator/limits.py MAX_JOBS), the rest counted in jobs_left_out.
+        """
+
     def __init__(
         self,
         *,
@@ -360,14 +369,57 @@ class NodeSummary(_message.Message):
         nics: _abc.Iterable[Global___NicSummary] | None = ...,
         qos_classes: _abc.Iterable[Global___QosClassSummary] | None = ...,
         reconcile: Global___ReconcileSummary | None = ...,
+        jobs: _abc.Iterable[Global___JobSummary] | None = ...,
+        jobs_left_out: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "reconcile", b"reconcile", "sampled_at", b"sampled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "interval", b"interval", "nics", b"nics", "qos_classes", b"qos_classes", "reconcile", b"reconcile", "sampled_at", b"sampled_at", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "interval", b"interval", "jobs", b"jobs", "jobs_left_out", b"jobs_left_out", "nics", b"nics", "qos_classes", b"qos_classes", "reconcile", b"reconcile", "sampled_at", b"sampled_at", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeSummary: _TypeAlias = NodeSummary  # noqa: Y015
+
+@_typing.final
+class JobSummary(_message.Message):
+    """A job on the node (the agent's job directory) and the node's GPUs it holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULER_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
+    GPU_UUIDS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    scheduler: _builtins.str
+    job_id: _builtins.str
+    user: _builtins.str
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The GPUs' indices (as in GpuSummary.index) and UUIDs, in the same order."""
+
+    @_builtins.property
+    def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        scheduler: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        user: _builtins.str = ...,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
+        gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "gpu_indices", b"gpu_indices", "gpu_uuids", b"gpu_uuids", "job_id", b"job_id", "scheduler", b"scheduler", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobSummary: _TypeAlias = JobSummary  # noqa: Y015
 
 @_typing.final
 class GpuSummary(_message.Message):
