@@ -54,6 +54,10 @@ JOB_FILE_PATTERN = re.compile(r"^slurm-job-([0-9]{1,20})\.json$")
 GPU_PATTERN = re.compile(r"^(?:[0-9]{1,4}|(?:GPU|MIG)-[0-9A-Za-z/-]{1,80})$")
 KEYS = {"version", "scheduler", "job_id", "user", "gpus", "expires_at", "lease", "qos"}
 QOS_KEYS = {"policy", "className", "cgroup"}
+# A file that does not parse is set aside only once it has not changed for this long:
+# one caught while a writer that does not rename into place is still writing it is
+# read again when it is complete (its close wakes the watcher).
+JOB_FILE_SETTLE_S = 1.0
 # Files set aside per name kept for the operator; older ones are removed.
 KEEP_SET_ASIDE = 3
 
@@ -357,6 +361,9 @@ class JobDirectory:
                 raise JobFileError(path, "", str(exc)) from None
             job = parse_job(path, data, info.st_mtime)
         except JobFileError as exc:
+            if self._clock() - info.st_mtime < JOB_FILE_SETTLE_S:
+                log.debug("%s; read again once it settles", exc)
+                return None
             self._set_aside(path, str(exc))
             return None
         except OSError as exc:

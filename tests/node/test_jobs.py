@@ -94,13 +94,29 @@ def test_one_bad_file_is_set_aside_and_the_other_jobs_stand(
     (job_dir / "slurm-job-5.json").symlink_to("/etc/passwd")
 
     with caplog.at_level(logging.ERROR):
-        jobs = JobDirectory(job_dir).refresh()
+        jobs = JobDirectory(job_dir, clock=settled).refresh()
 
     assert [job.job_id for job in jobs] == ["1"]
     left = sorted(p.name for p in job_dir.iterdir())
     assert left[0] == "slurm-job-1.json"
     assert sum(".corrupt-" in name for name in left) == 4
     assert "gpus: a str, not a list" in caplog.text
+
+
+def settled() -> float:
+    """A clock past the files' settle time."""
+    return time.time() + 2
+
+
+def test_a_file_caught_while_written_is_not_set_aside_and_is_taken_once_complete(
+    job_dir: Path,
+) -> None:
+    path = job_dir / "slurm-job-6.json"
+    path.write_text('{"version": 1, "sched')  # a writer that does not rename into place
+    jobs = JobDirectory(job_dir)
+    assert jobs.refresh() == () and path.exists()
+    path.write_text(json.dumps(job_document("6")))
+    assert [job.job_id for job in jobs.refresh()] == ["6"]
 
 
 def test_files_of_other_names_and_dotfiles_are_ignored(job_dir: Path) -> None:
