@@ -77,6 +77,7 @@ bench: debs-test debs-bench $(VENV)/.installed-test fakenvml
 	$(PY) bench/qos_apply.py
 	$(PY) bench/qos_accuracy.py
 	$(PY) bench/job_classify.py
+	$(PY) bench/slurm_job_traffic.py
 	$(PY) bench/api_snapshot.py
 	$(PY) bench/api_watch.py
 	$(PY) bench/api_hostile.py

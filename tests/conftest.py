@@ -97,15 +97,17 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-@pytest.fixture
-def veth_pair() -> Iterator[VethPair]:
-    """Two fresh namespaces joined by a veth pair, both ends and loopback up; deleted after.
+class NamespaceError(RuntimeError):
+    """A network namespace could not be made here."""
+
+
+@contextmanager
+def veth_namespaces() -> Iterator[VethPair]:
+    """Two fresh namespaces joined by a veth pair, both ends and loopback up; deleted
+    after. Raises NamespaceError when a namespace cannot be made.
 
     Names start with `fab` (never `veth*`, which the default interface patterns exclude).
     """
-    reason = netns_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
     token = secrets.token_hex(3)
     # A random /30 in 10.250/16: only ever inside the namespaces made here.
     network = f"10.250.{secrets.randbelow(256)}.{secrets.randbelow(64) * 4}"
@@ -125,7 +127,9 @@ def veth_pair() -> Iterator[VethPair]:
             try:
                 _ip("netns", "add", netns)
             except subprocess.CalledProcessError as exc:
-                pytest.skip(f"cannot create a network namespace: {exc.stderr.strip()}")
+                raise NamespaceError(
+                    f"cannot create a network namespace: {exc.stderr.strip()}"
+                ) from None
             created.append(netns)
         _ip("-n", pair.netns, "link", "add", pair.device, "type", "veth", "peer", "name",
             pair.peer_device, "netns", pair.peer_netns)  # fmt: skip
@@ -141,6 +145,19 @@ def veth_pair() -> Iterator[VethPair]:
         # Deleting a namespace deletes the veth pair with it.
         for netns in reversed(created):
             subprocess.run(["ip", "netns", "delete", netns], check=False, capture_output=True)
+
+
+@pytest.fixture
+def veth_pair() -> Iterator[VethPair]:
+    """`veth_namespaces` for one test; skipped where namespaces cannot be made."""
+    reason = netns_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        with veth_namespaces() as pair:
+            yield pair
+    except NamespaceError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture
