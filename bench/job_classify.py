@@ -2,9 +2,9 @@
 the end of the reconcile pass that put its nftables rule in the kernel.
 
 Needs root and a cgroup2 mount. Runs the daemon's reconcile loop and path watcher
-(`agent.node.runtime.start_watcher`, as `fabric-agent run` does) on a veth in a
-throwaway network namespace with a policy file (class `collectives`) and a job
-directory. Per repetition: a job file is written as the prolog writes it (its cgroup
+(`agent.node.runtime.start_watcher`, as `fabric-agent run` does) inside a throwaway
+network namespace (entered as `nsenter --net` enters it) on a veth, with a policy file
+(class `collectives`) and a job directory. Per repetition: a job file is written as the prolog writes it (its cgroup
 not there yet, as with Slurm 22.05, which makes it after the prolog); once the
 assignment is pending, after a random pause of 0-100 ms, the job cgroup is made under a
 scope of the benchmark's own (`mkdir`, the way slurmstepd makes it) and the clock runs
@@ -32,6 +32,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from pyroute2 import netns as pyroute2_netns
 
 from agent.common.policy.model import detect_cgroup2_root
 from agent.node.qos.api_objects import ENFORCED, PENDING
@@ -72,15 +74,15 @@ def write_job(job_dir: Path, job_id: int, cgroup: str) -> Path:
 
 
 class Node:
-    """The reconcile loop (and the watcher when `watched`) in namespace `netns`."""
+    """The reconcile loop (and the watcher when `watched`)."""
 
-    def __init__(self, netns: str, base: Path, root: Path, interval_s: float, watched: bool):
+    def __init__(self, base: Path, root: Path, interval_s: float, watched: bool):
         self.job_dir = base / "jobs"
         self.job_dir.mkdir(mode=0o755, exist_ok=True)
         policy_dir = base / "policies"
         policy_dir.mkdir(exist_ok=True)
         (policy_dir / "node.yaml").write_text(POLICY.format(device=DEVICE))
-        settings = QosSettings(policy_dir, base / "state", cgroup_root=root, netns=netns,
+        settings = QosSettings(policy_dir, base / "state", cgroup_root=root,
                                file_settle_s=0.0, job_dir=self.job_dir)  # fmt: skip
         self.reconciler = Reconciler(settings)
         self.enforced: dict[str, float] = {}
@@ -140,7 +142,7 @@ def latencies(node: Node, scope: Path, root: Path, first_id: int, count: int) ->
     return times
 
 
-def restart_times(netns: str, base: Path, root: Path, scope: Path, count: int) -> list[float]:
+def restart_times(base: Path, root: Path, scope: Path, count: int) -> list[float]:
     times = []
     for i in range(count):
         cgroup = scope / f"restart_{i}"
@@ -149,7 +151,7 @@ def restart_times(netns: str, base: Path, root: Path, scope: Path, count: int) -
         path = write_job(job_dir, 900000 + i, str(cgroup.relative_to(root)))
         started = time.perf_counter()
         settings = QosSettings(base / "policies", base / "state", cgroup_root=root,
-                               netns=netns, file_settle_s=0.0, job_dir=job_dir)  # fmt: skip
+                               file_settle_s=0.0, job_dir=job_dir)  # fmt: skip
         reconciler = Reconciler(settings)
         reconciler.reconcile()
         elapsed = (time.perf_counter() - started) * 1000
@@ -189,20 +191,24 @@ def main() -> int:
         subprocess.run(["ip", "-n", netns, "link", "add", DEVICE, "type", "veth", "peer",
                         "name", DEVICE + "p"], check=True)  # fmt: skip
         subprocess.run(["ip", "-n", netns, "link", "set", DEVICE, "up"], check=True)
+        # The whole benchmark in the namespace, as `nsenter --net` runs the agent: its
+        # kernel calls are then those of an agent in its own namespace. Threads started
+        # from here on inherit it.
+        pyroute2_netns.setns(netns)
         with tempfile.TemporaryDirectory() as directory:
             base = Path(directory)
-            watched = Node(netns, base, root, args.reconcile_interval, watched=True)
+            watched = Node(base, root, args.reconcile_interval, watched=True)
             try:
                 latencies(watched, scope, root, 1, 3)  # warm-up
                 fast = latencies(watched, scope, root, 100, args.repetitions)
             finally:
                 watched.close()
-            polled = Node(netns, base, root, args.reconcile_interval, watched=False)
+            polled = Node(base, root, args.reconcile_interval, watched=False)
             try:
                 slow = latencies(polled, scope, root, 1000, args.polled)
             finally:
                 polled.close()
-            restart = restart_times(netns, base, root, scope, 10)
+            restart = restart_times(base, root, scope, 10)
     finally:
         for child in scope.iterdir():
             if child.is_dir():
