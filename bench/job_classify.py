@@ -4,16 +4,17 @@ the end of the reconcile pass that put its nftables rule in the kernel.
 Needs root and a cgroup2 mount. Runs the daemon's reconcile loop and path watcher
 (`agent.node.runtime.start_watcher`, as `fabric-agent run` does) inside a throwaway
 network namespace (entered as `nsenter --net` enters it) on a veth, with a policy file
-(class `collectives`) and a job directory. Per repetition: a job file is written as the prolog writes it (its cgroup
-not there yet, as with Slurm 22.05, which makes it after the prolog); once the
-assignment is pending, after a random pause of 0-100 ms, the job cgroup is made under a
-scope of the benchmark's own (`mkdir`, the way slurmstepd makes it) and the clock runs
-until a pass ends with the assignment enforced (the nftables table then holds its rule,
-checked); then the job file and the cgroup are removed. The same is measured with the
-watcher off (the passes every `--reconcile-interval`, 5 s by default), the anchor: what
-the agent did before it watched the cgroup tree. Also timed: an agent starting with the
-job file and the cgroup already there (its prolog ran while the agent was down): from
-constructing the reconciler to the end of its first pass, the job enforced.
+(class `collectives`) and a job directory. Per repetition: a job file is written as the
+prolog writes it (its cgroup not there yet, as with Slurm 22.05, which makes it after
+the prolog); once the assignment is pending, after a random pause of 0-100 ms, the job
+cgroup is made under a scope of the benchmark's own (`mkdir`, the way slurmstepd makes
+it) and the clock runs until a pass ends with the assignment enforced (the nftables
+table then holds its rule, checked); then the job file and the cgroup are removed. The
+same is measured with the watcher off (the passes every `--reconcile-interval`, 5 s by
+default), the anchor: what the agent did before it watched the cgroup tree. Also timed:
+an agent starting with the job file and the cgroup already there (its prolog ran while
+the agent was down): from constructing the reconciler to the end of its first pass, the
+job enforced.
 
 Prints medians and p99 in ms. `--repetitions` (default 50 watched, 10 polled).
 """
