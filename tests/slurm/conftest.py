@@ -11,7 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.ctl.conftest import sim_agent
 from tests.slurm.cluster import SlurmCluster, missing_requirements
+
+# The agent on the simulated GPU node, for jobs whose GPUs it attributes.
+__all__ = ["sim_agent", "slurm", "slurm_cluster"]
 
 
 @pytest.fixture(scope="session")

@@ -161,16 +161,23 @@ def agent_node(pair: VethPair) -> Iterator[Node]:
 
 
 def hooks(node: Node, slurm: SlurmCluster, **settings: str) -> None:
-    """Install the project's prolog and epilog with `settings` in their config file."""
-    conf = node.base / "slurm.conf"
-    values = {"FABRIC_POLICY": "training-node", "FABRIC_CLASS": "collectives",
-              "FABRIC_JOB_DIR": str(node.job_dir), **settings}  # fmt: skip
+    """Install the project's prolog and epilog for `node`'s agent, every job in class
+    collectives of training-node, with `settings` over that in their config file."""
+    values = {"FABRIC_POLICY": "training-node", "FABRIC_CLASS": "collectives", **settings}
+    install_hooks(slurm, node.base, node.job_dir, **values)
+
+
+def install_hooks(slurm: SlurmCluster, directory: Path, job_dir: Path, **settings: str) -> None:
+    """Install the project's prolog and epilog, writing job files into `job_dir`, with
+    `settings` in their config file (kept in `directory`)."""
+    conf = directory / "slurm.conf"
+    values = {"FABRIC_JOB_DIR": str(job_dir), **settings}
     conf.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
     for name, script in (("prolog", PROLOG), ("epilog", EPILOG)):
-        wrapper = node.base / f"{name}.sh"
+        wrapper = directory / f"{name}.sh"
         wrapper.write_text(f"#!/bin/sh\nFABRIC_SLURM_CONF={conf} exec /bin/sh {script}\n")
         wrapper.chmod(0o755)
-    slurm.set_hooks(prolog=node.base / "prolog.sh", epilog=node.base / "epilog.sh")
+    slurm.set_hooks(prolog=directory / "prolog.sh", epilog=directory / "epilog.sh")
 
 
 def iperf3_job(pair: VethPair, seconds: int, wait_for: Path | None = None) -> str:

@@ -1,7 +1,8 @@
 """Real Slurm jobs through the project's prolog and epilog, with the real agent enforcing
 a policy on a veth in a namespace: the job's traffic in its class from its first
 interval, the class gone with the epilog, an agent that is down or hung while the hooks
-run, and FABRIC_STRICT.
+run, and FABRIC_STRICT; and a job's GPUs attributed by the agent on the simulated GPU
+node.
 
 The agent runs in the veth's namespace entered with nsenter (it keeps the host's cgroup
 mounts, which nftables resolves job cgroups against); the job's iperf3 enters the same
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import VethPair, iperf3_intervals
+from tests.ctl.conftest import RealAgent, run_fabricctl
 from tests.slurm.cluster import SlurmCluster
 from tests.slurm.node import (
     BEST_EFFORT_MBIT,
@@ -27,6 +29,7 @@ from tests.slurm.node import (
     Server,
     agent_node,
     hooks,
+    install_hooks,
     intervals_mbit,
     iperf3_job,
     job_file,
@@ -184,3 +187,29 @@ def test_without_strict_mode_the_job_runs_and_the_log_says_why_it_has_no_class(
         json.loads(job_file(node, job_id).read_text()) if job_file(node, job_id).exists() else {}
     )
     assert "qos" not in document
+
+
+def test_a_jobs_gpus_are_attributed_in_metrics_until_its_epilog(
+    slurm: SlurmCluster, sim_agent: RealAgent, tmp_path: Path
+) -> None:
+    # The agent on the simulated 8-GPU node reads tmp_path/jobs; no class for the job.
+    install_hooks(slurm, tmp_path, tmp_path / "jobs")
+    flag = tmp_path / "go"
+    job_id = slurm.submit(waiting_job(flag), time_limit="10", gres="gpu:2")
+
+    def attributed() -> list[str]:
+        result = run_fabricctl("--agent", sim_agent.target, "telemetry", "--section", "jobs",
+                               "-o", "json")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        jobs = json.loads(result.stdout).get("jobs", [])
+        return [index for job in jobs if job["jobId"] == job_id for index in job["gpuIndices"]]
+
+    deadline = time.monotonic() + 30
+    while attributed() != [0, 1]:
+        assert time.monotonic() < deadline, attributed()
+        time.sleep(0.1)
+    flag.touch()
+    slurm.wait_job_state(job_id, "COMPLETED", timeout_s=30)
+    while attributed():
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.1)
